@@ -1,0 +1,39 @@
+"""Split a model's parameters into a low-rank group and a full-rank group."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_TARGETS = ("attn", "mlp")  # GaLore's recipe: Linear layers of attention and MLP
+
+
+def param_groups(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARGETS,
+                 **lowrank_options: Any) -> list[dict]:
+    """[low-rank group, full-rank group] for `model`.
+
+    A parameter is projected when it is at least 2-D, requires grad, and its module's
+    qualified name contains one of `targets` (substring match, as galore-torch's recipe).
+    Embeddings, norms, biases and the head stay at full rank. `lowrank_options` (rank,
+    update_gap, scale, proj_type, projector, ...) go into the low-rank group.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    lowrank, full = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        if p.dim() >= 2 and any(t in module_name for t in targets):
+            lowrank.append(p)
+        else:
+            full.append(p)
+    groups = []
+    if lowrank:
+        groups.append({"params": lowrank, "lowrank": True, **lowrank_options})
+    if full:
+        groups.append({"params": full, "lowrank": False})
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return groups
+
