@@ -1,0 +1,138 @@
+"""Properties of the core projectors: orthonormal bases, idempotent projection, energy, int4 bound."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradproj as gp
+from gradproj.kernels.int4 import int4_dequantize_ref, int4_quantize_ref
+from gradproj.projectors.base import resolve_side
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def gradient_like(m, n, seed, decay=0.8):
+    """Low-rank-dominated matrix with a geometric spectrum plus noise, as LLM gradients are."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
+    s = decay ** torch.arange(k, dtype=torch.float32)
+    return (u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=gen)
+
+
+shapes = st.tuples(st.integers(2, 48), st.integers(2, 48))
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, rank_frac=st.floats(0.05, 1.0), seed=st.integers(0, 1000),
+       side=st.sampled_from(["left", "right", "full"]), name=st.sampled_from(["svd", "randomized"]))
+def test_basis_orthonormal_and_projection_idempotent(shape, rank_frac, seed, side, name):
+    m, n = shape
+    rank = max(1, int(rank_frac * min(m, n)))
+    grad = gradient_like(m, n, seed)
+    projector = gp.PROJECTORS.create(name)
+    state = {}
+    projector.fit(grad, state, rank=rank, side=side, seed=seed, dtype=torch.float32)
+    # orthonormality error of a QR/SVD basis grows like eps·rows
+    for one in ("left", "right") if side == "full" else (side,):
+        p = projector.load_basis(state, one, (m, n))
+        eye = torch.eye(p.shape[1])
+        assert (p.T @ p - eye).abs().max() <= 10 * FP32_EPS * max(m, n)
+    once = projector.project_back(projector.project(grad, state, side), state, side, (m, n))
+    twice = projector.project_back(projector.project(once, state, side), state, side, (m, n))
+    assert (twice - once).abs().max() <= 20 * FP32_EPS * max(m, n) * once.abs().max().clamp_min(1)
+
+
+def captured_energy(grad, projector, rank, side):
+    state = {}
+    projector.fit(grad, state, rank=rank, side=side, seed=7, dtype=torch.float32)
+    return projector.project(grad, state, side).square().sum().item()
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(32, 160), n=st.integers(32, 160), seed=st.integers(0, 10_000),
+       decay=st.floats(0.7, 0.97))
+def test_randomized_captures_95_percent_of_svd_energy(m, n, seed, decay):
+    grad = gradient_like(m, n, seed, decay)
+    rank = max(1, min(m, n) // 8)
+    side = resolve_side("std", (m, n))
+    exact = captured_energy(grad, gp.PROJECTORS.create("svd"), rank, side)
+    approx = captured_energy(grad, gp.PROJECTORS.create("randomized"), rank, side)
+    assert approx >= 0.95 * exact
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 40), group=st.sampled_from([2, 64, 256]),
+       shift=st.floats(-3, 3), seed=st.integers(0, 1000))
+def test_int4_codec_within_half_a_step(rows, cols, group, shift, seed):
+    # `shift` makes whole groups one-signed: the case Q-GaLore's clamped zero-point clips
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) + shift
+    codes, scale, minimum = int4_quantize_ref(x, group)
+    assert codes.dtype == torch.uint8 and codes.numel() * 2 >= x.numel()
+    y = int4_dequantize_ref(codes, scale, minimum, x.shape)
+    step = scale.repeat_interleave(group)[: x.numel()].view_as(x)
+    assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_int4_projector_reconstructs_basis_within_quantization_bound():
+    grad = gradient_like(64, 96, 3)
+    exact, packed = {}, {}
+    gp.PROJECTORS.create("svd").fit(grad, exact, rank=8, side="left", seed=0, dtype=torch.float32)
+    int4 = gp.PROJECTORS.create("int4", inner="svd", group_size=64)
+    int4.fit(grad, packed, rank=8, side="left", seed=0, dtype=torch.float32)
+    assert packed["proj_left.codes"].numel() == 64 * 8 // 2  # two codes per byte
+    diff = int4.load_basis(packed, "left", (64, 96)) - exact["proj_left"]
+    bound = packed["proj_left.scale"].max() / 2
+    assert diff.abs().max() <= bound * (1 + 1e-5)
+
+
+def test_svd_failure_falls_back_and_is_counted(monkeypatch):
+    original = torch.linalg.svd
+    calls = {"n": 0}
+
+    def fail_first(*args, **kwargs):  # the exact SVD fails; the fallback's small SVD works
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("linalg.svd: The algorithm failed to converge")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", fail_first)
+    state = {}
+    gp.PROJECTORS.create("svd").fit(gradient_like(20, 30, 0), state, rank=4, side="left",
+                                    seed=0, dtype=torch.float32)
+    assert state["svd_fallbacks"] == 1
+    p = state["proj_left"]
+    assert torch.isfinite(p).all()
+    assert (p.T @ p - torch.eye(4)).abs().max() <= 10 * FP32_EPS * 20
+
+
+def test_nonfinite_gradient_does_not_crash_the_fit():
+    grad = gradient_like(16, 24, 1)
+    grad[3, 5] = float("nan")
+    state = {}
+    gp.PROJECTORS.create("svd").fit(grad, state, rank=4, side="right", seed=0, dtype=torch.float32)
+    assert state["svd_fallbacks"] == 1 and torch.isfinite(state["proj_right"]).all()
+
+
+@pytest.mark.parametrize("shape, proj_type, expected", [
+    ((64, 32), "std", "right"), ((32, 64), "std", "left"),
+    ((64, 32), "reverse_std", "left"), ((32, 64), "reverse_std", "right"),
+    ((64, 32), "left", "left"), ((64, 32), "full", "full"),
+])
+def test_side_semantics_follow_galore_torch(shape, proj_type, expected):
+    assert resolve_side(proj_type, shape) == expected
+
+
+def test_auto_side_minimises_state_plus_basis_bytes():
+    # 4096 x 11008 (LLaMA-7B down-projection transposed), rank 512, Adam fp32 states:
+    # std projects on the right (states 4096x512 x 2 moments); auto prefers whichever total is smaller.
+    p = torch.nn.Parameter(torch.empty(256, 64))
+    opt = gp.LowRankOptimizer([{"params": [p], "rank": 8, "proj_type": "auto"}])
+    rule, projector, fmt, _ = opt.plugins(opt.param_groups[0])
+    costs = {}
+    for side in ("left", "right"):
+        low = (8, 64) if side == "left" else (256, 8)
+        costs[side] = rule.state_nbytes(low, fmt) + projector.basis_nbytes((256, 64), 8, side, p.dtype)
+    assert opt.side(p, opt.param_groups[0]) == min(costs, key=costs.get)
+    assert resolve_side("std", (256, 64)) == "right" and min(costs, key=costs.get) == "left"
