@@ -20,6 +20,11 @@ class Int4Projector(Projector):
         self.inner = PROJECTORS.create(inner, **inner_options)
         self.group_size = group_size
 
+    @property
+    def orthonormal(self) -> bool:
+        """The inner projector's, within the INT4 quantization error (≤ scale/2 per entry)."""
+        return getattr(self.inner, "orthonormal", False)
+
     def fit(self, grad, state, *, rank, side, seed, dtype):
         fitted: dict = {}
         self.inner.fit(grad, fitted, rank=rank, side=side, seed=seed, dtype=torch.float32)

@@ -39,6 +39,8 @@ def range_finder(a: torch.Tensor, rank: int, *, oversample: int = 8, power_iters
 class RandomizedProjector(Projector):
     """Randomized range finder (oversample p, q power iterations), seeded per parameter and step."""
 
+    orthonormal = True  # QR-based: PᵀP = I to fp32 rounding
+
     def __init__(self, oversample: int = 8, power_iters: int = 1, **options):
         super().__init__(**options)
         if not isinstance(oversample, int) or oversample < 0:

@@ -16,6 +16,8 @@ JITTER = 1e-6
 class SVDProjector(Projector):
     """Exact fp32 SVD of the gradient (GaLore); falls back to the range finder if it fails."""
 
+    orthonormal = True  # PᵀP = I to fp32 rounding (the property suite checks it)
+
     def fit(self, grad, state, *, rank, side, seed, dtype):
         state["rank"] = rank
         for one in sides_of(side):

@@ -1,0 +1,79 @@
+"""Fira (Chen et al. 2024): keep the out-of-subspace gradient, scaled like the Adam update."""
+from __future__ import annotations
+
+import torch
+
+from ..registry import RESIDUALS
+from .base import Residual
+
+# Fira's and APOLLO's references add 1e-8 to the denominators of ‖N‖/‖R‖ and of the limiter
+NORM_EPS = 1e-8
+LIMIT_KEY = "limited_norm"
+
+
+def channel_norm_ratio(direction: torch.Tensor, low_grad: torch.Tensor,
+                       shape: tuple[int, int], per_channel: bool = True) -> torch.Tensor:
+    """φ = ‖N‖/(‖R‖ + 1e-8), per channel along the uncompressed dimension, broadcastable to `shape`.
+
+    Side "left" (R is r×n) keeps the n columns: one φ per column, norms over the r rows.
+    Side "right" (R is m×r) keeps the m rows: one φ per row. Side "full" (r×r) keeps
+    no dimension, and `per_channel=False` asks for it: one φ for the whole tensor.
+    The references pick the axis by comparing R's two sizes; asking which of G's sizes R
+    kept gives the same answer whenever r < min(m, n) and is also right for "full".
+    """
+    m, n = shape
+    if per_channel and low_grad.shape[1] == n and low_grad.shape[0] != m:  # left: columns
+        return direction.norm(dim=0, keepdim=True) / (low_grad.norm(dim=0, keepdim=True) + NORM_EPS)
+    if per_channel and low_grad.shape[0] == m and low_grad.shape[1] != n:  # right: rows
+        return direction.norm(dim=1, keepdim=True) / (low_grad.norm(dim=1, keepdim=True) + NORM_EPS)
+    return direction.norm() / (low_grad.norm() + NORM_EPS)
+
+
+def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
+    """Fira's norm-growth limiter: ‖U_t‖ ≤ γ·‖U_{t−1}‖ (γ = 1.01), in place on `update`.
+
+    limiter = max(‖U‖/(prev + 1e-8), γ)/γ;  U ← U/limiter;  prev ← ‖U‖/limiter. The first
+    step only records its norm. The stored norm is a 0-d fp32 tensor on U's device, so
+    the check costs no host–device sync. γ = 0 turns the limiter off.
+    """
+    if not gamma:
+        return update
+    norm = update.norm()
+    if LIMIT_KEY not in state:
+        state[LIMIT_KEY] = norm.float()
+        return update
+    limiter = torch.clamp(norm / (state[LIMIT_KEY] + NORM_EPS), min=gamma) / gamma
+    update.div_(limiter)
+    state[LIMIT_KEY] = (norm / limiter).float()
+    return update
+
+
+def check_gamma(group: dict) -> None:
+    gamma = group.get("norm_growth_limit")
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not (gamma == 0 or gamma >= 1):
+        raise ValueError(f"option 'norm_growth_limit' must be a number >= 1, or 0 to turn the "
+                         f"limiter off, got {gamma!r}")
+
+
+@RESIDUALS.register("fira")
+class Fira(Residual):
+    """Add G − back(R), scaled per channel by ‖N‖/‖R‖, with Fira's norm-growth limiter γ = 1.01.
+
+    U = α·back(N) + limit(φ ⊙ S),  S = G − back(R),  φ = ‖N‖/‖R‖ per column (side left)
+    or row (side right). Fira's reference computes S with a `back` that already
+    includes α, so for α ≠ 1 its S still holds (1−α) of the in-subspace gradient; we
+    implement the paper's S = G − back(R), the purely out-of-subspace part, and apply
+    α only to back(N). The two agree at α = 1. The limiter sees the update as applied
+    (the rule's bias correction included), which is where Fira's paper states it.
+    """
+
+    defaults = {"norm_growth_limit": 1.01}
+
+    def validate(self, group):
+        check_gamma(group)
+
+    def combine(self, grad, low_grad, direction, back, state, group):
+        outside = grad - back(low_grad)
+        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape))
+        scaled = limit_norm_growth(outside.mul_(phi), state, group["norm_growth_limit"])
+        return back(direction).mul_(group["scale"]).add_(scaled)
