@@ -21,6 +21,7 @@ import torch
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
+from ..residuals.base import Drop
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 
 
@@ -143,9 +144,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None,
-                   grad: torch.Tensor | None = None) -> None:
-        """Update one parameter (used by `step` and by per-layer, optimizer-in-backward mode)."""
+                   grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None) -> None:
+        """Update one parameter (used by `step` and by per-layer, optimizer-in-backward mode).
+
+        `low_grad`: an already projected gradient R (from `project_grad`, e.g. summed over
+        micro-batches) used instead of projecting `grad`; only where `accumulates_low_rank`.
+        """
         group = self._group_of(p) if group is None else group
+        if low_grad is not None:
+            if not self.accumulates_low_rank(p, group):
+                raise ValueError("low_grad is only accepted for projected weights whose "
+                                 "residual reads R alone (see accumulates_low_rank)")
+            state = self.state[p]
+            state["step"] += 1
+            p.add_(self._low_rank_update(p, None, state, group, low=low_grad).to(p.dtype),
+                   alpha=-group["lr"])
+            if group["weight_decay"]:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            return
         grad = p.grad if grad is None else grad
         if grad.is_sparse:
             raise ValueError("LowRankOptimizer does not support sparse gradients")
@@ -161,18 +177,22 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if group["weight_decay"]:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
-    def _low_rank_update(self, p, g, state, group):
-        rule, projector, fmt, residual = self.plugins(group)
-        shape = matrix_shape(p)
-        g = g.reshape(shape)
-        side = self.side(p, group)
-        step = state["step"] - 1  # galore-torch refreshes when the pre-increment count % gap == 0
+    def _refresh_if_due(self, p, g, state, group, side, step) -> None:
+        # galore-torch refreshes when the pre-increment count % gap == 0
         if step >= state["next_refresh"]:
-            projector.fit(g, state, rank=group["rank"], side=side,
-                          seed=state["seed"] * 1_000_003 + step, dtype=p.dtype)
+            self.plugins(group)[1].fit(g, state, rank=group["rank"], side=side,
+                                       seed=state["seed"] * 1_000_003 + step, dtype=p.dtype)
             state["refreshes"] += 1
             state["next_refresh"] = step + group["update_gap"]
-        low = projector.project(g, state, side)
+
+    def _low_rank_update(self, p, g, state, group, low=None):
+        rule, projector, fmt, residual = self.plugins(group)
+        shape = matrix_shape(p)
+        side = self.side(p, group)
+        if low is None:
+            g = g.reshape(shape)
+            self._refresh_if_due(p, g, state, group, side, state["step"] - 1)
+            low = projector.project(g, state, side)
         direction = rule.update(low, state, group, fmt)
 
         def back(x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +200,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         update = residual.combine(g, low, direction, back, state, group)
         return update.reshape(p.shape)
+
+    # -- gradient accumulation in the subspace (per-layer mode) ---------------------
+    def accumulates_low_rank(self, p: torch.Tensor, group: dict | None = None) -> bool:
+        """Whether p's micro-batch gradients may be summed after projection: p is projected
+        and its residual reads only R. Residuals that read the full G (fira, frugal, apollo)
+        are recognised as any residual other than `Drop` unless they set
+        `uses_full_grad = False`."""
+        group = self._group_of(p) if group is None else group
+        if not self.is_low_rank(p, group):
+            return False
+        residual = self.plugins(group)[3]
+        return not getattr(residual, "uses_full_grad", not isinstance(residual, Drop))
+
+    @torch.no_grad()
+    def project_grad(self, p: torch.Tensor, grad: torch.Tensor,
+                     group: dict | None = None) -> torch.Tensor:
+        """R = project(G) in the basis p's *next* step uses, fitting that basis on `grad`
+        first when the next step refreshes it. Projection is linear, so the sum of the
+        micro-batches' R equals the projection of their summed G in that basis; the basis
+        of a refresh step is fit on the first micro-batch's G (the one that sees it due)."""
+        group = self._group_of(p) if group is None else group
+        state = self.state[p] if self.state.get(p) else self.init_state(p, group)
+        side = self.side(p, group)
+        g = grad.float().reshape(matrix_shape(p))
+        self._refresh_if_due(p, g, state, group, side, state["step"])
+        return self.plugins(group)[1].project(g, state, side)
 
     # -- checkpoints -------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
