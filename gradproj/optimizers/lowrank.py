@@ -23,6 +23,7 @@ from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..residuals.base import Drop
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
+from .refresh import refresh_subspace, rule_update
 
 
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
@@ -179,11 +180,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def _refresh_if_due(self, p, g, state, group, side, step) -> None:
         # galore-torch refreshes when the pre-increment count % gap == 0
-        if step >= state["next_refresh"]:
-            self.plugins(group)[1].fit(g, state, rank=group["rank"], side=side,
-                                       seed=state["seed"] * 1_000_003 + step, dtype=p.dtype)
-            state["refreshes"] += 1
-            state["next_refresh"] = step + group["update_gap"]
+        if step >= state["next_refresh"]:  # fit, then the group's refresh/moments policies
+            refresh_subspace(self.plugins(group), g, state, group, side, step, p.dtype)
 
     def _low_rank_update(self, p, g, state, group, low=None):
         rule, projector, fmt, residual = self.plugins(group)
@@ -193,7 +191,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             g = g.reshape(shape)
             self._refresh_if_due(p, g, state, group, side, state["step"] - 1)
             low = projector.project(g, state, side)
-        direction = rule.update(low, state, group, fmt)
+        direction = rule_update(rule, low, state, group, fmt)  # step counted from a moment reset
 
         def back(x: torch.Tensor) -> torch.Tensor:
             return projector.project_back(x, state, side, shape)

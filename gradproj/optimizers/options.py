@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..projectors.base import PROJ_TYPES
+from .refresh import REFRESH_DEFAULTS, validate_refresh
 
 GENERIC_DEFAULTS: dict = {
     "lr": 1e-3,
@@ -17,6 +18,7 @@ GENERIC_DEFAULTS: dict = {
     "scale": 0.25,               # GaLore's alpha
     "proj_type": "std",
     "seed": 0,                   # seeds the randomized projectors, per parameter and step
+    **REFRESH_DEFAULTS,          # refresh fixed|adaptive, moments keep|reset|rotate (refresh.py)
 }
 
 # galore-torch's group keys, accepted so its param-group recipes work unchanged
@@ -58,3 +60,4 @@ def validate_group(group: dict) -> None:
     for name, ok, allowed in checks:
         if not ok:
             raise ValueError(f"option {name!r} must be {allowed}, got {group[name]!r}")
+    validate_refresh(group)
