@@ -5,6 +5,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..quant.linear import is_quantized
+
 DEFAULT_TARGETS = ("attn", "mlp")  # GaLore's recipe: Linear layers of attention and MLP
 
 
@@ -21,7 +23,7 @@ def param_groups(model: torch.nn.Module, targets: Sequence[str] = DEFAULT_TARGET
         targets = (targets,)
     lowrank, full = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not is_quantized(p):  # INT8 weights take grads by hand
             continue
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
         if p.dim() >= 2 and any(t in module_name for t in targets):

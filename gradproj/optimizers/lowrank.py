@@ -20,6 +20,7 @@ import torch
 
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
+from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..residuals.base import Drop
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
@@ -111,7 +112,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
         def cost(side: str) -> int:
             return (rule.state_nbytes(low_rank_shape(shape, rank, side), fmt)
-                    + projector.basis_nbytes(shape, rank, side, p.dtype))
+                    + projector.basis_nbytes(shape, rank, side, compute_dtype(p)))
 
         return resolve_side(group["proj_type"], shape, cost)
 
@@ -158,10 +159,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                  "residual reads R alone (see accumulates_low_rank)")
             state = self.state[p]
             state["step"] += 1
-            p.add_(self._low_rank_update(p, None, state, group, low=low_grad).to(p.dtype),
-                   alpha=-group["lr"])
-            if group["weight_decay"]:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            self._apply_update(p, self._low_rank_update(p, None, state, group, low=low_grad),
+                               state, group)
             return
         grad = p.grad if grad is None else grad
         if grad.is_sparse:
@@ -174,6 +173,14 @@ class LowRankOptimizer(torch.optim.Optimizer):
             update = rule.update(g, state, group, fmt)
         else:
             update = self._low_rank_update(p, g, state, group)
+        self._apply_update(p, update, state, group)
+
+    @staticmethod
+    def _apply_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
+        """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W; INT8 weights re-quantize."""
+        if is_quantized(p):  # gradproj.quant.QuantLinear: dequantize, step, SR re-quantize
+            apply_quantized_update(p, update, state, group)
+            return
         p.add_(update.to(p.dtype), alpha=-group["lr"])
         if group["weight_decay"]:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
@@ -181,7 +188,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _refresh_if_due(self, p, g, state, group, side, step) -> None:
         # galore-torch refreshes when the pre-increment count % gap == 0
         if step >= state["next_refresh"]:  # fit, then the group's refresh/moments policies
-            refresh_subspace(self.plugins(group), g, state, group, side, step, p.dtype)
+            refresh_subspace(self.plugins(group), g, state, group, side, step, compute_dtype(p))
 
     def _low_rank_update(self, p, g, state, group, low=None):
         rule, projector, fmt, residual = self.plugins(group)

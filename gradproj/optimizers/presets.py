@@ -14,6 +14,36 @@ PRESETS.add("galore", {
     "state_format": "fp32", "rank": 128, "update_gap": 200, "scale": 0.25, "eps": 1e-6,
 }, description="GaLore (Zhao et al. 2024): exact SVD basis, Adam on R, scale 0.25, T 200")
 
+# The family, each with its paper's defaults (60M-scale recipes; rank/lr scale with the model).
+PRESETS.add("galore8bit", {**PRESETS.get("galore"), "state_format": "q8"},
+            description="8-bit GaLore: GaLore with blockwise 8-bit Adam states (bitsandbytes layout)")
+PRESETS.add("q-galore", {
+    **PRESETS.get("galore"), "projector": "int4", "projector_options": {"inner": "svd", "group_size": 256},
+    "state_format": "q8", "betas": (0.9, 0.95), "refresh": "adaptive", "refresh_window": 5,
+    "refresh_threshold": 0.4, "quantize_weights": True, "weight_group_size": 256,
+}, description="Q-GaLore (Zhang et al. 2024): INT4 basis, INT8 weights with stochastic rounding, "
+               "adaptive refresh, 8-bit states")
+PRESETS.add("fira", {**PRESETS.get("galore"), "residual": "fira", "norm_growth_limit": 1.01},
+            description="Fira (Chen et al. 2024): GaLore + residual scaled per channel by |N|/|R|, "
+                        "limiter 1.01")
+PRESETS.add("frugal", {
+    "rule": "adamw", "projector": "svd", "proj_type": "std", "residual": "frugal",
+    "state_format": "fp32", "rank": 128, "update_gap": 200, "scale": 1.0, "eps": 1e-8,
+    "free_lr_scale": 1.0, "moments": "reset",
+}, description="FRUGAL (Zmushko et al. 2024): Adam in the subspace, signSGD outside, "
+               "moments reset on refresh")
+PRESETS.add("apollo", {
+    "rule": "adamw", "projector": "gaussian", "proj_type": "std", "residual": "apollo",
+    "state_format": "fp32", "rank": 256, "update_gap": 200, "scale": 1.0, "eps": 1e-6,
+    "scale_type": "channel", "norm_growth_limit": 1.01,
+}, description="APOLLO (Zhu et al. 2024): seeded Gaussian projection, channel-wise scaling "
+               "of the raw gradient")
+PRESETS.add("apollo-mini", {**PRESETS.get("apollo"), "rank": 1, "scale_type": "tensor", "scale": 128.0},
+            description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (SGD-like memory)")
+
+#: preset keys that configure the model (weight quantization), not the optimizer
+MODEL_KEYS = ("quantize_weights", "weight_group_size")
+
 
 def preset_options(name: str) -> dict:
     """A copy of a preset's options (raises ValueError naming close matches)."""
@@ -32,8 +62,17 @@ def build_optimizer(model: torch.nn.Module, preset: str | None = None,
     """The whole optimizer for `model`: parameter split by `targets`, preset, overrides.
 
     This is the function the TOML run spec goes through, so a run and a script that call
-    it with the same options build the same optimizer.
+    it with the same options build the same optimizer. A preset (or override) with
+    `quantize_weights = True` first converts the targeted nn.Linear layers of `model` to
+    INT8 `QuantLinear` in place (group `weight_group_size`, 256), as Q-GaLore trains.
     """
     options = preset_options(preset) if preset else {}
     options.update(overrides)
+    quantize = options.pop("quantize_weights", False)
+    group_size = options.pop("weight_group_size", 256)
+    if not isinstance(quantize, bool):
+        raise ValueError(f"option 'quantize_weights' must be true or false, got {quantize!r}")
+    if quantize:  # Q-GaLore: targeted Linear layers become INT8 QuantLinear before the split
+        from ..quant import quantize_weights
+        quantize_weights(model, targets=targets, group_size=group_size)
     return LowRankOptimizer(param_groups(model, targets), **options)

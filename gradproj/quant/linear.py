@@ -1,0 +1,174 @@
+"""`QuantLinear`: an nn.Linear whose weight is stored INT8 group-wise and trained in place.
+
+The weight is an int8 `nn.Parameter` (codes, requires_grad False: autograd cannot
+differentiate integer tensors) plus an fp32 buffer `weight_scale`. Forward dequantizes
+to the input's dtype; backward computes the fp32 weight gradient and accumulates it in
+`weight.grad` (the parameter's `grad_dtype` is set to fp32, so a float gradient on an
+int8 tensor is allowed), so `zero_grad`, gradient accumulation and clipping work as
+for any weight. `LowRankOptimizer` recognises such a parameter (`is_quantized`) and
+applies its update as `apply_quantized_update`: dequantize, W ← W − lr·U − lr·wd·W in
+fp32, re-quantize with stochastic rounding from a generator seeded by the parameter's
+seed and step — so a resumed run draws the same rounding noise (bit-exact resume) and
+the optimizer state stays tensors and plain ints.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
+
+OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight
+DTYPE_ATTR = "quant_dtype"      # dtype the weight computes in (and its projector basis uses)
+
+
+def is_quantized(p: torch.Tensor) -> bool:
+    return getattr(p, OWNER_ATTR, None) is not None
+
+
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype a weight computes in: its own, or a quantized weight's dequantized dtype."""
+    return getattr(p, DTYPE_ATTR, p.dtype)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, weight, scale, module, anchored):
+        w = int8_dequantize(weight, scale, module.group_size).to(x.dtype)
+        ctx.save_for_backward(x, scale)
+        ctx.weight, ctx.module, ctx.anchored = weight, module, anchored
+        return nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scale = ctx.saved_tensors
+        weight, module = ctx.weight, ctx.module
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0] and not ctx.anchored:
+            w = int8_dequantize(weight, scale, module.group_size).to(grad_out.dtype)
+            grad_x = grad_out @ w
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        # fp32 accumulation whatever the compute dtype, as bf16 autocast does for weights
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+        module._bind()
+        if weight.grad is None:
+            weight.grad = grad_w
+        else:
+            weight.grad.add_(grad_w)
+        return grad_x, grad_bias, None, None, None, None
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with INT8 group-wise weights (group 256), updated with stochastic rounding."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = DEFAULT_GROUP, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"option 'weight_group_size' must be a positive integer, got {group_size!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size
+        self.compute_dtype = dtype
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        groups = -(-in_features * out_features // group_size)
+        self.register_buffer("weight_scale", torch.ones(groups, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._bind()
+
+    def _bind(self) -> None:
+        """(Re)attach the parameter attributes the optimizer reads; copies lose them."""
+        setattr(self.weight, OWNER_ATTR, weakref.ref(self))
+        setattr(self.weight, DTYPE_ATTR, self.compute_dtype)
+        if self.weight.grad_dtype != torch.float32:
+            self.weight.grad_dtype = torch.float32
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP) -> "QuantLinear":
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                group_size=group_size, dtype=w.dtype, device=w.device)
+        q.set_weight(w)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+            q.bias.requires_grad_(linear.bias.requires_grad)
+        return q
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Quantize `w` (round to nearest, or stochastic with `generator`) into this layer."""
+        codes, scale = int8_quantize(w, self.group_size, generator)
+        self.weight.data.copy_(codes)
+        self.weight_scale.copy_(scale)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return int8_dequantize(self.weight, self.weight_scale, self.group_size).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._bind()
+        anchored = False
+        if torch.is_grad_enabled() and not x.requires_grad and not (
+                self.bias is not None and self.bias.requires_grad):
+            # backward only runs if some input needs a gradient: let x carry the graph
+            # (its gradient is never computed) so the weight still receives one
+            x = x.detach().requires_grad_(True)
+            anchored = True
+        return _QuantLinearFn.apply(x, self.bias, self.weight, self.weight_scale, self, anchored)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 group={self.group_size}, "
+                f"compute={str(self.compute_dtype).replace('torch.', '')}")
+
+
+def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
+                     group_size: int = DEFAULT_GROUP) -> nn.Module:
+    """Replace, in place, every nn.Linear whose qualified name contains a target by a QuantLinear.
+
+    Same name matching as `param_groups` (substring of the module's name), so the layers
+    quantized are exactly the ones projected. Returns `model`.
+    """
+    if isinstance(targets, str):
+        targets = (targets,)
+    swaps = [(name, module) for name, module in model.named_modules()
+             if type(module) is nn.Linear and any(t in name for t in targets)]
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(module, group_size))
+    return model
+
+
+def sr_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (1 << 63))
+    return gen
+
+
+@torch.no_grad()
+def apply_quantized_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
+    """W ← W − lr·U − lr·wd·W on an INT8 weight: dequantize, step in fp32, SR re-quantize."""
+    module = getattr(p, OWNER_ATTR)()
+    if module is None:
+        raise ValueError("quantized weight lost its QuantLinear (was the module deleted?)")
+    w = int8_dequantize(p, module.weight_scale, module.group_size)
+    w.add_(update.reshape(w.shape).float(), alpha=-group["lr"])
+    if group["weight_decay"]:
+        w.add_(w, alpha=-group["lr"] * group["weight_decay"])  # as the float path: after the step
+    codes, scale = int8_quantize(w, module.group_size, sr_generator(p.device, state["seed"], state["step"]))
+    p.copy_(codes)
+    module.weight_scale.copy_(scale)
+
+
+def int8_weight_bytes(model: nn.Module) -> int:
+    """Bytes of all QuantLinear weights (codes + scales)."""
+    return sum(m.weight.numel() + 4 * m.weight_scale.numel()
+               for m in model.modules() if isinstance(m, QuantLinear))
+
+
+__all__ = ["QuantLinear", "apply_quantized_update", "compute_dtype", "int8_weight_bytes",
+           "is_quantized", "quantize_weights"]
