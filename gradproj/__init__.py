@@ -8,6 +8,8 @@ from . import formats, projectors, residuals, rules  # noqa: F401  (register bui
 from .optimizers import (DEFAULT_TARGETS, GaLoreAdamW, LowRankOptimizer, build_optimizer,
                          count_refreshes, count_svd_fallbacks, optimizer_state_nbytes,
                          param_groups, preset_options)
+from .quant import QuantLinear, quantize_weights
+from .optimizers.refresh import subspace_similarity
 from .registry import (KERNELS, PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS, Registry,
                        load_plugins)
 
@@ -18,4 +20,5 @@ load_plugins()
 __all__ = ["DEFAULT_TARGETS", "GaLoreAdamW", "KERNELS", "LowRankOptimizer", "PRESETS",
            "PROJECTORS", "RESIDUALS", "RULES", "Registry", "STATE_FORMATS", "build_optimizer",
            "count_refreshes", "count_svd_fallbacks", "load_plugins", "optimizer_state_nbytes",
-           "param_groups", "preset_options"]
+           "param_groups", "preset_options", "QuantLinear", "quantize_weights",
+           "subspace_similarity"]
