@@ -1,0 +1,112 @@
+"""Per-layer mode: the optimizer runs inside backward, one parameter at a time.
+
+A `register_post_accumulate_grad_hook` on every trained parameter fires as soon as that
+parameter's gradient is complete; the hook updates the parameter and frees its gradient,
+so the full model's gradient never exists at once: the largest gradient alive is one
+weight's (measured by `grad_peak_bytes`, which counts the bytes of `.grad` tensors held).
+
+Gradient accumulation over k micro-batches, unlike the reference implementations:
+  * a projected weight (low-rank group, residual reading R only — `drop`) keeps the sum
+    of its *projected* micro-batch gradients, R = Σ project(G_i), an r×n or m×r buffer,
+    and steps with it on the last micro-batch. Projection is linear, so this equals
+    projecting the summed gradient in the same basis. On a refresh step the basis is fit
+    on the first micro-batch's gradient G_1 (non-per-layer mode fits it on ΣG_i): the one
+    place the two modes differ, measured in tests/train/test_perlayer.py;
+  * every other weight (full-rank, or a residual such as fira/apollo that reads the full
+    G) accumulates its full gradient in `.grad` across micro-batches, as autograd does,
+    and steps on the last one. For the model presets here those are the embedding, the
+    head and the norms.
+A non-finite gradient skips that parameter's update for the step (the others, already
+updated during backward, keep theirs) and marks the step as skipped.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..optimizers import LowRankOptimizer
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class PerLayerStepper:
+    def __init__(self, optimizer: LowRankOptimizer, grad_accum: int = 1):
+        self.opt = optimizer
+        self.grad_accum = grad_accum
+        self.micro = 0
+        self.group_of: dict[torch.Tensor, dict] = {}
+        self.low_rank: dict[torch.Tensor, bool] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self.group_of[p] = group
+                self.low_rank[p] = grad_accum > 1 and optimizer.accumulates_low_rank(p, group)
+        self.low_sums: dict[torch.Tensor, torch.Tensor] = {}
+        self.bad: set[torch.Tensor] = set()
+        self.counted: set[torch.Tensor] = set()  # parameters whose .grad is in held_bytes
+        self.held_bytes = 0          # bytes of .grad tensors alive right now
+        self.grad_peak_bytes = 0     # max of held_bytes since reset_peak()
+        self.accum_peak_bytes = 0    # max bytes of the projected-sum buffers
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.group_of]
+
+    def begin_micro_batch(self, micro: int) -> None:
+        self.micro = micro
+
+    def reset_peak(self) -> None:
+        self.grad_peak_bytes = self.held_bytes
+        self.accum_peak_bytes = 0
+
+
+    @torch.no_grad()
+    def _hook(self, p: torch.Tensor) -> None:
+        # autograd accumulated into p.grad just now; on later micro-batches of a full-rank
+        # weight it adds into the kept .grad, which was counted when it first appeared
+        if p not in self.counted:
+            self.held_bytes += _nbytes(p.grad)
+            self.counted.add(p)
+        self.grad_peak_bytes = max(self.grad_peak_bytes, self.held_bytes)
+        last = self.micro == self.grad_accum - 1
+        group = self.group_of[p]
+        if p in self.bad or not torch.isfinite(p.grad).all():
+            self.bad.add(p)
+            self.low_sums.pop(p, None)
+            self._release(p)
+            return
+        if self.low_rank[p]:
+            low = self.opt.project_grad(p, p.grad, group)
+            self._release(p)
+            total = self.low_sums.get(p)
+            total = low if total is None else total.add_(low)
+            if last:
+                self.low_sums.pop(p, None)
+                self.opt.step_param(p, group, low_grad=total)
+            else:
+                self.low_sums[p] = total
+                self.accum_peak_bytes = max(self.accum_peak_bytes,
+                                            sum(_nbytes(t) for t in self.low_sums.values()))
+        elif last:
+            self.opt.step_param(p, group)
+            self._release(p)
+
+    def _release(self, p: torch.Tensor) -> None:
+        if p in self.counted:
+            self.held_bytes -= _nbytes(p.grad)
+            self.counted.discard(p)
+        p.grad = None
+
+    def end_step(self) -> bool:
+        """Finish an optimizer step; True when some parameter's update was skipped."""
+        skipped = bool(self.bad)
+        self.abort()
+        return skipped
+
+    def abort(self) -> None:
+        """Drop everything accumulated for this step (a micro-batch's loss was not finite)."""
+        self.bad.clear()
+        self.low_sums.clear()
+        for p in self.group_of:
+            self._release(p)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
