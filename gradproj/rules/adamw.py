@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ..kernels.adam import fused_adamw
 from ..registry import RULES
 from .base import Rule, check_betas, check_positive
 
@@ -21,6 +22,11 @@ class AdamW(Rule):
         check_positive(group, "eps", allow_zero=True)
 
     def update(self, grad, state, group, fmt):
+        # Triton (CUDA, or GRADPROJ_KERNELS=interpret): one fused pass over grad and the
+        # dense, 8-bit or 4-bit moments (kernels/adam*.py); None everywhere else
+        fused = fused_adamw(grad, state, group, fmt)
+        if fused is not None:
+            return fused
         beta1, beta2 = group["betas"]
         step = state["step"]
         exp_avg = fmt.read(state, "exp_avg")

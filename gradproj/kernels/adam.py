@@ -1,0 +1,118 @@
+"""Fused Adam step on dense moments: one pass over the (low-rank) gradient.
+
+Reads G, M, V once, writes M, V and the direction N once (5 tensors × numel; the unfused
+PyTorch chain of `rules/adamw.py` makes ~8 passes and 3 temporaries):
+
+    M ← β1·M + (1−β1)·G;   V ← β2·V + (1−β2)·G²;   N = step_size · M / (√V + ε)
+
+M and V may be stored fp32, bf16 or fp16 (storage only: the math is fp32, and N is computed
+from the fp32 moments before they are rounded to storage, as the reference does).
+β, 1−β, ε and `step_size` = √(1−β2ᵗ)/(1−β1ᵗ) are runtime arguments, computed on the host in
+float64 from the integer step, so a new step never recompiles. Division and square root use
+the IEEE-rounded `div_rn`/`sqrt_rn` (Triton's default `/` and `sqrt` are approximate on
+NVIDIA), so the kernel matches the reference to a few fp32 ulps.
+
+`fused_adamw(grad, state, group, fmt)` is what the `adamw` rule calls: it picks the dense,
+8-bit or 4-bit kernel for the state's layout when dispatch runs Triton, else returns None.
+"""
+import math
+
+import torch
+
+from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
+
+
+@triton.jit
+def _adam_kernel(g_ptr, m_ptr, v_ptr, d_ptr, n, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2, eps, step_size, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = m * beta1 + one_minus_beta1 * g
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    d = tl.div_rn(m, tl.sqrt_rn(v) + eps) * step_size
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptr + offs, d, mask=mask)
+
+
+def adam_step_size(beta1: float, beta2: float, step: int, correct_bias: bool = True) -> float:
+    """galore-torch's bias correction folded into the step: √(1−β2ᵗ)/(1−β1ᵗ), in float64."""
+    if not correct_bias:
+        return 1.0
+    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
+
+
+def _check(grad, *moments):
+    for m in moments:
+        if m.shape != grad.shape or not m.is_contiguous():
+            raise ValueError(f"moment of shape {tuple(m.shape)} must be contiguous and match "
+                             f"the gradient's {tuple(grad.shape)}")
+
+
+def adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
+    """Reference: `rules/adamw.py`'s math, op for op; moments updated in place."""
+    m = exp_avg.float().mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    return m.div(v.sqrt().add_(eps)).mul_(step_size)
+
+
+def adam_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
+    """Fused Adam: update moments in place, return the fp32 direction (grad's shape)."""
+    _check(grad, exp_avg, exp_avg_sq)
+    if not use_triton(grad, exp_avg, exp_avg_sq):
+        return adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
+    g = grad.float().contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    block = tile(1024, 1 << 14)
+    _adam_kernel[(triton.cdiv(n, block),)](g, exp_avg, exp_avg_sq, out, n, beta1, 1.0 - beta1,
+                                           beta2, 1.0 - beta2, eps, step_size, BLOCK=block)
+    return out
+
+
+def fused_adamw(grad, state, group, fmt):
+    """The direction from a fused kernel, or None where the reference math must run.
+
+    Triton runs when dispatch says so for `grad`'s device and the state layout is one a
+    kernel covers: dense fp32/bf16/fp16 moments (formats fp32, bf16, and the small-tensor
+    fallback of q8/q4), or q8/q4 codes.
+    """
+    if not use_triton(grad):
+        return None
+    name = getattr(fmt, "registry_name", None)
+    beta1, beta2 = group["betas"]
+    step_size = adam_step_size(beta1, beta2, state["step"], group.get("correct_bias", True))
+    eps = group["eps"]
+    if "exp_avg" in state and "exp_avg_sq" in state and name in ("fp32", "bf16", "q8", "q4"):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if m.shape == grad.shape and v.shape == grad.shape and m.is_contiguous() and v.is_contiguous():
+            return adam_step(grad, m, v, beta1, beta2, eps, step_size)
+        return None
+    if name == "q8" and "exp_avg.codes" in state:
+        from .adam_q8 import adam_q8_step
+        return adam_q8_step(grad, state["exp_avg.codes"], state["exp_avg.absmax"],
+                            state["exp_avg_sq.codes"], state["exp_avg_sq.absmax"],
+                            beta1, beta2, eps, step_size)
+    if name == "q4" and "exp_avg.codes" in state:
+        from .adam_q4 import adam_q4_step
+        return adam_q4_step(grad, state["exp_avg.codes"], state["exp_avg.absmax"],
+                            state["exp_avg_sq.codes"], state["exp_avg_sq.absmax"],
+                            beta1, beta2, eps, step_size)
+    return None
+
+
+def _configs():
+    sig = {"g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "d_ptr": "*fp32", "n": "i32",
+           "beta1": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
+           "one_minus_beta2": "fp32", "eps": "fp32", "step_size": "fp32", "BLOCK": "constexpr"}
+    bf16 = dict(sig, m_ptr="*bf16", v_ptr="*bf16")
+    return (CompileConfig(_adam_kernel, sig, {"BLOCK": 1024}),
+            CompileConfig(_adam_kernel, bf16, {"BLOCK": 1024}))
+
+
+register_kernel("adam_step", adam_step, adam_step_ref, _configs())

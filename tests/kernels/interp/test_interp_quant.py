@@ -1,0 +1,99 @@
+"""Interpreter lane: 8-bit and 4-bit codecs and fused quantized Adam against references."""
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from kernel_helpers import (STORAGE_DTYPES, U, adam_direction_bound, adam_moment_bounds,
+                            assert_within, codes_agree, size_strategy)
+
+from gradproj.kernels import adam_q4, adam_q8, q4, q8
+from gradproj.kernels.qmaps import tables
+
+pytestmark = pytest.mark.interpreter
+
+
+def _values(n, signed, dtype, gen):
+    x = torch.randn(n, generator=gen) * torch.exp(2 * torch.randn(n, generator=gen))
+    return (x if signed else x.abs()).to(dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=size_strategy, signed=st.booleans(), dtype=st.sampled_from(STORAGE_DTYPES),
+       seed=st.integers(0, 2 ** 31 - 1))
+@example(n=257, signed=True, dtype=torch.float32, seed=0)
+def test_q8_codec_matches_reference(n, signed, dtype, seed):
+    x = _values(n, signed, dtype, torch.Generator().manual_seed(seed))
+    codes, absmax = q8.q8_quantize(x, signed)
+    codes_r, absmax_r = q8.q8_quantize_ref(x, signed)
+    # same fp32 input, same IEEE ops (division by div_rn, one multiply): bit-identical
+    assert torch.equal(absmax, absmax_r) and torch.equal(codes, codes_r)
+    assert codes.shape == x.shape and absmax.numel() == -(-n // 256)
+    assert torch.equal(q8.q8_dequantize(codes, absmax, signed),
+                       q8.q8_dequantize_ref(codes, absmax, signed))
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=size_strategy, signed=st.booleans(), dtype=st.sampled_from(STORAGE_DTYPES),
+       seed=st.integers(0, 2 ** 31 - 1))
+@example(n=129, signed=False, dtype=torch.float32, seed=0)
+def test_q4_codec_matches_reference(n, signed, dtype, seed):
+    x = _values(n, signed, dtype, torch.Generator().manual_seed(seed))
+    codes, absmax = q4.q4_quantize(x, signed)
+    codes_r, absmax_r = q4.q4_quantize_ref(x, signed)
+    assert torch.equal(absmax, absmax_r) and torch.equal(codes, codes_r)
+    assert codes.numel() == -(-n // 128) * 64
+    assert torch.equal(q4.q4_dequantize(codes, absmax, signed, (n,)),
+                       q4.q4_dequantize_ref(codes, absmax, signed, (n,)))
+
+
+def _check_requantized(codes, absmax, codes_r, absmax_r, value, err, bits, signed, block):
+    """Codes after a fused step: equal to the reference's, or one apart at a midpoint."""
+    u = U[torch.float32]
+    assert_within(absmax, absmax_r, err.reshape(-1).new_zeros(absmax.numel()).index_reduce_(
+        0, torch.arange(err.numel()) // block, err.reshape(-1), "amax") + 0, "absmax")
+    _, mids = tables(bits, signed, "cpu")
+    pad = (-value.numel()) % block
+    flat = torch.cat([value.reshape(-1).double(), value.new_zeros(pad).double()]).view(-1, block)
+    errs = torch.cat([err.reshape(-1), err.new_zeros(pad)]).view(-1, block)
+    scale = absmax_r.double().clamp(min=1e-38)[:, None]
+    scaled = (flat / scale).clamp(-1, 1)
+    # value error over absmax, plus the absmax error, plus 2 roundings of the scaling
+    slack = errs / scale + scaled.abs() * (errs.amax(1, keepdim=True) / scale) + 2 * u
+    if bits == 4:
+        unpack = lambda c: torch.stack([c & 15, c >> 4], -1).reshape(-1)  # noqa: E731
+        codes, codes_r = unpack(codes), unpack(codes_r)
+    else:
+        codes, codes_r = codes.reshape(-1), codes_r.reshape(-1)
+        scaled, slack = scaled.reshape(-1)[:value.numel()], slack.reshape(-1)[:value.numel()]
+    codes_agree(codes, codes_r, scaled, mids, slack)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@settings(max_examples=12, deadline=None)
+@given(n=size_strategy, step=st.integers(1, 1000), seed=st.integers(0, 2 ** 31 - 1))
+@example(n=4097, step=1, seed=0)
+def test_fused_quantized_adam_matches_reference(bits, n, step, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codec, fused = (q8, adam_q8) if bits == 8 else (q4, adam_q4)
+    quant = codec.q8_quantize_ref if bits == 8 else codec.q4_quantize_ref
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    step_size = (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step)
+    grad = torch.randn(n, generator=gen) * 1e-2
+    state = [*quant(torch.randn(n, generator=gen) * 1e-2, True),
+             *quant(torch.rand(n, generator=gen) * 1e-4, False)]
+    ref_state = [t.clone() for t in state]
+    step_fn = fused.adam_q8_step if bits == 8 else fused.adam_q4_step
+    ref_fn = fused.adam_q8_step_ref if bits == 8 else fused.adam_q4_step_ref
+    d = step_fn(grad, *state, beta1, beta2, eps, step_size)
+    # the fp32 moments the reference computes before requantizing
+    deq = codec.q8_dequantize_ref if bits == 8 else (
+        lambda c, a, s: codec.q4_dequantize_ref(c, a, s, (n,)))
+    m0, v0 = deq(ref_state[0], ref_state[1], True), deq(ref_state[2], ref_state[3], False)
+    d_r = ref_fn(grad, *ref_state, beta1, beta2, eps, step_size)
+    m = m0 * beta1 + (1 - beta1) * grad
+    v = v0 * beta2 + (1 - beta2) * grad * grad
+    err_m, err_v = adam_moment_bounds(grad, m0, v0, beta1, beta2)
+    assert_within(d, d_r, adam_direction_bound(m, v, err_m, err_v, eps, step_size), "direction")
+    block = 256 if bits == 8 else 128
+    _check_requantized(state[0], state[1], ref_state[0], ref_state[1], m, err_m, bits, True, block)
+    _check_requantized(state[2], state[3], ref_state[2], ref_state[3], v, err_v, bits, False, block)

@@ -1,0 +1,76 @@
+"""Shared by the kernel tests: shape strategies and error bounds derived from dtypes.
+
+Every bound is written as (number of roundings) × unit roundoff u = eps/2 of the dtype the
+value passes through, times the magnitude it is relative to; nothing is widened by hand.
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+#: unit roundoff u (half an ulp at 1.0) of each storage dtype
+U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: sizes 1 .. 2^16, drawn log-uniformly so small and block-boundary sizes are common
+sizes = st.integers(0, 16).flatmap(lambda k: st.integers(max(1, 1 << k >> 1), 1 << k))
+#: sizes that straddle the 256/128 block sizes (non-multiples included)
+block_edges = st.sampled_from([1, 2, 127, 128, 129, 255, 256, 257, 511, 4095, 4096, 4097, 65536])
+size_strategy = st.one_of(sizes, block_edges)
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float,
+                  what: str) -> None:
+    """|actual − expected| ≤ bound elementwise; on failure name the worst index (Liger-style)."""
+    actual, expected = actual.double().reshape(-1), expected.double().reshape(-1)
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(expected).reshape(-1)
+    err = (actual - expected).abs()
+    bad = ~(err <= bound)  # NaN counts as a failure
+    if bad.any():
+        excess = torch.where(bad, err - bound, torch.zeros_like(err))
+        i = int(torch.nan_to_num(excess, nan=float("inf")).argmax())
+        raise AssertionError(f"{what}: {int(bad.sum())}/{err.numel()} elements out of bound; "
+                             f"worst index {i}: got {actual[i].item()!r}, expected "
+                             f"{expected[i].item()!r}, |err| {err[i].item():.3g} > bound "
+                             f"{bound[i].item():.3g}")
+
+
+def adam_moment_bounds(g, m0, v0, beta1, beta2):
+    """fp32 error bounds of M and V after one update (2 roundings each, of the terms' sum:
+    the kernel may fuse a multiply-add where PyTorch rounds twice)."""
+    u = U[torch.float32]
+    g, m0, v0 = g.double(), m0.double(), v0.double()
+    err_m = 2 * u * ((beta1 * m0).abs() + ((1 - beta1) * g).abs())
+    err_v = 3 * u * ((beta2 * v0).abs() + (1 - beta2) * g * g)
+    return err_m, err_v
+
+
+def adam_direction_bound(m, v, err_m, err_v, eps, step_size):
+    """Bound of N = s·M/(√V + ε) given M, V errors: first-order propagation plus 4 roundings
+    (sqrt, add, div, mul) of N itself."""
+    u = U[torch.float32]
+    m, v = m.double(), v.double()
+    denom = v.sqrt() + eps
+    # d√V = dV / (2√V); guard V = 0 (then err_v = 0 too)
+    dsqrt = torch.where(v > 0, err_v / (2 * v.sqrt().clamp(min=1e-300)), torch.zeros_like(v))
+    n = step_size * m.abs() / denom
+    return step_size * err_m / denom + n * dsqrt / denom + 4 * u * n + 1e-300
+
+
+def codes_agree(codes, codes_ref, scaled_ref, mids, slack):
+    """Codes equal, or adjacent with the reference's scaled value within `slack` of the
+    midpoint between them (a rounding-level perturbation may cross it)."""
+    codes, codes_ref = codes.long().reshape(-1), codes_ref.long().reshape(-1)
+    differ = codes != codes_ref
+    if not differ.any():
+        return
+    lower = torch.minimum(codes, codes_ref)[differ]
+    adjacent = (codes - codes_ref).abs()[differ] == 1
+    dist = (scaled_ref.reshape(-1)[differ].double() - mids.double()[lower.clamp(max=mids.numel() - 1)]).abs()
+    near = dist <= torch.as_tensor(slack, dtype=torch.float64).expand_as(codes_ref).reshape(-1)[differ]
+    ok = adjacent & near
+    if not ok.all():
+        i = int(differ.nonzero()[~ok][0])
+        raise AssertionError(f"code {int(codes[i])} vs reference {int(codes_ref[i])} at index "
+                             f"{i}, scaled {scaled_ref.reshape(-1)[i].item()!r} is not at a midpoint")
