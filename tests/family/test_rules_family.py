@@ -1,0 +1,148 @@
+"""Each new rule against its paper's update spelled out in plain torch, on fixed gradients."""
+import math
+
+import pytest
+import torch
+
+import gradproj as gp
+
+EPS = torch.finfo(torch.float32).eps
+# a handful of fp32 roundings per element per step, over a few steps: 64 eps relative
+TOL = dict(rtol=64 * EPS, atol=64 * EPS)
+
+
+def fixed_grads(shape, steps=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) * (1 + t) for t in range(steps)]
+
+
+def run_full_rank(w0, grads, **options):
+    w = torch.nn.Parameter(w0.clone())
+    opt = gp.LowRankOptimizer([{"params": [w], "lowrank": False}], **options)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    return w.detach(), opt.state[w]
+
+
+def test_lion_is_sign_of_interpolated_momentum():
+    w0, grads, lr, (b1, b2) = torch.randn(6, 5), fixed_grads((6, 5)), 1e-3, (0.9, 0.99)
+    w, m = w0.clone(), torch.zeros_like(w0)
+    for g in grads:  # Chen et al. 2023, Alg. 2 (wd 0, the default)
+        c = b1 * m + (1 - b1) * g
+        w = w - lr * torch.sign(c)
+        m = b2 * m + (1 - b2) * g
+    got, state = run_full_rank(w0, grads, rule="lion", lr=lr)
+    torch.testing.assert_close(got, w, **TOL)
+    torch.testing.assert_close(state["exp_avg"], m, **TOL)
+    assert gp.RULES.get("lion").defaults["betas"] == (0.9, 0.99)
+
+
+def test_lion_update_has_unit_magnitude_per_entry():
+    # |sign(c)| = 1 wherever c ≠ 0: every entry moves by exactly lr
+    w0 = torch.zeros(4, 3)
+    got, _ = run_full_rank(w0, [torch.randn(4, 3)], rule="lion", lr=0.5)
+    assert torch.equal(got.abs(), torch.full((4, 3), 0.5))
+
+
+def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0):
+    rows, cols = torch.zeros(w.shape[0]), torch.zeros(w.shape[1])
+    for t, g in enumerate(grads, 1):  # Shazeer & Stern 2018, Alg. 4 + update clipping
+        beta2t = 1 - t ** decay
+        sq = g * g + eps1
+        rows = beta2t * rows + (1 - beta2t) * sq.mean(dim=1)
+        cols = beta2t * cols + (1 - beta2t) * sq.mean(dim=0)
+        v_hat = torch.outer(rows, cols) / rows.mean()
+        u = g / v_hat.sqrt()
+        u = u / max(1.0, (u.pow(2).mean().sqrt() / clip).item())
+        w = w - lr * u
+    return w, rows, cols
+
+
+def test_adafactor_factored_second_moment():
+    w0, grads = torch.randn(7, 5), fixed_grads((7, 5))
+    ref, rows, cols = adafactor_reference(w0, grads, lr=1e-2)
+    got, state = run_full_rank(w0, grads, rule="adafactor", lr=1e-2)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(state["exp_avg_sq_row"], rows, **TOL)
+    torch.testing.assert_close(state["exp_avg_sq_col"], cols, **TOL)
+    # 7 + 5 numbers instead of 7·5: the point of factoring
+    assert sum(v.numel() for v in state.values() if torch.is_tensor(v)) == 12
+
+
+def test_adafactor_runs_on_the_projected_gradient():
+    # GaLore's reference applies Adafactor to R = PᵀG: its moments are r + n long
+    m, n, r, lr, scale = 12, 20, 3, 1e-2, 0.25
+    w0, grads = torch.randn(m, n), fixed_grads((m, n), steps=3)
+    w = torch.nn.Parameter(w0.clone())
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": r, "update_gap": 100}], rule="adafactor",
+                              lr=lr, scale=scale)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    p = torch.linalg.svd(grads[0], full_matrices=False)[0][:, :r]  # left side (m < n), fit at step 0
+    low_ref = adafactor_reference(torch.zeros(r, n), [p.T @ g for g in grads], lr=1.0)[0]
+    torch.testing.assert_close(w.detach(), w0 + lr * scale * (p @ low_ref), **TOL)
+    assert opt.state[w]["exp_avg_sq_row"].shape == (r,) and opt.state[w]["exp_avg_sq_col"].shape == (n,)
+
+
+def test_adafactor_first_moment_and_relative_step():
+    w0, grads = torch.randn(4, 6), fixed_grads((4, 6), steps=3)
+    plain, _ = run_full_rank(w0, grads[:1], rule="adafactor", lr=1.0)
+    relative, _ = run_full_rank(w0, grads[:1], rule="adafactor", lr=1.0, relative_step=True)
+    # ρ₁ = min(1e-2, 1/√1) = 1e-2
+    torch.testing.assert_close(w0 - relative, 1e-2 * (w0 - plain), **TOL)
+    _, state = run_full_rank(w0, grads, rule="adafactor", beta1=0.9)
+    assert state["exp_avg"].shape == (4, 6)
+
+
+def test_adabelief_matches_the_authors_update():
+    w0, grads, lr, (b1, b2), eps = torch.randn(5, 4), fixed_grads((5, 4)), 1e-3, (0.9, 0.999), 1e-16
+    w, m, s = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, 1):  # adabelief-pytorch 0.2.0, decoupled wd 0
+        m = b1 * m + (1 - b1) * g
+        s = b2 * s + (1 - b2) * (g - m) ** 2 + eps
+        denom = (s / (1 - b2 ** t)).sqrt() + eps
+        w = w - lr / (1 - b1 ** t) * m / denom
+    got, state = run_full_rank(w0, grads, rule="adabelief", lr=lr)
+    torch.testing.assert_close(got, w, **TOL)
+    torch.testing.assert_close(state["exp_avg_var"], s, **TOL)
+
+
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd",
+                         [(0.9, 0.0, False, 0.0), (0.9, 0.0, True, 0.0), (0.8, 0.3, False, 0.0),
+                          (0.0, 0.0, False, 0.0)])
+def test_sgdm_matches_torch_sgd(momentum, dampening, nesterov, wd):
+    w0, grads, lr = torch.randn(5, 3), fixed_grads((5, 3), steps=5), 0.05
+    ref = torch.nn.Parameter(w0.clone())
+    sgd = torch.optim.SGD([ref], lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+    for g in grads:
+        ref.grad = g.clone()
+        sgd.step()
+    got, _ = run_full_rank(w0, grads, rule="sgdm", lr=lr, momentum=momentum,
+                           dampening=dampening, nesterov=nesterov)
+    torch.testing.assert_close(got, ref.detach(), **TOL)
+
+
+@pytest.mark.parametrize("rule,options,name", [
+    ("lion", {"betas": (0.9, 1.0)}, "betas"),
+    ("adafactor", {"decay_rate": 0.5}, "decay_rate"),
+    ("adafactor", {"beta1": -0.1}, "beta1"),
+    ("adafactor", {"eps1": 0.0}, "eps1"),
+    ("adafactor", {"relative_step": "yes"}, "relative_step"),
+    ("adabelief", {"eps": -1.0}, "eps"),
+    ("sgdm", {"momentum": 1.5}, "momentum"),
+    ("sgdm", {"nesterov": True, "momentum": 0.0}, "nesterov"),
+])
+def test_bad_rule_option_names_the_option(rule, options, name):
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=name):
+        gp.LowRankOptimizer([w], rule=rule, **options)
+
+
+def test_lion_magnitude_is_lr_not_gradient_scale():
+    # sign() makes the step independent of the gradient's scale (1e-6 or 1e6)
+    w0 = torch.zeros(3, 3)
+    small, _ = run_full_rank(w0, [torch.full((3, 3), 1e-6)], rule="lion", lr=0.1)
+    large, _ = run_full_rank(w0, [torch.full((3, 3), 1e6)], rule="lion", lr=0.1)
+    assert torch.equal(small, large) and math.isclose(small[0, 0].item(), -0.1, rel_tol=1e-6)
