@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..memory.cli import HELP as MEMORY_HELP, add_memory_args, cmd_memory
 from .checkpoint import CheckpointError
 from .checks import Issue, SpecError
 from .data import DataError
@@ -159,6 +160,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] = {
     "train": ("train from a TOML run spec", add_train_args, cmd_train),
     "resume": ("continue a run from its latest complete checkpoint", add_resume_args, cmd_resume),
+    "memory": (MEMORY_HELP, add_memory_args, cmd_memory),
     "list": ("list every registered plugin and model preset", add_list_args, cmd_list),
     "plot": ("plot train/eval loss of one or more runs", add_plot_args, cmd_plot),
 }

@@ -1,0 +1,73 @@
+"""The `gradproj memory` table: components × (spec, adamw-bf16, adam-8bit), sides, notes."""
+from __future__ import annotations
+
+import json
+
+from .plan import COMPONENTS, MemoryPlan, Plan
+
+GB = 1e9  # decimal GB, as the papers print; a 12 GB bound in GB is the stricter one
+LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "optimizer states",
+          "projector_bases": "projector bases", "quantization_scales": "quantization scales",
+          "activations": "activations", "total": "total",
+          "optimizer_memory": "optimizer memory (states+bases+their scales)"}
+COUNTED = ("Counted: parameters and buffers, gradients alive at the peak of backward, every "
+           "optimizer-state tensor after the first step (moments, bases, scales), and the "
+           "tensors autograd saves for backward on one micro-batch. Not counted: temporaries "
+           "of one update (the fp32 copy of one gradient, dequantized moments), the "
+           "activation gradients of backward, the CUDA context and allocator fragmentation.")
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB"
+
+
+def _describe(plan: Plan) -> str:
+    s = plan.settings
+    parts = [f"rule {s['rule']}", f"states {s['state_format']}"]
+    if s["projected_weights"]:
+        parts += [f"projector {s['projector']}", f"rank {s['rank']}",
+                  f"proj_type {s['proj_type']}", f"residual {s['residual']}"]
+    parts.append("weights " + "+".join(s["weight_dtypes"]))
+    parts.append("per-layer" if s["per_layer"] else "whole-model gradients")
+    return ", ".join(parts)
+
+
+def format_table(plan: MemoryPlan, source: str = "spec") -> str:
+    plans = {"spec": plan.spec, **plan.baselines}
+    s = plan.spec.settings
+    lines = [f"gradproj memory: {source}",
+             f"  {s['parameters'] / 1e6:,.1f}M parameters; micro-batch {s['batch']} x seq "
+             f"{s['seq_len']} = {s['tokens']:,} tokens; activation checkpointing "
+             f"{'on' if s['activation_checkpointing'] else 'off'}",
+             f"  spec: {_describe(plan.spec)}",
+             "  baselines: full-rank AdamW, bf16 weights, whole-model gradients; "
+             "adamw-bf16 keeps bf16 moments, adam-8bit q8 (blockwise 8-bit) moments", ""]
+    width = max(len(v) for v in LABELS.values())
+    lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>12}" for name in plans))
+    for key in (*COMPONENTS, "total", "optimizer_memory"):
+        cells = "  ".join(f"{gb(getattr(p, key)):>12}" for p in plans.values())
+        lines.append(f"{LABELS[key]:<{width}}  {cells}")
+    lines.append("")
+    for name in plan.baselines:
+        lines.append(f"vs {name}: optimizer memory {100 * plan.reduction(name):+.1f}% less, "
+                     f"total {100 * plan.reduction(name, 'total'):+.1f}% less"
+                     .replace("+", ""))
+    sides = plan.spec.sides
+    if sides:
+        lines += ["", "projection side per weight (bytes of states + basis, one weight):"]
+        for row in sides:
+            m, n = row.shape
+            lines.append(f"  {row.name} ({m}x{n}) x{row.count}: {row.side} -- {row.reason}")
+    a = plan.spec.activation_detail
+    if a.get("checkpointing"):
+        lines += ["", f"activations: {gb(a['kept'])} kept between forward and backward + "
+                      f"{gb(a['recompute'])} for the one layer recomputed at a time"]
+    lines += ["", *plan.spec.notes, COUNTED]
+    return "\n".join(lines)
+
+
+def format_json(plan: MemoryPlan) -> str:
+    return json.dumps(plan.as_dict(), indent=2)
+
+
+__all__ = ["format_json", "format_table", "gb"]
