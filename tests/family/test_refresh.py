@@ -1,0 +1,149 @@
+"""Refresh policies: sign-invariant similarity, adaptive gap, moments keep | reset | rotate."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradproj as gp
+from gradproj.optimizers.refresh import subspace_similarity
+
+EPS = torch.finfo(torch.float32).eps
+TOL = dict(rtol=64 * EPS, atol=64 * EPS)
+
+
+def orthonormal(d, r, seed):
+    return torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(4, 40), r=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_similarity_ignores_signs_order_and_rotations(d, r, seed):
+    r = min(r, d - 1)
+    q = orthonormal(d, r, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    signs = torch.where(torch.rand(r, generator=gen) < 0.5, -1.0, 1.0)
+    rotation = orthonormal(r, r, seed + 2)
+    moved = (q * signs)[:, torch.randperm(r, generator=gen)] @ rotation
+    assert abs(subspace_similarity(q, moved) - 1.0) <= 16 * EPS * r
+    other = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    # an orthogonal complement shares no direction: every principal angle is 90°
+    if 2 * r <= d:
+        complement = other - q @ (q.T @ other)
+        comp = torch.linalg.qr(complement)[0][:, :r]
+        assert subspace_similarity(q, comp) <= 1e-3
+
+
+def test_sign_flip_reads_as_change_for_qgalore_but_not_for_us():
+    q = orthonormal(32, 1, 0)
+    flipped = -q
+    qgalore = torch.nn.functional.cosine_similarity(q.flatten(), flipped.flatten(), dim=0).item()
+    assert qgalore == pytest.approx(-1.0)  # the reference's measure: "completely changed"
+    assert subspace_similarity(q, flipped) == pytest.approx(1.0)
+
+
+def stable_stream(m, n, k, steps, seed, flip=True):
+    """Gradients from one fixed rank-k subspace; the SVD may return any sign of each vector."""
+    gen = torch.Generator().manual_seed(seed)
+    u, v = orthonormal(m, k, seed), orthonormal(n, k, seed + 1)
+    out = []
+    for _ in range(steps):
+        s = torch.linspace(2.0, 1.0, k) * (torch.rand(k, generator=gen) + 0.5)
+        if flip:
+            s = s * torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)
+        out.append((u * s) @ v.T + 1e-3 * torch.randn(m, n, generator=gen))
+    return out
+
+
+def refreshes(grads, shape, **options):
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 2}], lr=1e-3, **options)
+    for g in grads:
+        w.grad = g
+        opt.step()
+    return opt.state[w]
+
+
+def test_adaptive_doubles_the_gap_on_a_stable_subspace_up_to_the_cap():
+    grads = stable_stream(16, 24, 2, 120, seed=0)
+    fixed = refreshes(grads, (16, 24), update_gap=2)
+    adaptive = refreshes(grads, (16, 24), update_gap=2, refresh="adaptive", refresh_window=3,
+                         refresh_max_factor=8)
+    assert fixed["refreshes"] == 60
+    assert adaptive["update_gap"] == 16  # 2 → 4 → 8 → 16, capped at 8 × 2
+    assert adaptive["refreshes"] < fixed["refreshes"] / 3
+
+
+def test_adaptive_keeps_the_gap_when_the_subspace_moves():
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(16, 24, generator=gen) for _ in range(40)]  # no shared subspace
+    state = refreshes(grads, (16, 24), update_gap=2, refresh="adaptive", refresh_window=3)
+    assert state["update_gap"] == 2 and state["refreshes"] == 20
+
+
+@pytest.mark.parametrize("shape", [(10, 16), (16, 10)])
+def test_rotate_carries_moments_into_the_new_basis(shape):
+    r, b1, b2 = 3, 0.9, 0.999
+    gen = torch.Generator().manual_seed(1)
+    g1, g2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": r, "update_gap": 1}], moments="rotate")
+    side = opt.side(w, opt.param_groups[0])
+
+    def basis(g):
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return u[:, :r] if side == "left" else vh[:r].T
+
+    def proj(g, p):
+        return p.T @ g if side == "left" else g @ p
+
+    p1, p2 = basis(g1), basis(g2)
+    m1, v1 = (1 - b1) * proj(g1, p1), (1 - b2) * proj(g1, p1) ** 2
+    if side == "left":  # M' = P₂ᵀP₁·M, V' = (A∘A)·V
+        a = p2.T @ p1
+        m_rot, v_rot = a @ m1, (a * a) @ v1
+    else:               # M' = M·P₁ᵀP₂, V' = V·(B∘B)
+        b = p1.T @ p2
+        m_rot, v_rot = m1 @ b, v1 @ (b * b)
+    for g in (g1, g2):
+        w.grad = g
+        opt.step()
+    state = opt.state[w]
+    torch.testing.assert_close(state["exp_avg"], b1 * m_rot + (1 - b1) * proj(g2, p2), **TOL)
+    torch.testing.assert_close(state["exp_avg_sq"], b2 * v_rot + (1 - b2) * proj(g2, p2) ** 2, **TOL)
+
+
+def test_rotate_is_exact_when_the_subspace_only_changes_sign():
+    # an exactly rank-2 gradient stream in one subspace, each singular value's sign
+    # random per step. LAPACK fixes the sign of the left singular vectors, so the right
+    # ones (the basis of side "right", m ≥ n) flip: A = P_newᵀP_old = diag(±1), and
+    # rotating the moments makes the run equal to one that never refreshed
+    u, v = orthonormal(18, 2, 0), orthonormal(12, 2, 1)
+    gen = torch.Generator().manual_seed(2)
+    grads = []
+    for _ in range(6):
+        s = torch.stack([3 + torch.rand(1, generator=gen), 1 + torch.rand(1, generator=gen)]).flatten()
+        s = s * torch.where(torch.rand(2, generator=gen) < 0.5, -1.0, 1.0)
+        grads.append((u * s) @ v.T)
+
+    def final(**options):
+        w = torch.nn.Parameter(torch.zeros(18, 12))
+        opt = gp.LowRankOptimizer([{"params": [w], "rank": 2}], lr=1e-2, **options)
+        for g in grads:
+            w.grad = g
+            opt.step()
+        return w.detach()
+
+    never = final(update_gap=1000)
+    torch.testing.assert_close(final(update_gap=1, moments="rotate"), never, **TOL)
+    assert not torch.allclose(final(update_gap=1, moments="keep"), never, **TOL)
+
+
+@pytest.mark.parametrize("options,name", [
+    ({"refresh": "sometimes"}, "refresh"), ({"moments": "rot"}, "moments"),
+    ({"refresh_window": 0}, "refresh_window"), ({"refresh_threshold": 1.5}, "refresh_threshold"),
+    ({"refresh_max_factor": 0}, "refresh_max_factor"),
+])
+def test_bad_refresh_option_names_the_option(options, name):
+    w = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=name):
+        gp.LowRankOptimizer([w], **options)
