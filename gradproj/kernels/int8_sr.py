@@ -1,0 +1,198 @@
+"""Group-wise symmetric INT8 weight codec with seeded stochastic rounding (Q-GaLore weights).
+
+Layout (the same as `gradproj/quant/int8.py`): the flattened tensor is cut into groups of
+`group_size` (256) values; each group stores fp32 scale = absmax/127 (1 for an all-zero
+group) and int8 codes in the tensor's own shape, x ≈ code·scale.
+
+    codes, scale = int8_sr_quantize(x, seed, group_size=256, stochastic=True)
+    x_hat = int8_dequantize(codes, scale, group_size=256)          # fp32, codes' shape
+
+Rounding: y = x/scale, r = floor(y), code = r + [u < y − r] with u ∈ [0, 1) drawn per
+element from a counter-based hash of (seed, flat index) — 24 random bits, so
+P(code = r + 1) = y − r up to 2⁻²⁴ and E[code·scale] = x: the mean of many roundings
+converges to the fp32 value. The same seed gives the same codes on every device and in
+both implementations (no torch.Generator state); change the seed every step. With
+`stochastic=False` the code is round-half-to-even(y), as `torch.round`.
+`sr_uniform_ref(numel, seed)` returns the u's, for callers that want to reproduce them.
+"""
+import torch
+
+from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
+
+DEFAULT_GROUP = 256
+QMAX = 127
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: int) -> int:
+    """lowbias32 (C. Wellons): a full-avalanche 32-bit integer hash."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _keys(seed: int) -> tuple[int, int]:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return _hash32(seed & _M32), _hash32((seed >> 32) ^ 0x85EBCA6B)
+
+
+def _signed32(k: int) -> int:  # launch argument as i32; the kernel bitcasts it back
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
+def _hash32_ref(x: torch.Tensor) -> torch.Tensor:
+    """`_hash32` on an int64 tensor of uint32 values (products wrap mod 2⁶⁴; low bits kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sr_uniform_ref(numel: int, seed: int, device=None) -> torch.Tensor:
+    """The fp32 u ∈ [0, 1) used for element i of a tensor: hash(hash(i ^ k0) ^ k1) >> 8 · 2⁻²⁴."""
+    k0, k1 = _keys(seed)
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _hash32_ref(_hash32_ref(idx ^ k0) ^ k1)
+    return (h >> 8).float() * 2.0 ** -24
+
+
+@triton.jit
+def _hash32_tl(x):
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _int8_quantize_kernel(x_ptr, codes_ptr, scale_ptr, n, group, k0, k1,
+                          STOCHASTIC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    offs = rows[:, None] * group + cols[None, :]
+    valid = (cols[None, :] < group) & (offs < n)
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    scale = tl.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
+    scale = tl.where(scale > 0, scale, 1.0)
+    y = tl.div_rn(x, scale[:, None])
+    r = tl.floor(y)
+    frac = y - r  # exact for |y| ≤ 127
+    if STOCHASTIC:
+        idx = offs.to(tl.uint32)
+        h = _hash32_tl(_hash32_tl(idx ^ k0.to(tl.uint32, bitcast=True)) ^ k1.to(tl.uint32, bitcast=True))
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        q = r + tl.where(u < frac, 1.0, 0.0)
+    else:  # half to even, as torch.round
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        q = r + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    tl.store(codes_ptr + offs, q.to(tl.int8), mask=valid)
+    tl.store(scale_ptr + rows, scale, mask=rows * group < n)
+
+
+@triton.jit
+def _int8_dequantize_kernel(codes_ptr, scale_ptr, out_ptr, n, group,
+                            ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    offs = rows[:, None] * group + cols[None, :]
+    valid = (cols[None, :] < group) & (offs < n)
+    codes = tl.load(codes_ptr + offs, mask=valid, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows, mask=rows * group < n, other=0.0)
+    tl.store(out_ptr + offs, (codes * scale[:, None]).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _check_group(group_size):
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(f"option 'group_size' must be a positive integer, got {group_size!r}")
+
+
+def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % group_size
+    if pad:  # zeros never raise a group's absmax; their codes are dropped
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, group_size)
+
+
+def int8_sr_quantize_ref(x, seed, group_size=DEFAULT_GROUP, stochastic=True):
+    """Reference: (codes int8 of x's shape, scale fp32 [ceil(numel/group_size)])."""
+    _check_group(group_size)
+    groups = _groups(x, group_size)
+    scale = groups.abs().amax(dim=1) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = groups / scale[:, None]
+    r = torch.floor(y)
+    frac = y - r
+    if stochastic:
+        u = sr_uniform_ref(groups.numel(), seed, x.device).view_as(y)
+        q = r + (u < frac).float()
+    else:
+        q = torch.round(y)
+    codes = q.clamp_(-QMAX, QMAX).to(torch.int8).reshape(-1)[:x.numel()]
+    return codes.reshape(x.shape), scale
+
+
+def int8_dequantize_ref(codes, scale, group_size=DEFAULT_GROUP):
+    """Reference: fp32 tensor of codes' shape, code · scale of its group."""
+    _check_group(group_size)
+    groups = _groups(codes, group_size)
+    return (groups * scale[:, None]).reshape(-1)[:codes.numel()].reshape(codes.shape)
+
+
+def _launch(numel, group_size):
+    block = triton.next_power_of_2(group_size) if hasattr(triton, "next_power_of_2") else group_size
+    rows = max(1, tile(1024, 1 << 15) // block)
+    return -(-numel // group_size), rows, block
+
+
+def int8_sr_quantize(x, seed, group_size=DEFAULT_GROUP, stochastic=True):
+    """Quantize to group-wise int8 with seeded stochastic rounding: (codes, scale)."""
+    _check_group(group_size)
+    k0, k1 = _keys(seed)
+    if not use_triton(x):
+        return int8_sr_quantize_ref(x, seed, group_size, stochastic)
+    x = x.contiguous()
+    groups, rows, block = _launch(x.numel(), group_size)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(groups, dtype=torch.float32, device=x.device)
+    if groups:
+        _int8_quantize_kernel[(triton.cdiv(groups, rows),)](
+            x, codes, scale, x.numel(), group_size, _signed32(k0), _signed32(k1),
+            STOCHASTIC=bool(stochastic), ROWS=rows, BLOCK=block)
+    return codes, scale
+
+
+def int8_dequantize(codes, scale, group_size=DEFAULT_GROUP):
+    """fp32 tensor of codes' shape: code · scale of its group."""
+    _check_group(group_size)
+    if not use_triton(codes, scale):
+        return int8_dequantize_ref(codes, scale, group_size)
+    codes = codes.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    groups, rows, block = _launch(codes.numel(), group_size)
+    if groups:
+        _int8_dequantize_kernel[(triton.cdiv(groups, rows),)](
+            codes, scale, out, codes.numel(), group_size, ROWS=rows, BLOCK=block)
+    return out
+
+
+def _configs():
+    q = {"x_ptr": "*fp32", "codes_ptr": "*i8", "scale_ptr": "*fp32", "n": "i32", "group": "i32",
+         "k0": "i32", "k1": "i32", "STOCHASTIC": "constexpr", "ROWS": "constexpr",
+         "BLOCK": "constexpr"}
+    d = {"codes_ptr": "*i8", "scale_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "group": "i32",
+         "ROWS": "constexpr", "BLOCK": "constexpr"}
+    return ((CompileConfig(_int8_quantize_kernel, q, {"STOCHASTIC": True, "ROWS": 4, "BLOCK": 256}),
+             CompileConfig(_int8_quantize_kernel, q, {"STOCHASTIC": False, "ROWS": 4, "BLOCK": 256})),
+            (CompileConfig(_int8_dequantize_kernel, d, {"ROWS": 4, "BLOCK": 256}),))
+
+
+register_kernel("int8_sr_quantize", int8_sr_quantize, int8_sr_quantize_ref, _configs()[0])
+register_kernel("int8_dequantize", int8_dequantize, int8_dequantize_ref, _configs()[1])
