@@ -7,7 +7,7 @@ to the input's dtype; backward computes the fp32 weight gradient and accumulates
 int8 tensor is allowed), so `zero_grad`, gradient accumulation and clipping work as
 for any weight. `LowRankOptimizer` recognises such a parameter (`is_quantized`) and
 applies its update as `apply_quantized_update`: dequantize, W ← W − lr·U − lr·wd·W in
-fp32, re-quantize with stochastic rounding from a generator seeded by the parameter's
+fp32, re-quantize with stochastic rounding seeded by the parameter's
 seed and step — so a resumed run draws the same rounding noise (bit-exact resume) and
 the optimizer state stays tensors and plain ints.
 """
@@ -99,9 +99,9 @@ class QuantLinear(nn.Module):
         return q
 
     @torch.no_grad()
-    def set_weight(self, w: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Quantize `w` (round to nearest, or stochastic with `generator`) into this layer."""
-        codes, scale = int8_quantize(w, self.group_size, generator)
+    def set_weight(self, w: torch.Tensor, seed: int | None = None) -> None:
+        """Quantize `w` into this layer: round to nearest, or stochastically with `seed`."""
+        codes, scale = int8_quantize(w, self.group_size, seed)
         self.weight.data.copy_(codes)
         self.weight_scale.copy_(scale)
 
@@ -143,10 +143,9 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
     return model
 
 
-def sr_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed((int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (1 << 63))
-    return gen
+def sr_seed(seed: int, step: int) -> int:
+    """The rounding seed of one parameter's step: a new noise draw every step, reproducible."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (1 << 62)
 
 
 @torch.no_grad()
@@ -159,7 +158,7 @@ def apply_quantized_update(p: torch.Tensor, update: torch.Tensor, state: dict, g
     w.add_(update.reshape(w.shape).float(), alpha=-group["lr"])
     if group["weight_decay"]:
         w.add_(w, alpha=-group["lr"] * group["weight_decay"])  # as the float path: after the step
-    codes, scale = int8_quantize(w, module.group_size, sr_generator(p.device, state["seed"], state["step"]))
+    codes, scale = int8_quantize(w, module.group_size, sr_seed(state["seed"], state["step"]))
     p.copy_(codes)
     module.weight_scale.copy_(scale)
 
