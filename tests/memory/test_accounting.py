@@ -1,0 +1,107 @@
+"""The planner's weights, gradients and optimizer states equal what a real step allocates."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradproj as gp
+from gradproj.memory import gradient_bytes, optimizer_bytes, split_codes_and_scales, weight_bytes
+from gradproj.optimizers import optimizer_state_nbytes
+from gradproj.train.model import build_model, model_config
+from gradproj.train.perlayer import PerLayerStepper
+
+# tiny shape: dim 128, ffn 344, 2 layers; rank 32 gives 128x32 = 4096-element moments, the
+# smallest size q8/q4 quantize, so both the quantized and the fp32 fallback paths occur
+CFG = model_config("tiny", n_layers=2)
+SETUPS = {
+    "galore-fp32": dict(preset="galore", rank=32),
+    "galore-bf16-weights": dict(preset="galore", rank=32, state_format="bf16"),
+    "q8-int4-auto-fira": dict(preset="fira", rank=32, state_format="q8", proj_type="auto",
+                              projector="int4", projector_options={"inner": "randomized"}),
+    "q4-gaussian-auto": dict(preset="apollo", rank=32, state_format="q4", proj_type="auto"),
+    "q-galore-int8-weights": dict(preset="q-galore", rank=32,
+                                  projector_options={"inner": "randomized", "group_size": 256}),
+}
+DTYPES = {"galore-bf16-weights": torch.bfloat16, "q-galore-int8-weights": torch.bfloat16}
+
+
+def _planned(name: str, per_layer: bool = False):
+    model = build_model(CFG, device="meta").to(DTYPES.get(name, torch.float32))
+    options = dict(SETUPS[name])
+    opt = gp.build_optimizer(model, options.pop("preset"), **options)
+    names = {p: n for n, p in model.named_parameters()}
+    return model, opt, optimizer_bytes(opt, names), gradient_bytes(opt, per_layer=per_layer)
+
+
+def _real(name: str, per_layer: bool = False):
+    model = build_model(CFG, device="cpu").to(DTYPES.get(name, torch.float32))
+    options = dict(SETUPS[name])
+    opt = gp.build_optimizer(model, options.pop("preset"), **options)
+    stepper = PerLayerStepper(opt) if per_layer else None
+    tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    if stepper:
+        grads = stepper.grad_peak_bytes
+    else:
+        opt.step()
+    return model, opt, grads
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_planned_bytes_equal_a_real_step(name):
+    meta_model, meta_opt, planned, planned_grads = _planned(name)
+    model, opt, grads = _real(name)
+    assert weight_bytes(meta_model) == weight_bytes(model)
+    assert sum(weight_bytes(model)) == sum(t.numel() * t.element_size()
+                                           for t in (*model.parameters(), *model.buffers()))
+    assert planned_grads == grads
+    assert planned.total == optimizer_state_nbytes(opt)
+    bases = codes = scales = 0
+    for state in opt.state.values():
+        basis = {k: v for k, v in state.items() if k.startswith(("proj_left", "proj_right"))}
+        values, basis_scales = split_codes_and_scales(basis)
+        bases, scales = bases + values, scales + basis_scales
+        codes += split_codes_and_scales(state)[1] - basis_scales
+    assert (planned.bases, planned.basis_scales, planned.state_scales) == (bases, scales, codes)
+    assert not meta_opt.state  # the planner leaves the optimizer as built
+
+
+def test_quantized_setups_report_scales():
+    _, _, planned, _ = _planned("q8-int4-auto-fira")
+    assert planned.state_scales > 0 and planned.basis_scales > 0
+    model, _, _, _ = _planned("q-galore-int8-weights")
+    values, scales = weight_bytes(model)
+    assert scales > 0 and any(p.dtype == torch.int8 for p in model.parameters())
+    _, _, planned, _ = _planned("q4-gaussian-auto")
+    assert planned.bases == planned.basis_scales == 0  # seed-regenerated basis
+
+
+@pytest.mark.parametrize("name", ["galore-fp32", "galore-bf16-weights"])
+def test_per_layer_gradient_peak_equals_the_stepper(name):
+    _, _, _, planned = _planned(name, per_layer=True)
+    _, _, measured = _real(name, per_layer=True)
+    assert planned == measured
+
+
+def test_auto_side_report_explains_the_choice():
+    model = build_model(model_config("tiny", n_layers=1, dim=256, ffn_dim=1024), device="meta")
+    # a seed-regenerated basis costs nothing, so "auto" keeps the moments on the short side
+    opt = gp.build_optimizer(model, "galore", rank=64, proj_type="auto", state_format="q8",
+                             projector="gaussian")
+    rows = {r.name: r for r in optimizer_bytes(opt, {p: n for n, p in model.named_parameters()}).sides}
+    up = rows["layers.*.mlp.up_proj.weight"]  # 1024x256: std would project the right side
+    assert up.side == min(up.costs, key=up.costs.get) == "left"
+    assert up.costs["left"] < up.costs["right"] and "auto: left" in up.reason
+    # the optimizer itself picked that side: its moments have the left low-rank shape (64x256)
+    p = model.layers[0].mlp.up_proj.weight
+    assert opt.side(p, opt.param_groups[0]) == "left"
+    q = rows["layers.*.attn.q_proj.weight"]  # square: a tie keeps galore-torch's side
+    assert q.costs["left"] == q.costs["right"] and "tie" in q.reason
+
+
+def test_real_parameters_are_refused():
+    model = build_model(CFG, device="cpu")
+    with pytest.raises(ValueError, match="meta device"):
+        optimizer_bytes(gp.build_optimizer(model, "galore", rank=32))
