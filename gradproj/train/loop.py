@@ -149,6 +149,9 @@ class Trainer:
                 self.stepper.abort()
             bad = self.stepper.end_step() or bad
             peak = self.stepper.grad_peak_bytes
+            # every weight was updated in backward and no .grad is left, so this step() is
+            # a no-op; it keeps the LR scheduler's optimizer-before-scheduler check honest
+            self.opt.step()
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
             peak = sum(g.numel() * g.element_size() for g in grads)

@@ -35,11 +35,13 @@ class PerLayerStepper:
         self.opt = optimizer
         self.grad_accum = grad_accum
         self.micro = 0
-        self.group_of: dict[torch.Tensor, dict] = {}
+        # group *indices*: load_state_dict replaces the group dicts (and the scheduler
+        # writes lr into the new ones), so the dict is looked up at each use
+        self.group_index: dict[torch.Tensor, int] = {}
         self.low_rank: dict[torch.Tensor, bool] = {}
-        for group in optimizer.param_groups:
+        for i, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
-                self.group_of[p] = group
+                self.group_index[p] = i
                 self.low_rank[p] = grad_accum > 1 and optimizer.accumulates_low_rank(p, group)
         self.low_sums: dict[torch.Tensor, torch.Tensor] = {}
         self.bad: set[torch.Tensor] = set()
@@ -47,7 +49,8 @@ class PerLayerStepper:
         self.held_bytes = 0          # bytes of .grad tensors alive right now
         self.grad_peak_bytes = 0     # max of held_bytes since reset_peak()
         self.accum_peak_bytes = 0    # max bytes of the projected-sum buffers
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.group_of]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
+                         for p in self.group_index]
 
     def begin_micro_batch(self, micro: int) -> None:
         self.micro = micro
@@ -66,7 +69,7 @@ class PerLayerStepper:
             self.counted.add(p)
         self.grad_peak_bytes = max(self.grad_peak_bytes, self.held_bytes)
         last = self.micro == self.grad_accum - 1
-        group = self.group_of[p]
+        group = self.opt.param_groups[self.group_index[p]]
         if p in self.bad or not torch.isfinite(p.grad).all():
             self.bad.add(p)
             self.low_sums.pop(p, None)
@@ -104,7 +107,7 @@ class PerLayerStepper:
         """Drop everything accumulated for this step (a micro-batch's loss was not finite)."""
         self.bad.clear()
         self.low_sums.clear()
-        for p in self.group_of:
+        for p in self.group_index:
             self._release(p)
 
     def remove(self) -> None:
