@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
+from ..kernels.backproj import fused_backproject_step
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
@@ -178,6 +179,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _apply_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
         """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W; INT8 weights re-quantize."""
+        if update is None:  # a fused kernel has applied the step already
+            return
         if is_quantized(p):  # gradproj.quant.QuantLinear: dequantize, step, SR re-quantize
             apply_quantized_update(p, update, state, group)
             return
@@ -199,6 +202,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._refresh_if_due(p, g, state, group, side, state["step"] - 1)
             low = projector.project(g, state, side)
         direction = rule_update(rule, low, state, group, fmt)  # step counted from a moment reset
+        if fused_backproject_step(p, projector, residual, state, side, shape, direction, group):
+            return None  # applied W ← W − lr·α·back(N) − lr·wd·W in one GEMM (kernels/backproj.py)
 
         def back(x: torch.Tensor) -> torch.Tensor:
             return projector.project_back(x, state, side, shape)

@@ -23,8 +23,8 @@ size_strategy = st.one_of(sizes, block_edges)
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float,
                   what: str) -> None:
     """|actual − expected| ≤ bound elementwise; on failure name the worst index (Liger-style)."""
+    bound = torch.broadcast_to(torch.as_tensor(bound, dtype=torch.float64), expected.shape).reshape(-1)
     actual, expected = actual.double().reshape(-1), expected.double().reshape(-1)
-    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(expected).reshape(-1)
     err = (actual - expected).abs()
     bad = ~(err <= bound)  # NaN counts as a failure
     if bad.any():
