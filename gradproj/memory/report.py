@@ -21,6 +21,11 @@ def gb(nbytes: int) -> str:
     return f"{nbytes / GB:.2f} GB"
 
 
+def change(saved: float) -> str:
+    """0.651 -> '65.1% less'; -0.25 -> '25.0% more'."""
+    return f"{100 * saved:.1f}% less" if saved >= 0 else f"{-100 * saved:.1f}% more"
+
+
 def _describe(plan: Plan) -> str:
     s = plan.settings
     parts = [f"rule {s['rule']}", f"states {s['state_format']}"]
@@ -49,9 +54,8 @@ def format_table(plan: MemoryPlan, source: str = "spec") -> str:
         lines.append(f"{LABELS[key]:<{width}}  {cells}")
     lines.append("")
     for name in plan.baselines:
-        lines.append(f"vs {name}: optimizer memory {100 * plan.reduction(name):+.1f}% less, "
-                     f"total {100 * plan.reduction(name, 'total'):+.1f}% less"
-                     .replace("+", ""))
+        lines.append(f"vs {name}: optimizer memory {change(plan.reduction(name))}, "
+                     f"total {change(plan.reduction(name, 'total'))}")
     sides = plan.spec.sides
     if sides:
         lines += ["", "projection side per weight (bytes of states + basis, one weight):"]
@@ -70,4 +74,4 @@ def format_json(plan: MemoryPlan) -> str:
     return json.dumps(plan.as_dict(), indent=2)
 
 
-__all__ = ["format_json", "format_table", "gb"]
+__all__ = ["change", "format_json", "format_table", "gb"]
