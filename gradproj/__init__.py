@@ -9,6 +9,7 @@ from .optimizers import (DEFAULT_TARGETS, GaLoreAdamW, LowRankOptimizer, build_o
                          count_refreshes, count_svd_fallbacks, optimizer_state_nbytes,
                          param_groups, preset_options)
 from .quant import QuantLinear, quantize_weights
+from .memory import plan_memory
 from .optimizers.refresh import subspace_similarity
 from .registry import (KERNELS, PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS, Registry,
                        load_plugins)
@@ -20,5 +21,5 @@ load_plugins()
 __all__ = ["DEFAULT_TARGETS", "GaLoreAdamW", "KERNELS", "LowRankOptimizer", "PRESETS",
            "PROJECTORS", "RESIDUALS", "RULES", "Registry", "STATE_FORMATS", "build_optimizer",
            "count_refreshes", "count_svd_fallbacks", "load_plugins", "optimizer_state_nbytes",
-           "param_groups", "preset_options", "QuantLinear", "quantize_weights",
+           "param_groups", "plan_memory", "preset_options", "QuantLinear", "quantize_weights",
            "subspace_similarity"]
