@@ -95,6 +95,12 @@ class Adafactor(Rule):
             update = exp_avg.clone()
         return update
 
+    def reset_moments(self, state, shape, device, fmt):
+        """Zero the moments (refresh policy "reset"), dropping a lazily made first moment."""
+        for key in [k for k in state if k == FIRST or k.startswith(FIRST + ".")]:
+            del state[key]
+        self.init_state(state, shape, device, fmt)
+
     def rotate_moments(self, state, fmt, left: torch.Tensor | None, right: torch.Tensor | None):
         """Carry the moments into a new basis (see optimizers/refresh.py for A and B).
 
