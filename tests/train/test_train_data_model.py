@@ -109,3 +109,15 @@ def test_grouped_query_attention_shapes():
     assert model.layers[0].attn.k_proj.weight.shape == (32, 64)
     x = torch.randint(0, 256, (2, 9))
     assert torch.isfinite(model(x[:, :-1], x[:, 1:]))
+
+
+def test_every_example_spec_loads():
+    from pathlib import Path
+
+    from gradproj.train.spec import load_spec
+
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.toml"))
+    assert any(p.name == "tiny.toml" for p in examples)
+    for path in examples:
+        spec = load_spec(path)
+        assert spec.resolved()["optimizer"]["lowrank"]["targets"], path
