@@ -107,6 +107,13 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
     group = optimizer.param_groups[0]
     for key in ("rule", "state_format", "projector", "residual", "rank", "proj_type"):
         settings[key] = group.get(key)
+    notes = list(notes)
+    window = sum(g.get("refresh_window", 0) * sum(optimizer.is_low_rank(p, g) for p in g["params"])
+                 for g in optimizer.param_groups if g.get("refresh") == "adaptive")
+    if window:  # created at the second refresh (refresh.py), so not in the first step's state
+        notes.append(f"adaptive refresh: a {window * 4:,}-byte fp32 similarity window "
+                     f"(refresh_window x 4 bytes per projected weight) appears at the second "
+                     f"refresh; not in the figures above")
     return Plan(label=label, weights=weights, gradients=grads, optimizer_states=opt.states,
                 projector_bases=opt.bases,
                 quantization_scales=weight_scales + opt.state_scales + opt.basis_scales,
@@ -114,7 +121,7 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                 scales={"weights": weight_scales, "optimizer_states": opt.state_scales,
                         "projector_bases": opt.basis_scales},
                 settings=settings, sides=opt.sides, activation_detail=act.as_dict(),
-                notes=list(notes))
+                notes=notes)
 
 
 def _meta_model(spec, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:

@@ -17,8 +17,16 @@ COUNTED = ("Counted: parameters and buffers, gradients alive at the peak of back
            "activation gradients of backward, the CUDA context and allocator fragmentation.")
 
 
-def gb(nbytes: int) -> str:
-    return f"{nbytes / GB:.2f} GB"
+def gb(nbytes: int, unit: tuple[str, float] = ("GB", GB)) -> str:
+    return f"{nbytes / unit[1]:.2f} {unit[0]}"
+
+
+def unit_for(largest: int) -> tuple[str, float]:
+    """GB for real models, MB (1e6) or kB (1e3) so a tiny model's table is not all 0.00."""
+    for name, size in (("GB", GB), ("MB", 1e6)):
+        if largest >= size:
+            return name, size
+    return "kB", 1e3
 
 
 def change(saved: float) -> str:
@@ -49,8 +57,9 @@ def format_table(plan: MemoryPlan, source: str = "spec") -> str:
              "adamw-bf16 keeps bf16 moments, adam-8bit q8 (blockwise 8-bit) moments", ""]
     width = max(len(v) for v in LABELS.values())
     lines.append(f"{'':<{width}}  " + "  ".join(f"{name:>12}" for name in plans))
+    unit = unit_for(max(p.total for p in plans.values()))
     for key in (*COMPONENTS, "total", "optimizer_memory"):
-        cells = "  ".join(f"{gb(getattr(p, key)):>12}" for p in plans.values())
+        cells = "  ".join(f"{gb(getattr(p, key), unit):>12}" for p in plans.values())
         lines.append(f"{LABELS[key]:<{width}}  {cells}")
     lines.append("")
     for name in plan.baselines:
@@ -64,8 +73,8 @@ def format_table(plan: MemoryPlan, source: str = "spec") -> str:
             lines.append(f"  {row.name} ({m}x{n}) x{row.count}: {row.side} -- {row.reason}")
     a = plan.spec.activation_detail
     if a.get("checkpointing"):
-        lines += ["", f"activations: {gb(a['kept'])} kept between forward and backward + "
-                      f"{gb(a['recompute'])} for the one layer recomputed at a time"]
+        lines += ["", f"activations: {gb(a['kept'], unit)} kept between forward and backward "
+                      f"+ {gb(a['recompute'], unit)} for the one layer recomputed at a time"]
     lines += ["", *plan.spec.notes, COUNTED]
     return "\n".join(lines)
 
@@ -74,4 +83,4 @@ def format_json(plan: MemoryPlan) -> str:
     return json.dumps(plan.as_dict(), indent=2)
 
 
-__all__ = ["change", "format_json", "format_table", "gb"]
+__all__ = ["change", "format_json", "format_table", "gb", "unit_for"]
