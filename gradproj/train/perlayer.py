@@ -11,7 +11,9 @@ Gradient accumulation over k micro-batches, unlike the reference implementations
     and steps with it on the last micro-batch. Projection is linear, so this equals
     projecting the summed gradient in the same basis. On a refresh step the basis is fit
     on the first micro-batch's gradient G_1 (non-per-layer mode fits it on ΣG_i): the one
-    place the two modes differ, measured in tests/train/test_perlayer.py;
+    place the two modes differ. At grad_accum 4 on the micro model of the tests the train
+    losses stayed within 0.21 % (12 steps, refresh every 4) and 0.96 % (40 steps, every
+    10) of normal mode's; tests/train/test_train_perlayer.py holds them to 1 %;
   * every other weight (full-rank, or a residual such as fira/apollo that reads the full
     G) accumulates its full gradient in `.grad` across micro-batches, as autograd does,
     and steps on the last one. For the model presets here those are the embedding, the
