@@ -1,0 +1,80 @@
+"""Reference lane: dispatch modes, the registry of kernels, and host functions on CPU."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradproj.kernels  # noqa: F401
+from gradproj.kernels import dispatch
+from gradproj.kernels.adam import adam_step, adam_step_ref, fused_adamw
+from gradproj.kernels.backproj import backproject_update
+from gradproj.kernels.int8_sr import int8_dequantize, int8_sr_quantize, sr_uniform_ref
+from gradproj.registry import KERNELS
+
+
+def test_modes(monkeypatch):
+    cpu = torch.zeros(3)
+    for mode in ("auto", "reference", ""):
+        monkeypatch.setenv(dispatch.ENV, mode)
+        assert dispatch.use_triton(cpu) is False  # CPU tensors never run Triton in auto
+    monkeypatch.setenv(dispatch.ENV, "cuda")
+    with pytest.raises(ValueError, match="GRADPROJ_KERNELS must be one of"):
+        dispatch.use_triton(cpu)
+    if not dispatch.interpreting():
+        monkeypatch.setenv(dispatch.ENV, "interpret")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            dispatch.use_triton(cpu)
+
+
+def test_every_kernel_is_registered_with_host_and_reference():
+    expected = {"adam_step", "adam_q8_step", "adam_q4_step", "q8_quantize", "q8_dequantize",
+                "q4_quantize", "q4_dequantize", "int4_quantize", "int4_dequantize",
+                "int8_sr_quantize", "int8_dequantize", "lion_update", "backproject_update"}
+    assert expected <= set(KERNELS.names())
+    for entry in KERNELS:
+        assert entry.description and entry.obj.reference.__name__.endswith("_ref")
+
+
+def test_cpu_host_functions_are_the_references():
+    g, m, v = torch.randn(300), torch.randn(300), torch.rand(300)
+    m2, v2 = m.clone(), v.clone()
+    assert torch.equal(adam_step(g, m, v, 0.9, 0.999, 1e-6, 0.5),
+                       adam_step_ref(g, m2, v2, 0.9, 0.999, 1e-6, 0.5))
+    assert fused_adamw(g, {"step": 1}, {"betas": (0.9, 0.999), "eps": 1e-6}, None) is None
+
+
+def test_bad_inputs_raise_value_errors():
+    with pytest.raises(ValueError, match="moment"):
+        adam_step(torch.zeros(4), torch.zeros(5), torch.zeros(4), 0.9, 0.9, 1e-8, 1.0)
+    with pytest.raises(ValueError, match="group_size"):
+        int8_sr_quantize(torch.zeros(4), 0, group_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        int8_sr_quantize(torch.zeros(4), -1)
+    with pytest.raises(ValueError, match="side"):
+        backproject_update(torch.zeros(4, 4), torch.zeros(4, 2), torch.zeros(2, 4), "full", 1, 1, 0)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2 ** 31 - 1), spread=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_stochastic_rounding_is_unbiased_and_seeded(n, seed, spread):
+    """Mean of 1000 seeded roundings is within 5 standard errors of x for every element (a
+    rounding is a Bernoulli(frac) choice between two codes one step apart); the same seed
+    gives the same codes, another seed different ones."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * spread
+    codes, scale = int8_sr_quantize(x, 7)
+    assert torch.equal(codes, int8_sr_quantize(x, 7)[0])
+    draws = torch.stack([int8_dequantize(*int8_sr_quantize(x, s)) for s in range(1000)])
+    step = scale.repeat_interleave(256)[:n].double()
+    y = x.double() / step
+    frac = y - torch.floor(y)
+    std_err = step * (frac * (1 - frac)).sqrt() / 1000 ** 0.5
+    # plus the 2 roundings (x/scale, code·scale) that separate a code's value from x
+    slack = 5 * std_err + 2 * 2.0 ** -24 * x.abs().double()
+    assert torch.all((draws.double().mean(0) - x.double()).abs() <= slack)
+    if n > 8:
+        assert not torch.equal(codes, int8_sr_quantize(x, 8)[0])
+
+
+def test_sr_uniform_bits():
+    u = sr_uniform_ref(1 << 16, 3)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 4 * (1 / 12 / 65536) ** 0.5
