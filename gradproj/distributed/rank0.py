@@ -34,27 +34,17 @@ def print0(*args, **kwargs) -> None:
 
 
 class Rank0:
-    """Wrap a writer (metrics logger, progress bar, plotter): its methods run on rank 0 only.
+    """A writer (metrics file, plotter) built and used on rank 0 only.
 
-    Attribute reads pass through; calls on other ranks are no-ops returning None, so a
-    loop can call `metrics.log(...)` unconditionally.
+    `Rank0(lambda: MetricsWriter(run_dir))` calls the factory on rank 0; on the other
+    ranks nothing is created (no file is opened) and every method call is a no-op
+    returning None, so a loop can call `metrics.write(...)` unconditionally.
     """
 
-    def __init__(self, target):
-        self._target = target
+    def __init__(self, factory):
+        self._target = factory() if is_main_process() else None
 
     def __getattr__(self, name):
-        value = getattr(self._target, name)
-        if callable(value) and not is_main_process():
+        if self._target is None:
             return lambda *args, **kwargs: None
-        return value
-
-    def __enter__(self):
-        if is_main_process() and hasattr(self._target, "__enter__"):
-            self._target.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if is_main_process() and hasattr(self._target, "__exit__"):
-            return self._target.__exit__(*exc)
-        return False
+        return getattr(self._target, name)

@@ -59,7 +59,8 @@ def _run(spec, resume: bool) -> int:
         raise SpecError(spec.source, [Issue(f"[data].{exc.key}", str(exc))]) from None
     except RunDirInUse as exc:
         raise SpecError(spec.source, [Issue("[checkpoint].dir", str(exc))]) from None
-    _report(summary)
+    if trainer.dist.is_main:  # torchrun: one summary line, not one per rank
+        _report(summary)
     return 0
 
 

@@ -24,6 +24,8 @@ from typing import Callable, TextIO
 
 import torch
 
+from ..distributed.rank0 import Rank0
+from ..distributed.run import RunContext
 from ..optimizers import count_refreshes, optimizer_state_nbytes
 from .checkpoint import CheckpointManager
 from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_text, load_tokens
@@ -85,9 +87,12 @@ class Trainer:
         t = spec.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        # torchrun: join the process group (gloo on CPU, NCCL on CUDA); "none": no-op
+        self.dist = RunContext.start(t.parallel)
+        self.dist.check(t.batch_size, t.per_layer)
+        self.device = self.dist.env.device if self.dist.distributed else resolve_device(t.device)
         self.run_dir = spec.run_dir
-        self.ckpt = CheckpointManager(self.run_dir, spec.checkpoint.keep_last)
+        self.ckpt = self.dist.checkpoints(self.run_dir, spec.checkpoint.keep_last)
         if not resume and self.ckpt.complete_steps():
             raise RunDirInUse(f"{self.run_dir} already holds a run (checkpoint step-"
                                 f"{self.ckpt.complete_steps()[-1]}); continue it with `gradproj "
@@ -98,13 +103,15 @@ class Trainer:
                                   vocab, "train")
         self.eval_data = Batches(self.corpus.eval, spec.data.seq_len, t.batch_size, t.seed + 1,
                                  vocab, "eval")
-        self.model = build_model(spec.model, seed=t.seed, device=self.device,
-                                 activation_checkpointing=t.activation_checkpointing)
-        self.opt = spec.optimizer.build(self.model)
+        self.model = self.dist.wrap(build_model(spec.model, seed=t.seed, device=self.device,
+                                                activation_checkpointing=t.activation_checkpointing))
+        # after wrapping: under FSDP2 the optimizer must hold the sharded (DTensor) weights
+        self.opt = self.dist.optimizer(spec.optimizer.build(self.dist.module(self.model)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))
         self.stepper = PerLayerStepper(self.opt, t.grad_accum) if t.per_layer else None
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.progress = Progress(t.steps, stream=stream, enabled=spec.log.progress)
+        self.progress = Progress(t.steps, stream=stream,
+                                 enabled=spec.log.progress and self.dist.is_main)
         self.step, self.skipped, self.bad_in_row, self.tokens = 0, 0, 0, 0
         self.elapsed = 0.0
         self.last_eval: float | None = None
@@ -134,10 +141,10 @@ class Trainer:
         if self.stepper:
             self.stepper.reset_peak()
         for micro in range(t.grad_accum):
-            x, y = self.train_data.batch(step, micro)
+            x, y = self.dist.shard(*self.train_data.batch(step, micro))  # this rank's rows
             with self._autocast():
                 loss = self.model(x.to(self.device), y.to(self.device))
-            losses.append(loss.item())
+            losses.append(self.dist.mean(loss.item()))  # global-batch loss, same on every rank
             if not math.isfinite(losses[-1]):
                 bad = True  # no backward: nothing of this step reaches the weights
                 break
@@ -160,7 +167,7 @@ class Trainer:
                     norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
                 else:
                     norm = torch.nn.utils.get_total_norm(grads)
-                bad = not math.isfinite(norm.item())
+                bad = not math.isfinite(self.dist.total_norm(norm))
                 if not bad:
                     self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -183,13 +190,15 @@ class Trainer:
             self.step = loaded.step
             for key in ("skipped", "bad_in_row", "tokens", "elapsed", "last_eval"):
                 setattr(self, key, loaded.loop[key])
-            metrics = MetricsWriter(self.run_dir, resume_step=self.step)
+            metrics = Rank0(lambda: MetricsWriter(self.run_dir, resume_step=self.step))
             self.progress.start = self.step
-            self.progress.message(f"resumed {self.run_dir} from {loaded.path.name}")
+            if self.dist.is_main:
+                self.progress.message(f"resumed {self.run_dir} from {loaded.path.name}")
         else:
-            write_resolved(spec, self.run_dir / SPEC_FILE)
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # left by a run killed early
-            metrics = MetricsWriter(self.run_dir)
+            if self.dist.is_main:  # torchrun: one writer of the run folder
+                write_resolved(spec, self.run_dir / SPEC_FILE)
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # left by a run killed early
+            metrics = Rank0(lambda: MetricsWriter(self.run_dir))
             metrics.write({"step": 0, "model/params": count_parameters(self.model),
                            "data/unigram_entropy(nats)": self.corpus.unigram_entropy(),
                            "data/train_tokens": int(self.corpus.train.size),
@@ -246,7 +255,8 @@ class Trainer:
             self.progress.close()
             if self.stepper:
                 self.stepper.remove()
-        if spec.log.plot:
+            self.dist.close()
+        if spec.log.plot and self.dist.is_main:
             plot_runs([self.run_dir], self.run_dir / PLOT_FILE, baseline=baseline)
         return {"run_dir": str(self.run_dir), "steps": self.step, "final_train_loss": loss,
                 "final_eval_loss": self.last_eval, "unigram_entropy": baseline,

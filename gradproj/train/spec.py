@@ -63,10 +63,11 @@ class DataSpec:
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
     steps: int = spec_field(500, integer(1), "optimizer steps")
-    batch_size: int = spec_field(16, integer(1), "sequences per micro-batch")
+    batch_size: int = spec_field(16, integer(1), "sequences per micro-batch (global: split over ranks)")
     grad_accum: int = spec_field(1, integer(1), "micro-batches per optimizer step")
     per_layer: bool = spec_field(False, boolean(), "optimizer in backward, one layer's gradient")
-    parallel: str = spec_field("none", choice("none"), "data parallelism (single process only)")
+    parallel: str = spec_field("none", choice("none", "ddp", "fsdp2"),
+                               "none | ddp | fsdp2; launch with torchrun --nproc_per_node=N")
     seed: int = spec_field(0, integer(0), "init, data order and projector seeds")
     lr_schedule: str = spec_field("cosine", choice("cosine", "linear", "constant"),
                                   "after warmup: decay to min_lr_ratio·lr")
@@ -245,6 +246,10 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
         out.add("train", "grad_clip", "expected 0 with per_layer = true (each weight is updated "
                                       "during backward, before a global norm exists), "
                                       f"got {train['grad_clip']}")
+    if train["per_layer"] and train["parallel"] == "ddp":
+        out.add("train", "per_layer", "expected false with parallel = 'ddp' (per-layer updates "
+                                      "run inside backward, before DDP's all-reduce has averaged "
+                                      "the gradient); use parallel = 'fsdp2'")
     if train["warmup_steps"] >= train["steps"] and "warmup_steps" in given:
         out.add("train", "warmup_steps", f"expected fewer than [train].steps {train['steps']}, "
                                          f"got {train['warmup_steps']}")

@@ -1,0 +1,101 @@
+"""What the training loop asks of distribution, in one object; identity for `parallel = "none"`.
+
+    ctx = RunContext.start(spec.train.parallel)
+    model = ctx.wrap(build_model(...));  opt = ctx.optimizer(spec.optimizer.build(ctx.module(model)))
+    x, y = ctx.shard(*batches.batch(step, micro))     # this rank's rows of the global batch
+    loss_value = ctx.mean(loss.item())                # the global batch's mean loss, every rank
+
+`[train] batch_size` is the *global* number of sequences per micro-batch: each of W ranks
+takes batch_size / W of them, so the averaged gradient is the single-process gradient of
+the same batch and a run's numbers do not depend on how many processes computed them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .env import DistEnv, init_distributed, shutdown
+from .optimizer import distribute_optimizer
+from .wrap import unwrap, wrap_model
+
+
+class RunContext:
+    def __init__(self, env: DistEnv):
+        self.env = env
+
+    @classmethod
+    def start(cls, parallel: str) -> "RunContext":
+        return cls(init_distributed(parallel))
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def distributed(self) -> bool:
+        return self.env.distributed
+
+    def check(self, batch_size: int, per_layer: bool) -> None:
+        """Raise ValueError for combinations the chosen parallelism cannot run."""
+        env = self.env
+        if env.distributed and batch_size % env.world_size:
+            raise ValueError(f"[train] batch_size = {batch_size} is the global batch and must be "
+                             f"a multiple of the world size {env.world_size}")
+        if env.parallel == "ddp" and per_layer:
+            raise ValueError("[train] per_layer = true needs parallel = \"fsdp2\": per-layer "
+                             "updates step each weight inside backward, before DDP's bucketed "
+                             "all-reduce has averaged its gradient (FSDP2 runs the hooks after "
+                             "its reduce-scatter)")
+
+    # -- model and optimizer -------------------------------------------------------------
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return wrap_model(model, self.env)
+
+    @staticmethod
+    def module(model: torch.nn.Module) -> torch.nn.Module:
+        return unwrap(model)
+
+    def optimizer(self, optimizer):
+        return distribute_optimizer(optimizer, self.env.parallel)
+
+    def checkpoints(self, run_dir: Path, keep_last: int):
+        if not self.env.distributed:
+            from ..train.checkpoint import CheckpointManager
+            return CheckpointManager(run_dir, keep_last)
+        from .checkpoint import DistributedCheckpointManager
+        return DistributedCheckpointManager(run_dir, keep_last, self.env.parallel)
+
+    # -- data and reductions ---------------------------------------------------------------
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contiguous share of a global micro-batch."""
+        if not self.env.distributed:
+            return x, y
+        rows = x.shape[0] // self.env.world_size
+        part = slice(self.env.rank * rows, (self.env.rank + 1) * rows)
+        return x[part], y[part]
+
+    def mean(self, value: float) -> float:
+        """Mean over ranks (equal shares: the global batch's mean); non-finite anywhere
+        makes it non-finite everywhere, so every rank skips the same steps."""
+        if not self.env.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.env.world_size
+
+    @staticmethod
+    def total_norm(norm: torch.Tensor) -> float:
+        """A gradient norm as a float (FSDP2's is a DTensor over the shards)."""
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm.item())
+
+    def barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.env.distributed:
+            shutdown()
