@@ -20,11 +20,14 @@ It runs LowRankOptimizer (svd projector, rank 8, lr 0: only the bases matter) wi
   fixed T'     a fixed gap with about as many refreshes as adaptive made,
 and prints refreshes and the captured energy ‖project(G_t)‖²/‖G_t‖², averaged over steps
 (per drift class and overall), with the basis each step actually used.
+
+Measured here (2 CPU cores, defaults): fixed T=10 720 refreshes, energy 0.6532;
+adaptive 0.8: 324 refreshes (0.45×), 0.6509 (−0.35 %); adaptive 0.4: 225, 0.6009 (the
+medium layer falls from 0.50 to 0.20); fixed T=22: 330 refreshes, 0.6164 (−5.6 %).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -63,7 +66,6 @@ def run(steps: int, gap: int, rank: int, **options) -> dict:
     projector = opt.plugins(group)[1]
     streams = [Stream(1000 + i, drift) for i, (_, drift) in enumerate(LAYERS)]
     energy = torch.zeros(len(LAYERS))
-    start = time.perf_counter()
     for _ in range(steps):
         grads = [next(s) for s in streams]
         for w, g in zip(weights, grads):
@@ -80,8 +82,7 @@ def run(steps: int, gap: int, rank: int, **options) -> dict:
         entry[1] += 1
         entry[2] += opt.state[w]["refreshes"]
     return {"refreshes": gp.count_refreshes(opt), "energy": energy.mean().item(),
-            "classes": {k: (v[0] / v[1], v[2]) for k, v in per_class.items()},
-            "seconds": time.perf_counter() - start}
+            "classes": {k: (v[0] / v[1], v[2]) for k, v in per_class.items()}}
 
 
 def main() -> None:
@@ -101,13 +102,13 @@ def main() -> None:
 
     print(f"{len(LAYERS)} layers {SHAPE[0]}x{SHAPE[1]}, rank {args.rank}, {args.steps} steps, T = {args.gap}")
     header = f"{'policy':<22}{'refreshes':>10}{'energy':>9}" + "".join(
-        f"{c + ' (E, n)':>20}" for c in fixed["classes"]) + f"{'time s':>9}"
+        f"{c + ' (E, n)':>20}" for c in fixed["classes"])
     print(header)
     rows = ((f"fixed T={args.gap}", fixed), (f"adaptive thr {args.threshold}", adaptive),
             ("adaptive thr 0.4", qgalore), (f"fixed T={matched_gap}", matched))
     for name, r in rows:
         cells = "".join(f"{e:>13.4f}{n:>7d}" for e, n in r["classes"].values())
-        print(f"{name:<22}{r['refreshes']:>10d}{r['energy']:>9.4f}{cells}{r['seconds']:>9.1f}")
+        print(f"{name:<22}{r['refreshes']:>10d}{r['energy']:>9.4f}{cells}")
     ratio = adaptive["refreshes"] / fixed["refreshes"]
     print(f"adaptive/fixed refreshes = {ratio:.3f}; captured energy {adaptive['energy']:.4f} vs "
           f"{fixed['energy']:.4f} (relative {adaptive['energy'] / fixed['energy'] - 1:+.2%}); "
