@@ -31,7 +31,8 @@ def _scale_pairs(lo, hi, lo_ok, hi_ok):
     """`_scale_rows` over a block held as its even (lo) and odd (hi) halves."""
     absmax = tl.maximum(tl.max(tl.where(lo_ok, tl.abs(lo), 0.0), axis=1),
                         tl.max(tl.where(hi_ok, tl.abs(hi), 0.0), axis=1))
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    tiny = tl.full(absmax.shape, 1e-38, tl.float32)  # a bare 1e-38 literal is fp64 in triton 3.6
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, tiny))
     lo = tl.minimum(tl.maximum(lo * inv[:, None], -1.0), 1.0)
     hi = tl.minimum(tl.maximum(hi * inv[:, None], -1.0), 1.0)
     return absmax, lo, hi

@@ -110,6 +110,7 @@ def _nearest_code(scaled, mids_ptr, BITS: tl.constexpr):
 def _scale_rows(x, valid):
     """Triton twin of `scale_ref` on a [R, C] tile: (absmax [R], scaled [R, C])."""
     absmax = tl.max(tl.where(valid, tl.abs(x), 0.0), axis=1)
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    tiny = tl.full(absmax.shape, 1e-38, tl.float32)  # a bare 1e-38 literal is fp64 in triton 3.6
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, tiny))
     scaled = tl.minimum(tl.maximum(x * inv[:, None], -1.0), 1.0)
     return absmax, scaled
