@@ -24,7 +24,7 @@ METHODS: dict[str, list[str] | None] = {
     "GaLore 8-bit": ['optimizer.preset="galore8bit"', 'optimizer.state_format="q8"', *PER_LAYER],
     "Q-GaLore": ['optimizer.preset="q-galore"', 'optimizer.state_format="q8"', *PER_LAYER],
     "ours (best)": ['optimizer.preset="q-galore"', 'optimizer.state_format="q4"',
-                    'optimizer.refresh="fixed"', 'optimizer.lowrank.projector="gaussian"',
+                    'optimizer.lowrank.refresh="fixed"', 'optimizer.lowrank.projector="gaussian"',
                     "optimizer.lowrank.projector_options={}",
                     'optimizer.lowrank.residual="apollo"', 'optimizer.lowrank.proj_type="auto"',
                     "optimizer.lowrank.scale=1.0", *PER_LAYER],
