@@ -174,6 +174,12 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
         raise ValueError("plan_memory: overrides apply to a spec path, not to a loaded RunSpec")
     dtype_, notes = weight_dtype(spec, dtype)
     t = spec.train
+    parallel = getattr(t, "parallel", "none")
+    if parallel != "none":  # the planner plans one process; say what a rank holds instead
+        notes.append(f"parallel = {parallel!r}: figures are for one process holding everything; "
+                     + ("each DDP rank holds all of it" if parallel == "ddp" else
+                        "FSDP2 shards weights, gradients and optimizer states over the ranks "
+                        "(divide those three by the world size), activations are per rank"))
     trace_dtype = torch.bfloat16 if t.autocast == "bf16" and dtype_ == torch.float32 else dtype_
     common = dict(batch=t.batch_size, seq_len=spec.data.seq_len,
                   checkpointing=t.activation_checkpointing)
