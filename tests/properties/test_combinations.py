@@ -128,7 +128,7 @@ def test_pair(config, dtype):
     check_config(options_of(config), dtype)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(config=st.tuples(*(st.sampled_from(names) for names in (
            gp.PROJECTORS.names(), gp.RULES.names(), gp.STATE_FORMATS.names(),
            gp.RESIDUALS.names(), list(POLICIES)))),
