@@ -57,6 +57,19 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         super().__init__(params, **options)
 
     # -- plugins and layout ------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if self.parallel == "fsdp2" and group["lowrank"]:
+            self._check_side(group)
+
+    @staticmethod
+    def _check_side(group: dict) -> None:
+        if group["proj_type"] in ("left", "full"):
+            raise ValueError(f"option 'proj_type' = {group['proj_type']!r} is not supported under "
+                             f"parallel = \"fsdp2\": a left basis needs an all-reduce of Pᵀ·G every "
+                             f"step; use \"std\" or \"auto\" (both project on the shard-local right)")
+
     def plugins(self, group: dict) -> tuple:
         rule, projector, fmt, residual = super().plugins(group)
         key = id(projector), id(residual)
@@ -81,10 +94,7 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
     def side(self, p: torch.Tensor, group: dict) -> str:
         if self.parallel != "fsdp2":
             return super().side(p, group)
-        if group["proj_type"] in ("left", "full"):
-            raise ValueError(f"option 'proj_type' = {group['proj_type']!r} is not supported under "
-                             f"parallel = \"fsdp2\": a left basis needs an all-reduce of Pᵀ·G every "
-                             f"step; use \"std\" or \"auto\" (both project on the shard-local right)")
+        self._check_side(group)
         return "right"
 
     @contextmanager

@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import bases_identical, build, full_weights, max_diff, train  # noqa: E402
 
 from gradproj.distributed import DistEnv, init_distributed, shutdown  # noqa: E402
+from gradproj.distributed.rangefinder import sharded_range_finder  # noqa: E402
+from gradproj.projectors.randomized import range_finder  # noqa: E402
 
 STEPS = 20
 # Why multi-refresh checks rotate the moments: an SVD's column signs are arbitrary, and
@@ -74,15 +76,52 @@ def run_check(name: str, env: DistEnv) -> dict:
     return result
 
 
+def check_rangefinder(env: DistEnv) -> dict:
+    """The row-sharded finder against the one-process `range_finder(G.T)`: same basis, signs
+    included, on uneven row splits; orthonormal on a rank-deficient G (shifted CholQR)."""
+    worst, worst_ortho = 0.0, 0.0
+    gen = torch.Generator().manual_seed(0)
+    for m, n, r, q in [(64, 32, 8, 1), (513, 32, 16, 1), (33, 40, 4, 2), (32, 512, 16, 0)]:
+        g = torch.randn(m, n, generator=gen) * 0.9 ** torch.arange(n, dtype=torch.float32)
+        ref = range_finder(g.T, r, oversample=8, power_iters=q, seed=7)
+        rows = [len(part) for part in torch.arange(m).chunk(env.world_size)]
+        start = sum(rows[:env.rank])
+        got = sharded_range_finder(g[start:start + rows[env.rank]], r, oversample=8,
+                                   power_iters=q, seed=7)
+        worst = max(worst, float((got - ref).abs().max()))
+    low = torch.randn(40, 3, generator=gen) @ torch.randn(3, 24, generator=gen)  # rank 3 < w
+    rows = [len(part) for part in torch.arange(40).chunk(env.world_size)]
+    start = sum(rows[:env.rank])
+    got = sharded_range_finder(low[start:start + rows[env.rank]], 4, oversample=4, power_iters=2,
+                               seed=1)
+    worst_ortho = float((got.T @ got - torch.eye(4)).abs().max())
+    return {"max_diff": worst, "orthonormality": worst_ortho, "bases_identical": True}
+
+
+def check_errors(env: DistEnv) -> dict:
+    """Unsupported FSDP2 combinations fail with a message naming the option."""
+    fenv = DistEnv("fsdp2", env.rank, env.world_size, env.local_rank, env.backend, env.device)
+    messages = {}
+    for label, options in (("proj_type", {"proj_type": "left"}), ("rule", {"rule": "adafactor"})):
+        try:
+            model, opt = build(fenv, {"projector": "svd", **options})
+            train(model, opt, fenv, 0, 1)
+            messages[label] = None
+        except ValueError as exc:
+            messages[label] = str(exc)
+    return {"messages": messages, "bases_identical": True}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
-    names = sys.argv[2].split(",") if len(sys.argv) > 2 else list(CHECKS)
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 else [*CHECKS, "rangefinder", "errors"]
     torch.set_num_threads(1)  # two ranks on two cores
     env = init_distributed("ddp")
     results = {}
+    special = {"rangefinder": check_rangefinder, "errors": check_errors}
     for name in names:
         try:
-            results[name] = run_check(name, env)
+            results[name] = special[name](env) if name in special else run_check(name, env)
         except Exception:  # record and go on: one broken check must not hide the others
             results[name] = {"error": traceback.format_exc()}
             if env.rank == 0:
