@@ -223,7 +223,9 @@ def gradient_bytes(optimizer: LowRankOptimizer, *, per_layer: bool = False,
     with one micro-batch only the largest one is alive; with k > 1 the weights that
     cannot accumulate after projection keep their full `.grad` across micro-batches,
     projected weights keep an fp32 sum of R (their low-rank shape), and one projected
-    weight's `.grad` is alive at a time on top.
+    weight's `.grad` is alive at a time on top. All three coexist on every micro-batch
+    but the first and the last, so the figure is exact for k >= 3 and a bound for k = 2
+    (the last micro-batch steps and frees each full-rank weight as its gradient completes).
     """
     params = [(p, g) for g in optimizer.param_groups for p in g["params"]
               if p.requires_grad or is_quantized(p)]

@@ -105,3 +105,29 @@ def test_real_parameters_are_refused():
     model = build_model(CFG, device="cpu")
     with pytest.raises(ValueError, match="meta device"):
         optimizer_bytes(gp.build_optimizer(model, "galore", rank=32))
+
+
+def test_per_layer_accumulation_peak_is_what_coexists():
+    # 3 micro-batches: on the middle one every full-rank .grad is kept, every projected
+    # weight has its fp32 sum of R, and one projected .grad is alive: the planned peak
+    _, opt, _, _ = _planned("galore-fp32")
+    planned = gradient_bytes(opt, per_layer=True, grad_accum=3)
+    model = build_model(CFG, device="cpu")
+    stepper = PerLayerStepper(gp.build_optimizer(model, "galore", rank=32), grad_accum=3)
+    hook, peak = stepper._hook, [0]
+
+    def measuring_hook(p):  # bytes alive the moment p's gradient completes
+        fresh = 0 if p in stepper.counted else p.grad.numel() * p.grad.element_size()
+        sums = sum(t.numel() * t.element_size() for t in stepper.low_sums.values())
+        peak[0] = max(peak[0], stepper.held_bytes + fresh + sums)
+        hook(p)
+
+    stepper.remove()
+    stepper._handles = [p.register_post_accumulate_grad_hook(measuring_hook)
+                        for p in model.parameters()]
+    for micro in range(3):
+        tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(micro))
+        stepper.begin_micro_batch(micro)
+        (model(tokens, tokens) / 3).backward()
+    stepper.end_step()
+    assert planned == peak[0]
