@@ -23,12 +23,17 @@ import torch
 
 from ..optimizers import DEFAULT_TARGETS, LowRankOptimizer, build_optimizer
 from ..optimizers.options import GENERIC_DEFAULTS
+from ..optimizers.presets import MODEL_KEYS
 from ..projectors.base import PROJ_TYPES
 from ..registry import PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
-from .checks import Check, choice, did_you_mean, integer, number, registry_name, string_list
+from .checks import (Check, boolean, choice, did_you_mean, integer, number, registry_name,
+                     string_list)
 
+# keys that go in [optimizer.lowrank] when the optimizer knows them (the refresh policy's
+# keys exist once the adaptive refresh is in GENERIC_DEFAULTS); all others in [optimizer]
 LOWRANK_KEYS = ("projector", "projector_options", "rank", "update_gap", "scale", "proj_type",
-                "seed", "residual", "targets")
+                "seed", "residual", "targets", "refresh", "refresh_window", "refresh_threshold",
+                "refresh_max_factor", "moments")
 KNOWN_CHECKS: dict[str, Check] = {
     "preset": registry_name(PRESETS),
     "rule": registry_name(RULES),
@@ -44,6 +49,8 @@ KNOWN_CHECKS: dict[str, Check] = {
     "seed": integer(0),
     "targets": string_list(),
     "projector_options": Check("a table of the projector's options", lambda v: isinstance(v, dict)),
+    "quantize_weights": boolean(),
+    "weight_group_size": integer(1),
 }
 _INTERNAL = ("params", "lowrank")  # group keys that are not user options
 
@@ -100,12 +107,15 @@ def parse_optimizer(raw: Any, out, *, seed: int) -> OptimizerSpec:
     base = dict(PRESETS.get(preset)) if preset else {}
     merged = {**GENERIC_DEFAULTS, **base, **values}
 
-    # the tables accept generic options plus what the chosen rule and residual declare
+    # the tables accept generic options, the model keys of presets (INT8 weights), the
+    # preset's own keys, and what the chosen rule and residual declare
     rule_keys = set(RULES.get(merged["rule"]).defaults) if merged["rule"] in RULES else set()
     residual_keys = (set(RESIDUALS.get(merged["residual"]).defaults)
                      if merged["residual"] in RESIDUALS else set())
-    lowrank_keys = set(LOWRANK_KEYS) | residual_keys
-    top_keys = ({"preset"} | set(GENERIC_DEFAULTS) | rule_keys) - lowrank_keys - {"lowrank"}
+    known = ({"preset", "targets"} | set(GENERIC_DEFAULTS) | set(MODEL_KEYS) | set(base)
+             | rule_keys | residual_keys) - set(_INTERNAL)
+    lowrank_keys = (set(LOWRANK_KEYS) | residual_keys) & known
+    top_keys = known - lowrank_keys
     for table, entries, allowed, other in (("optimizer", top, top_keys, lowrank_keys),
                                            ("optimizer.lowrank", low, lowrank_keys, top_keys)):
         for key in entries:
@@ -138,6 +148,12 @@ def _validate(preset: str | None, values: dict, where: dict, out) -> dict:
     """Run the optimizer's own checks on a dummy weight; returns the effective options."""
     weight = torch.nn.Parameter(torch.zeros(4, 4))
     options = {**(dict(PRESETS.get(preset)) if preset else {}), **values}
+    model_options = {k: options.pop(k) for k in MODEL_KEYS if k in options}
+    for key, value in model_options.items():  # a preset's values are checked here too
+        converted, problem = KNOWN_CHECKS[key](value)
+        if problem:
+            out.add(where.get(key, "optimizer"), key if key in where else "preset", problem)
+            return {}
     try:
         opt = LowRankOptimizer([{"params": [weight], "lowrank": True}], **options)
     except (ValueError, TypeError) as exc:
@@ -159,4 +175,5 @@ def _validate(preset: str | None, values: dict, where: dict, out) -> dict:
             message = message.replace(f"{match.group(0)} must be", "expected", 1)
         out.add(table, key, message)
         return {}
-    return {k: v for k, v in opt.param_groups[0].items() if k not in _INTERNAL}
+    return {**{k: v for k, v in opt.param_groups[0].items() if k not in _INTERNAL},
+            **model_options}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..optimizers import LowRankOptimizer
+from ..quant.linear import OWNER_ATTR
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -51,8 +52,27 @@ class PerLayerStepper:
         self.held_bytes = 0          # bytes of .grad tensors alive right now
         self.grad_peak_bytes = 0     # max of held_bytes since reset_peak()
         self.accum_peak_bytes = 0    # max bytes of the projected-sum buffers
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook)
-                         for p in self.group_index]
+        self._handles = [self._register(p) for p in self.group_index]
+
+    def _register(self, p: torch.Tensor):
+        if p.requires_grad:
+            return p.register_post_accumulate_grad_hook(self._hook)
+        # an INT8 QuantLinear weight: autograd cannot hook an integer tensor, and the
+        # layer's backward writes weight.grad itself. Each forward arms a post-hook on the
+        # layer's autograd node, which runs right after that backward (one call per
+        # forward, as in these models; under activation checkpointing the recomputed
+        # node never runs backward, so only the original one fires).
+        owner = getattr(p, OWNER_ATTR, None)
+        module = owner() if owner is not None else None
+        if module is None:
+            raise ValueError(f"per-layer mode: a {tuple(p.shape)} parameter neither requires "
+                             f"grad nor belongs to a QuantLinear; nothing can hook its gradient")
+
+        def arm(_module, _inputs, output):
+            if output.grad_fn is not None:
+                output.grad_fn.register_hook(lambda *_: self._hook(p))
+
+        return module.register_forward_hook(arm)
 
     def begin_micro_batch(self, micro: int) -> None:
         self.micro = micro

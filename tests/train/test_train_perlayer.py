@@ -11,6 +11,7 @@ test holds the 12-step run to 1 %: the bases differ, the trajectories do not div
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gradproj.optimizers import LowRankOptimizer, build_optimizer
@@ -32,7 +33,8 @@ def batch(seed: int, n: int = 4, t: int = 32):
 
 def model_and_opt(**options):
     model = build_model(CFG, seed=0)
-    return model, build_optimizer(model, **{**LOWRANK, **options})
+    base = {k: v for k, v in LOWRANK.items() if not (options.get("preset") and k == "projector")}
+    return model, build_optimizer(model, **{**base, **options})
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -83,18 +85,26 @@ def test_accumulation_buffers_are_low_rank():
     stepper.remove()
 
 
-def test_per_layer_equals_normal_mode_bitwise_without_accumulation():
-    model_a, opt_a = model_and_opt()
-    model_b, opt_b = model_and_opt()
+@pytest.mark.parametrize("preset", [None, "q-galore", "apollo"])
+def test_per_layer_equals_normal_mode_bitwise_without_accumulation(preset):
+    """Also for Q-GaLore's INT8 weights (hooked through their layer's autograd node)."""
+    options = {"preset": preset, "projector_options": {"group_size": 64}} if preset == "q-galore" \
+        else {"preset": preset}
+    model_a, opt_a = model_and_opt(**options)
+    model_b, opt_b = model_and_opt(**options)
     stepper = PerLayerStepper(opt_b, grad_accum=1)
+    params = [p for g in opt_b.param_groups for p in g["params"]]
     for step in range(5):  # update_gap 2: refreshes at steps 0, 2, 4
         x, y = batch(step)
         model_a(x, y).backward()
         opt_a.step()
         opt_a.zero_grad(set_to_none=True)
         model_b(x, y).backward()
-        stepper.end_step()
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert all(p.grad is None for p in params)  # every weight stepped in backward
+        # gradients are fp32 for every weight, INT8 ones included
+        assert stepper.grad_peak_bytes == max(p.numel() * 4 for p in params)
+        assert stepper.end_step() is False
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
     stepper.remove()
 
