@@ -18,7 +18,9 @@ PRESETS.add("galore", {
 PRESETS.add("galore8bit", {**PRESETS.get("galore"), "state_format": "q8"},
             description="8-bit GaLore: GaLore with blockwise 8-bit Adam states (bitsandbytes layout)")
 PRESETS.add("q-galore", {
-    **PRESETS.get("galore"), "projector": "int4", "projector_options": {"inner": "svd", "group_size": 256},
+    # int4's own defaults are Q-GaLore's (inner svd, group 256); naming them here as
+    # projector_options would break a spec that swaps the projector but keeps the preset
+    **PRESETS.get("galore"), "projector": "int4",
     "state_format": "q8", "betas": (0.9, 0.95), "refresh": "adaptive", "refresh_window": 5,
     "refresh_threshold": 0.4, "quantize_weights": True, "weight_group_size": 256,
 }, description="Q-GaLore (Zhang et al. 2024): INT4 basis, INT8 weights with stochastic rounding, "

@@ -41,3 +41,11 @@ def test_published_defaults():
 def test_quantize_weights_option_is_validated():
     with pytest.raises(ValueError, match="quantize_weights"):
         gp.build_optimizer(make_model(), preset="galore", quantize_weights="yes")
+
+
+def test_a_preset_composes_with_another_projector():
+    # a spec may keep q-galore's policies but swap the projector: no stale projector options
+    model = make_model()
+    opt = gp.build_optimizer(model, preset="q-galore", projector="randomized", rank=4)
+    assert opt.param_groups[0]["projector"] == "randomized"
+    assert isinstance(model["attn"], gp.QuantLinear)
