@@ -27,7 +27,6 @@ import torch
 from ..distributed.rank0 import Rank0
 from ..distributed.run import RunContext
 from ..optimizers import count_refreshes, optimizer_state_nbytes
-from .checkpoint import CheckpointManager
 from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_text, load_tokens
 from .metrics import METRICS_FILE, MIB, PLOT_FILE, MetricsWriter, Progress, plot_runs
 from .model import build_model, count_parameters

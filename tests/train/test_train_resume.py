@@ -3,7 +3,6 @@ and get exactly the losses of the uninterrupted run; a partial checkpoint is nev
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
