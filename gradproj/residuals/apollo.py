@@ -5,7 +5,7 @@ import math
 
 from ..registry import RESIDUALS
 from .base import Residual
-from .fira import channel_norm_ratio, check_gamma, limit_norm_growth
+from .fira import channel_norm_ratio, check_gamma, folded_step_scale, limit_norm_growth
 
 SCALE_TYPES = ("channel", "tensor")
 
@@ -33,7 +33,8 @@ class Apollo(Residual):
                              f"square-rooted), got {group['scale']!r}")
 
     def combine(self, grad, low_grad, direction, back, state, group):
+        c = folded_step_scale(state, group)  # the limiter sees uncorrected norms, as the reference
         phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape),
-                                 per_channel=group["scale_type"] == "channel")
+                                 per_channel=group["scale_type"] == "channel").div_(c)
         update = limit_norm_growth(grad * phi, state, group["norm_growth_limit"])
-        return update.mul_(math.sqrt(group["scale"]))
+        return update.mul_(c * math.sqrt(group["scale"]))

@@ -1,6 +1,8 @@
 """Fira (Chen et al. 2024): keep the out-of-subspace gradient, scaled like the Adam update."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..registry import RESIDUALS
@@ -48,6 +50,23 @@ def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float) -> torch.
     return update
 
 
+def folded_step_scale(state: dict, group: dict) -> float:
+    """The bias correction c_t an Adam-type rule folded into N (1 for other rules).
+
+    The AdamW rule returns N = c_t·M/(√V + ε) with c_t = √(1−β2ᵗ)/(1−β1ᵗ) when
+    `correct_bias` is on. Fira's and APOLLO's references apply c_t to the finished
+    update, *after* the limiter, so the limiter compares uncorrected norms. Fed the
+    corrected ones it would also see c_t's own growth — 1.2 % per step around t = 30
+    with β = (0.9, 0.999), more than γ = 1.01 allows — and clamp a residual the
+    reference leaves alone. t counts from the last moment reset, as the rule's does.
+    """
+    if group.get("correct_bias") is not True or "betas" not in group:
+        return 1.0
+    beta1, beta2 = group["betas"][:2]
+    t = state["step"] - state.get("moments_origin", 0)
+    return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+
+
 def check_gamma(group: dict) -> None:
     gamma = group.get("norm_growth_limit")
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not (gamma == 0 or gamma >= 1):
@@ -63,8 +82,9 @@ class Fira(Residual):
     or row (side right). Fira's reference computes S with a `back` that already
     includes α, so for α ≠ 1 its S still holds (1−α) of the in-subspace gradient; we
     implement the paper's S = G − back(R), the purely out-of-subspace part, and apply
-    α only to back(N). The two agree at α = 1. The limiter sees the update as applied
-    (the rule's bias correction included), which is where Fira's paper states it.
+    α only to back(N). The two agree at α = 1. As in the reference, φ and the limiter
+    work on the Adam direction before its bias correction c_t, and c_t scales the
+    limited residual afterwards (see `folded_step_scale`).
     """
 
     defaults = {"norm_growth_limit": 1.01}
@@ -74,6 +94,7 @@ class Fira(Residual):
 
     def combine(self, grad, low_grad, direction, back, state, group):
         outside = grad - back(low_grad)
-        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape))
+        c = folded_step_scale(state, group)
+        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape)).div_(c)
         scaled = limit_norm_growth(outside.mul_(phi), state, group["norm_growth_limit"])
-        return back(direction).mul_(group["scale"]).add_(scaled)
+        return back(direction).mul_(group["scale"]).add_(scaled, alpha=c)

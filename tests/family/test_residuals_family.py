@@ -42,12 +42,17 @@ class Adam:
     def __init__(self, betas=(0.9, 0.999), eps=1e-6):
         self.b1, self.b2, self.eps, self.m, self.v, self.t = *betas, eps, 0.0, 0.0, 0
 
-    def __call__(self, r):
+    def raw(self, r):
+        """(M/(√V + ε), c_t): the direction before and the factor of its bias correction."""
         self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * r
         self.v = self.b2 * self.v + (1 - self.b2) * r * r
         c = math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
-        return c * self.m / (self.v.sqrt() + self.eps)
+        return self.m / (self.v.sqrt() + self.eps), c
+
+    def __call__(self, r):
+        n, c = self.raw(r)
+        return c * n
 
 
 def project(g, p, side):
@@ -85,11 +90,11 @@ def test_fira_scaling_per_channel_and_limiter(shape, side, alpha):
     w0, grads = torch.randn(shape), grads_for(shape)
     p = svd_basis(grads[0], r, side)
     adam, limiter, w = Adam(), Limiter(1.01), w0.clone()
-    for g in grads:  # Fira (Chen et al. 2024), Alg. 1
+    for g in grads:  # Fira (Chen et al. 2024), Alg. 1; the bias correction in the step size
         low = project(g, p, side)
-        n = adam(low)
+        n, c = adam.raw(low)
         outside = g - back(low, p, side)  # the paper's S: no α (the reference's `back` has it)
-        w = w - lr * (alpha * back(n, p, side) + limiter(channel_ratio(n, low, side) * outside))
+        w = w - lr * c * (alpha * back(n, p, side) + limiter(channel_ratio(n, low, side) * outside))
     assert limiter.active >= 1, "the fixed gradients must exercise the limiter"
     got, _, state = run(w0, grads, {"rank": r, "update_gap": 1000, "scale": alpha},
                         rule="adamw", residual="fira", lr=lr)
@@ -134,8 +139,8 @@ def test_apollo_channel_scaling_of_the_raw_gradient(shape):
     adam, limiter, w = Adam(), Limiter(1.01), w0.clone()
     for g, (side, p) in zip(grads, bases):  # APOLLO, Alg. 1 (channel-wise)
         low = project(g, p, side)
-        n = adam(low)
-        w = w - lr * math.sqrt(1.0) * limiter(g * channel_ratio(n, low, side))
+        n, c = adam.raw(low)
+        w = w - lr * c * math.sqrt(1.0) * limiter(g * channel_ratio(n, low, side))
     # redrawn from the seed: the same within a gap (steps 0–2), a new draw at the refresh (3)
     assert torch.equal(bases[0][1], bases[2][1]) and not torch.equal(bases[0][1], bases[3][1])
     torch.testing.assert_close(got, w, **TOL)
@@ -150,8 +155,8 @@ def test_apollo_mini_is_rank_one_tensor_wise_scale_128():
     adam, limiter, w = Adam(), Limiter(1.01), w0.clone()
     for g, (side, p) in zip(grads, bases):
         low = project(g, p, side)
-        n = adam(low)
-        w = w - lr * math.sqrt(128.0) * limiter(g * (n.norm() / (low.norm() + 1e-8)))
+        n, c = adam.raw(low)
+        w = w - lr * c * math.sqrt(128.0) * limiter(g * (n.norm() / (low.norm() + 1e-8)))
     torch.testing.assert_close(got, w, **TOL)
     assert state["exp_avg"].numel() == shape[1]  # rank 1: one row of n moments
 
