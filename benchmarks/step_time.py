@@ -183,6 +183,10 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None) -> 
     print(f"\n## {size}: {n_params / 1e6:.1f}M parameters, {n_low / 1e6:.1f}M projected; "
           f"rank {rank}, T {GAP}, alpha {SCALE}, {device}")
     opts, kinds, rows = {}, {}, []
+    # galore-torch's 8-bit step swaps p.data and p.grad for low-rank tensors and restores
+    # them at its end; one that raises midway (it does with bitsandbytes 0.50) would leave
+    # the shared weights low-rank for every later optimizer, so they are put back.
+    tensors = [(p.data, p.grad) for p in params]
     for name, (build, kind) in contenders().items():
         if only and not any(o.lower() in name.lower() for o in only):
             continue
@@ -192,7 +196,10 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None) -> 
                 opt.step()
             sync(device)
         except Exception as exc:  # noqa: BLE001 - a peer that fails here is reported, not fatal
-            print(f"   skipped {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            for p, (data, grad) in zip(params, tensors):
+                p.data, p.grad = data, grad
+            message = " ".join(str(exc).split())[:200]
+            print(f"   skipped {name}: {type(exc).__name__}: {message}")
             continue
         opts[name], kinds[name] = opt, kind
     refresh = refresh_costs(model, rank, device, 3) if any(kinds.values()) else {}
