@@ -64,6 +64,8 @@ def folded_step_scale(state: dict, group: dict) -> float:
         return 1.0
     beta1, beta2 = group["betas"][:2]
     t = state["step"] - state.get("moments_origin", 0)
+    if t < 1:  # no step taken yet (the memory planner probes combine on the meta device)
+        return 1.0
     return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
 
 
