@@ -49,3 +49,13 @@ def test_a_preset_composes_with_another_projector():
     opt = gp.build_optimizer(model, preset="q-galore", projector="randomized", rank=4)
     assert opt.param_groups[0]["projector"] == "randomized"
     assert isinstance(model["attn"], gp.QuantLinear)
+
+
+def test_gradproj_list_shows_every_plugin_with_its_description(capsys):
+    from gradproj.train.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for registry in (gp.PROJECTORS, gp.RULES, gp.STATE_FORMATS, gp.RESIDUALS, gp.PRESETS):
+        for entry in registry:
+            assert entry.description and entry.name in out and entry.description in out
