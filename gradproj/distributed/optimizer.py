@@ -80,10 +80,10 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
                     raise ValueError(f"rule {group['rule']!r} is not supported under parallel = "
                                      f"\"fsdp2\": it reduces across the rows FSDP2 splits between "
                                      f"ranks; use one of {', '.join(SHARD_LOCAL_RULES)}")
-            sharded_residual = (ShardedResidual(residual, self)
+            sharded_residual = (ShardedResidual.wrap(residual, self)
                                 if self.parallel == "fsdp2" and not isinstance(residual, Drop)
                                 else residual)
-            self._wrapped[key] = (ShardedProjector(projector, self), sharded_residual)
+            self._wrapped[key] = (ShardedProjector.wrap(projector, self), sharded_residual)
         wrapped_projector, wrapped_residual = self._wrapped[key]
         return rule, wrapped_projector, fmt, wrapped_residual
 
@@ -186,7 +186,7 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
             if self.parallel == "fsdp2":
                 local = grad.to_local()
                 full = gather_rows(local.reshape(local.shape[0], -1).float(),
-                                   row_layout(local.shape[0], group_pg)[2], owners[job], group_pg)
+                                   row_layout(local.shape[0], group_pg, local.device)[2], owners[job], group_pg)
             else:
                 full = grad
             if owners[job] == me:
@@ -203,7 +203,7 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
 
     def _fit_full(self, p, g, state, group) -> dict:
         """What a single process's refit writes for this step's full gradient g."""
-        projector = self.plugins(group)[1].inner
+        projector = self.plugins(group)[1]._plugin
         step = state["step"]  # before the step's increment, as `_refresh_if_due` sees it
         scratch = dict(state)
         projector.fit(g, scratch, rank=group["rank"], side=self.side(p, group),

@@ -36,9 +36,11 @@ import torch.distributed as dist
 from ..projectors.randomized import seeded_generator
 
 
-def row_layout(local_rows: int, group=None) -> tuple[int, int, list[int]]:
-    """(this rank's first global row, global rows, every rank's row count)."""
-    counts = torch.tensor([local_rows], dtype=torch.int64)
+def row_layout(local_rows: int, group=None, device=None) -> tuple[int, int, list[int]]:
+    """(this rank's first global row, global rows, every rank's row count).
+
+    `device`: where the collective runs — the gradient's device (NCCL has no CPU tensors)."""
+    counts = torch.tensor([local_rows], dtype=torch.int64, device=device)
     gathered = [torch.zeros_like(counts) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, counts, group=group)
     sizes = [int(t) for t in gathered]
@@ -86,7 +88,8 @@ def cholesky_qr(z: torch.Tensor, group=None, passes: int = 2) -> torch.Tensor:
         if info.item() != 0:
             rows = q.shape[0] * dist.get_world_size(group)
             shift = 11 * (rows * gram.shape[0] + gram.shape[0] ** 2) * 1.1e-16 * gram.norm()
-            upper = torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype),
+            upper = torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                   device=gram.device),
                                           upper=True)
         q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)
     return q.to(z.dtype)
@@ -97,7 +100,7 @@ def sharded_range_finder(g_local: torch.Tensor, rank: int, *, oversample: int, p
     """n×rank orthonormal right basis of the row-sharded G; equals
     `range_finder(G.T, rank, oversample=, power_iters=, seed=)` to fp32 rounding on every rank."""
     g = g_local.float()
-    offset, rows, sizes = row_layout(g.shape[0], group)
+    offset, rows, sizes = row_layout(g.shape[0], group, g.device)
     cols = g.shape[1]
     width = min(rank + oversample, cols, rows)
     # the single-process code draws Ω (m×w) in one call; draw it whole and keep our rows

@@ -29,43 +29,60 @@ def param_index(state: dict) -> int:
     return int(state["seed"]) % SEED_STRIDE
 
 
+def _mirror(mixin: type, inner, optimizer):
+    """An object of a subclass of (mixin, type(inner)) sharing inner's attributes.
+
+    A subclass rather than a proxy, so that code inspecting the plugin's class — the fused
+    back-projection kernel checks `type(projector).project_back`, registries and residual
+    policies use isinstance — sees the wrapped plugin's class and methods.
+    """
+    cls = _MIRRORS.get((mixin, type(inner)))
+    if cls is None:
+        cls = type(f"{mixin.__name__}[{type(inner).__name__}]", (mixin, type(inner)), {})
+        _MIRRORS[(mixin, type(inner))] = cls
+    obj = object.__new__(cls)
+    obj.__dict__.update(inner.__dict__)
+    obj._plugin, obj._dist_opt = inner, optimizer  # names no plugin uses (int4 has .inner)
+    return obj
+
+
+_MIRRORS: dict = {}
+
+
 class ShardedProjector:
-    """Delegates everything to `inner` except `fit`."""
+    """Mixed into the wrapped projector's class: everything is the projector's but `fit`."""
 
-    def __init__(self, inner, optimizer):
-        self.inner = inner
-        self.optimizer = optimizer
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    @classmethod
+    def wrap(cls, inner, optimizer):
+        return _mirror(cls, inner, optimizer)
 
     @property
     def collective(self) -> bool:
         """Whether FSDP2 refits this projector with the row-sharded range finder."""
-        return type(self.inner) is RandomizedProjector
+        return type(self._plugin) is RandomizedProjector
 
     def fit(self, grad, state, *, rank, side, seed, dtype):
-        opt = self.optimizer
+        opt = self._dist_opt
         prefit = opt._prefit.pop(id(state), None)
         if prefit is not None:
             state.update(prefit)
             return
         group = opt.process_group
         if opt.parallel == "fsdp2" and self.collective:
-            basis = sharded_range_finder(grad, rank, oversample=self.inner.oversample,
-                                         power_iters=self.inner.power_iters, seed=seed, group=group)
+            basis = sharded_range_finder(grad, rank, oversample=self._plugin.oversample,
+                                         power_iters=self._plugin.power_iters, seed=seed, group=group)
             state["rank"] = rank
-            self.inner.store_basis(state, "right", basis, dtype)
+            self._plugin.store_basis(state, "right", basis, dtype)
             return
         world = torch.distributed.get_world_size(group)
         owner = param_index(state) % world
         full = grad
         if opt.parallel == "fsdp2":
-            full = gather_rows(grad, row_layout(grad.shape[0], group)[2], owner, group)
+            full = gather_rows(grad, row_layout(grad.shape[0], group, grad.device)[2], owner, group)
         entries = None
         if torch.distributed.get_rank(group) == owner:
             scratch = dict(state)
-            self.inner.fit(full, scratch, rank=rank, side=side, seed=seed, dtype=dtype)
+            self._plugin.fit(full, scratch, rank=rank, side=side, seed=seed, dtype=dtype)
             entries = fitted_entries(state, scratch)
         state.update(broadcast_entries(entries, owner, grad.device, group))
 
@@ -83,19 +100,16 @@ def _lower(value: DTensor) -> torch.Tensor:
 
 
 class ShardedResidual:
-    """FSDP2: the residual sees the whole matrix as row-sharded DTensors."""
+    """Mixed into the wrapped residual's class (FSDP2): `combine` sees row-sharded DTensors."""
 
-    def __init__(self, inner, optimizer):
-        self.inner = inner
-        self.optimizer = optimizer
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    @classmethod
+    def wrap(cls, inner, optimizer):
+        return _mirror(cls, inner, optimizer)
 
     def combine(self, grad, low_grad, direction, back, state, group):
-        param = self.optimizer._current
+        param = self._dist_opt._current
         if grad is None or not isinstance(param, DTensor):
-            return self.inner.combine(grad, low_grad, direction, back, state, group)
+            return self._plugin.combine(grad, low_grad, direction, back, state, group)
         mesh, rows = param.device_mesh, param.shape[0]
 
         def sharded_back(x):
@@ -105,7 +119,7 @@ class ShardedResidual:
         for key in scalars:  # e.g. Fira's limited norm: the same value on every rank
             state[key] = DTensor.from_local(state[key], mesh, [Replicate()], run_check=False)
         try:
-            update = self.inner.combine(_lift(grad, mesh, rows), _lift(low_grad, mesh, rows),
+            update = self._plugin.combine(_lift(grad, mesh, rows), _lift(low_grad, mesh, rows),
                                         _lift(direction, mesh, rows), sharded_back, state, group)
         finally:
             for key, value in list(state.items()):
