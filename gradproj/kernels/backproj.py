@@ -78,9 +78,12 @@ def backproject_update_ref(weight, basis, low, side, lr, scale, weight_decay):
 
 
 def _tiles():
-    # 128×128×32 tiles, 8 warps: 64 fp32 accumulator registers per thread, no spills (the
-    # compile lane checks); the interpreter runs a few large tiles (its cost is per program)
-    return (128, 128, 32, 8) if not interpreting() else (64, 64, 32, 4)
+    # 128×64×32 tiles, 4 warps. Measured on an H100 (fp32 W, N·Pᵀ, right side): 4096×4096 r512
+    # 0.272 ms (63 TFLOP/s; 128×128×32/8 warps 0.277, 128×128×64/8 warps 0.257), 4096×11008
+    # r1024 1.263 ms (73; 128×128×64: 1.147), 4096×4096 r128 0.103 ms (42; 128×128×64: 0.111):
+    # within 10 % of the best everywhere, with half the accumulator registers of 128×128.
+    # The interpreter runs a few large tiles (its cost is per program).
+    return (128, 64, 32, 4) if not interpreting() else (64, 64, 32, 4)
 
 
 def backproject_update(weight, basis, low, side, lr, scale, weight_decay):
@@ -126,10 +129,10 @@ def _configs():
            "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32", "neg_lr": "fp32",
            "alpha": "fp32", "decay": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
            "BLOCK_K": "constexpr", "GROUP_M": "constexpr"}
-    const = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}
-    return (CompileConfig(_backproj_update_kernel, sig, const, num_warps=8, tensor_cores=True),
+    const = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+    return (CompileConfig(_backproj_update_kernel, sig, const, num_warps=4, tensor_cores=True),
             CompileConfig(_backproj_update_kernel, dict(sig, w_ptr="*bf16", a_ptr="*bf16"), const,
-                          num_warps=8, tensor_cores=True))
+                          num_warps=4, tensor_cores=True))
 
 
 register_kernel("backproject_update", backproject_update, backproject_update_ref, _configs())

@@ -49,12 +49,12 @@ def test_q4_codec_matches_reference(n, signed, dtype, seed):
 def _check_requantized(codes, absmax, codes_r, absmax_r, value, err, bits, signed, block):
     """Codes after a fused step: equal to the reference's, or one apart at a midpoint."""
     u = U[torch.float32]
-    assert_within(absmax, absmax_r, err.reshape(-1).new_zeros(absmax.numel()).index_reduce_(
-        0, torch.arange(err.numel()) // block, err.reshape(-1), "amax") + 0, "absmax")
     _, mids = tables(bits, signed, "cpu")
     pad = (-value.numel()) % block
     flat = torch.cat([value.reshape(-1).double(), value.new_zeros(pad).double()]).view(-1, block)
     errs = torch.cat([err.reshape(-1), err.new_zeros(pad)]).view(-1, block)
+    # a block's absmax is off by at most its largest value error
+    assert_within(absmax, absmax_r, errs.amax(1), "absmax")
     scale = absmax_r.double().clamp(min=1e-38)[:, None]
     scaled = (flat / scale).clamp(-1, 1)
     # value error over absmax, plus the absmax error, plus 2 roundings of the scaling
