@@ -68,6 +68,9 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = DEFAULT_GROUP, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
+        if not hasattr(torch.Tensor, "grad_dtype"):
+            # a float gradient on an int8 weight needs Tensor.grad_dtype (tested on 2.11, 2.13)
+            raise RuntimeError(f"QuantLinear needs a torch with Tensor.grad_dtype; this is {torch.__version__}")
         if not isinstance(group_size, int) or group_size <= 0:
             raise ValueError(f"option 'weight_group_size' must be a positive integer, got {group_size!r}")
         self.in_features, self.out_features = in_features, out_features
