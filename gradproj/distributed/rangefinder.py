@@ -14,9 +14,10 @@ right basis is `range_finder(Gᵀ)` — the same algorithm the single-process pr
     C_k = G_k·Q;  Bᵀ = C = [C_1; …; C_W]       all-gather m×w
     basis = Q · svd(B).U[:, :r]
 
-Bytes per refresh: (2q+1)·n·w + 2q·w² + m·w floats, against m·n to gather G: at a 7B
-MLP shape (4096×11008, r = 512, p = 8, q = 1) that is 31.6 M vs 45.1 M floats
-per layer, and at r = 128 8.7 M vs 45.1 M (benchmarks/distributed_refresh.py).
+Floats per refresh, all collectives together: (q+1)·n·w (all-reduces of Y) + 2q·w²
+(Grams) + m·w (the gather of C), against m·n to gather G. At LLaMA-7B's down projection
+(4096×11008, p = 8, q = 1): 3.6 M vs 45.1 M floats at r = 128 (8 %), 14.1 M at r = 512
+(31 %). Measured per rank by benchmarks/distributed_refresh.py: 12.8 MiB sent vs 172 MiB.
 
 Why each piece is what it is, so that the result equals the single-process basis to
 fp32 rounding (signs included, which matters: GaLore keeps its moments across refreshes):
@@ -27,6 +28,9 @@ fp32 rounding (signs included, which matters: GaLore keeps its moments across re
   reflector depends on v·vᵀ only), so the next Q is unchanged.
 - The final small SVD is of the same w×m matrix B the single-process code factors; an SVD
   of an equivalent w×w factor would pick its own signs, hence the m×w gather.
+Rounding can still tip LAPACK's sign for a column now and then (so can the all-reduce
+order under DDP, or a different BLAS thread count in one process): with moments = "keep"
+such a flip moves a run by O(lr); moments = "rotate" makes the step sign-invariant.
 """
 from __future__ import annotations
 
@@ -120,6 +124,6 @@ def sharded_range_finder(g_local: torch.Tensor, rank: int, *, oversample: int, p
 
 
 def range_finder_floats(m: int, n: int, rank: int, oversample: int, power_iters: int) -> int:
-    """Floats one rank sends into collectives per sharded refresh (all-reduce/all-gather payloads)."""
+    """Floats in the collectives of one sharded refresh of an m×n gradient (m rows sharded)."""
     w = min(rank + oversample, m, n)
-    return (2 * power_iters + 1) * n * w + 2 * power_iters * w * w + m * w
+    return (power_iters + 1) * n * w + 2 * power_iters * w * w + m * w
