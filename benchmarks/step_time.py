@@ -138,7 +138,8 @@ def state_nbytes(opt: torch.optim.Optimizer) -> int:
     return sum(nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def refresh_costs(model, rank: int, device: str, repeats: int) -> dict[str, float]:
+def refresh_costs(model, rank: int, device: str, repeats: int,
+                  kinds: set) -> dict[str, float]:
     """Seconds of one refresh of every projected weight, per refresh kind.
 
     Timed once per distinct shape and multiplied by its count; the kinds fit the same
@@ -153,13 +154,11 @@ def refresh_costs(model, rank: int, device: str, repeats: int) -> dict[str, floa
         side = resolve_side("std", shape)
         fits = {name: (lambda proj=gp.PROJECTORS.create(name):
                        proj.fit(g, {}, rank=rank, side=side, seed=0, dtype=torch.float32))
-                for name in ("svd", "randomized")}
-        try:
+                for name in ("svd", "randomized") if name in kinds}
+        if "galore-torch" in kinds:  # built above, so its import works
             from galore_torch.galore_projector import GaLoreProjector
             gt = GaLoreProjector(rank, update_proj_gap=GAP, scale=SCALE)
             fits["galore-torch"] = lambda: gt.get_orthogonal_matrix(g, rank, side)
-        except ImportError:
-            pass
         times: dict[str, list[float]] = {name: [] for name in fits}
         for r in range(repeats + 1):  # round 0 warms up LAPACK workspaces / cuSOLVER handles
             for name, fit in fits.items():
@@ -202,7 +201,8 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None) -> 
             print(f"   skipped {name}: {type(exc).__name__}: {message}")
             continue
         opts[name], kinds[name] = opt, kind
-    refresh = refresh_costs(model, rank, device, 3) if any(kinds.values()) else {}
+    used = {k for k in kinds.values() if k}
+    refresh = refresh_costs(model, rank, device, 3, used) if used else {}
     times = {name: [] for name in opts}
     names = list(opts)
     for r in range(repeats):  # rotate the order every round so no one always runs first
