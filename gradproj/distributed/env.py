@@ -55,14 +55,19 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    if torch.cuda.is_available():
+def default_device(local_rank: int = 0, device: str = "auto") -> torch.device:
+    """cuda:<local rank> when asked ("cuda") or available ("auto"); else the CPU."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def init_distributed(parallel: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
-    """Join (or create) the default process group for `parallel`; a no-op for "none"."""
+def init_distributed(parallel: str, *, device: str = "auto",
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """Join (or create) the default process group for `parallel`; a no-op for "none".
+
+    `device`: "auto" (CUDA if present), "cuda" or "cpu" — [train] device; "cpu" on a GPU
+    machine gives gloo, which is how the CPU tests run anywhere."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"option 'parallel' must be one of {', '.join(PARALLEL_MODES)}, "
                          f"got {parallel!r}")
@@ -71,12 +76,12 @@ def init_distributed(parallel: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
         if world > 1:
             raise ValueError(f"launched with WORLD_SIZE={world} but [train] parallel = \"none\"; "
                              f"set parallel to \"ddp\" or \"fsdp2\"")
-        return DistEnv(device=default_device())
+        return DistEnv(device=default_device(0, device))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = default_device(local_rank)
-    backend = backend_for(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    where = default_device(local_rank, device)
+    backend = backend_for(where)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain `python -m gradproj` with parallel set
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -84,8 +89,8 @@ def init_distributed(parallel: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    return DistEnv(parallel, dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
+                                **({"device_id": where} if where.type == "cuda" else {}))
+    return DistEnv(parallel, dist.get_rank(), dist.get_world_size(), local_rank, backend, where)
 
 
 def shutdown() -> None:

@@ -26,8 +26,8 @@ class RunContext:
         self.env = env
 
     @classmethod
-    def start(cls, parallel: str) -> "RunContext":
-        return cls(init_distributed(parallel))
+    def start(cls, parallel: str, device: str = "auto") -> "RunContext":
+        return cls(init_distributed(parallel, device=device))
 
     @property
     def is_main(self) -> bool:

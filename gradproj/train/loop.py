@@ -87,7 +87,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         # torchrun: join the process group (gloo on CPU, NCCL on CUDA); "none": no-op
-        self.dist = RunContext.start(t.parallel)
+        self.dist = RunContext.start(t.parallel, t.device)
         self.dist.check(t.batch_size, t.per_layer)
         self.device = self.dist.env.device if self.dist.distributed else resolve_device(t.device)
         self.run_dir = spec.run_dir

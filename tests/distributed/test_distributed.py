@@ -155,6 +155,7 @@ threads = 1
 eval_batches = 2
 warmup_steps = 1
 parallel = "fsdp2"
+device = "cpu"
 
 [checkpoint]
 dir = "{run_dir}"

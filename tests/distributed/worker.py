@@ -116,7 +116,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else [*CHECKS, "rangefinder", "errors"]
     torch.set_num_threads(1)  # two ranks on two cores
-    env = init_distributed("ddp")
+    env = init_distributed("ddp", device="cpu")  # gloo on CPU, also on a GPU machine
     results = {}
     special = {"rangefinder": check_rangefinder, "errors": check_errors}
     for name in names:
