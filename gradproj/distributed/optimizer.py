@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..optimizers.lowrank import LowRankOptimizer, matrix_shape
+from ..projectors.svd import SVDProjector
 from ..quant.linear import compute_dtype
 from ..registry import RULES
 from ..residuals.base import Drop
@@ -176,30 +177,41 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         group_pg = self.process_group
         me, world = dist.get_rank(group_pg), dist.get_world_size(group_pg)
         costs = []
-        for p, group, _ in jobs:  # fit flops ∝ m·n·min(m, n) (SVD) or m·n·r (range finder)
-            m, n = matrix_shape(p)
-            costs.append(m * n * min(m, n, group["rank"] * 8))
+        for p, group, _ in jobs:  # fit flops: m·n·min(m, n) for an SVD, m·n·(r + p) otherwise
+            (m, n), projector = matrix_shape(p), self.plugins(group)[1]._plugin
+            costs.append(m * n * (min(m, n) if isinstance(projector, SVDProjector)
+                                  else group["rank"] + 8))
         owners = assign_owners(costs, world)
-        fulls = {}
-        for job, (p, group, state) in enumerate(jobs):
-            grad = p.grad
-            if self.parallel == "fsdp2":
-                local = grad.to_local()
-                full = gather_rows(local.reshape(local.shape[0], -1).float(),
-                                   row_layout(local.shape[0], group_pg, local.device)[2], owners[job], group_pg)
-            else:
-                full = grad
-            if owners[job] == me:
-                fulls[job] = full.float().reshape(matrix_shape(p))
+        # FSDP2 gathers each gradient whole onto its owner. In rounds of one job per rank,
+        # so a rank holds one full gradient at a time (all at once: ~3 GB per rank for a
+        # 7B model's 224 matrices), and the ranks still fit in parallel.
+        queues = [[job for job in range(len(jobs)) if owners[job] == r] for r in range(world)]
         fitted = {}
-        for job, g in fulls.items():
-            p, group, state = jobs[job]
-            fitted[job] = self._fit_full(p, g, state, group)
-        shared = share_entries(fitted, jobs[0][0].device if self.parallel == "ddp"
-                               else jobs[0][0].to_local().device, group_pg)
+        for round_ in range(max(len(q) for q in queues)):
+            mine = None
+            for owner, queue in enumerate(queues):
+                if round_ >= len(queue):
+                    continue
+                job = queue[round_]
+                p, group, state = jobs[job]
+                full = p.grad
+                if self.parallel == "fsdp2":
+                    local = p.grad.to_local()
+                    sizes = row_layout(local.shape[0], group_pg, local.device)[2]
+                    full = gather_rows(local.reshape(local.shape[0], -1).float(), sizes, owner,
+                                       group_pg)
+                if owner == me:
+                    mine = job, full.float().reshape(matrix_shape(p))
+            if mine is not None:
+                job, g = mine
+                p, group, state = jobs[job]
+                fitted[job] = self._fit_full(p, g, state, group)
+        device = jobs[0][0].grad.device if self.parallel == "ddp" else \
+            jobs[0][0].grad.to_local().device
+        shared = share_entries(fitted, device, group_pg)
         for job, (_, _, state) in enumerate(jobs):
             self._prefit[id(state)] = shared.get(job, {})
-        return len(fulls)
+        return len(fitted)
 
     def _fit_full(self, p, g, state, group) -> dict:
         """What a single process's refit writes for this step's full gradient g."""

@@ -63,13 +63,14 @@ def all_gather_rows(local: torch.Tensor, sizes: list[int], group=None) -> torch.
 
 
 def gather_rows(local: torch.Tensor, sizes: list[int], dst: int, group=None) -> torch.Tensor | None:
-    """The full matrix on rank `dst` (global rank), None elsewhere."""
+    """The full matrix on rank `dst` (of `group`), None elsewhere."""
     width = max(sizes)
     padded = local.new_zeros((width, *local.shape[1:]))
     padded[: local.shape[0]] = local
-    me = dist.get_rank()
+    me = dist.get_rank(group)
     parts = [torch.empty_like(padded) for _ in sizes] if me == dst else None
-    dist.gather(padded, parts, dst=dst, group=group)
+    dist.gather(padded, parts, dst=dst if group is None else dist.get_global_rank(group, dst),
+                group=group)
     if me != dst:
         return None
     return torch.cat([part[:rows] for part, rows in zip(parts, sizes)])
