@@ -156,6 +156,8 @@ eval_batches = 2
 warmup_steps = 1
 parallel = "fsdp2"
 device = "cpu"
+per_layer = true             # FSDP2 runs the hooks after each reduce-scatter
+grad_accum = 2
 
 [checkpoint]
 dir = "{run_dir}"
@@ -190,7 +192,7 @@ def losses(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_fsdp2_cli_killed_mid_checkpoint_resumes_exactly(tmp_path):
+def test_fsdp2_cli_per_layer_q8_fira_killed_mid_checkpoint_resumes_exactly(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for folder in (reference, killed):
         folder.mkdir()
