@@ -67,3 +67,20 @@ def test_best_7b_is_90_percent_smaller_and_under_12_gb():
     assert plan.spec.total < 12e9
     assert plan.spec.projector_bases == 0  # seed-regenerated
     assert plan.spec.scales["weights"] > 0  # INT8 weights carry fp32 group scales
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("llama-*.toml")), ids=lambda p: p.stem)
+def test_paper_examples_plan_below_bf16_adamw(path):
+    plan = gp.plan_memory(path, dtype="bfloat16")
+    assert 0 < plan.spec.optimizer_memory < plan.baselines["adamw-bf16"].optimizer_memory
+    assert plan.spec.total < plan.baselines["adamw-bf16"].total
+
+
+def test_memory_table_overrides_stay_valid():
+    from gradproj.memory.tables import METHODS, table
+
+    text, plans = table(["60m"])
+    assert text.count("|") > len(METHODS) and len(plans) == len(METHODS)
+    opt = {method: plans["60m", method][0] for method in METHODS}
+    # each step of the family saves optimizer memory over the one before it
+    assert opt["ours (best)"] < opt["Q-GaLore"] < opt["GaLore 8-bit"] < opt["GaLore"] < opt["AdamW BF16"]
