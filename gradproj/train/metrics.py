@@ -118,7 +118,9 @@ def plot_runs(run_dirs: list[Path], out: Path, baseline: float | None = None) ->
         records = read_metrics(run_dir)
         color = f"C{i % 10}"
         label = Path(run_dir).name
-        steps, train = _series(records, "loss/train")
+        # the mean over each log interval: a single step's loss is noisy at batch 16
+        key = "loss/train_avg" if any("loss/train_avg" in r for r in records) else "loss/train"
+        steps, train = _series(records, key)
         ax.plot(steps, train, color=color, lw=1.2, label=f"{label} train")
         steps, evals = _series(records, "loss/eval")
         if evals:
