@@ -53,7 +53,14 @@ def _run(spec, resume: bool) -> int:
     from .loop import RunDirInUse, Trainer  # torch-heavy: imported when a run starts
 
     try:
-        trainer = Trainer(spec, resume=resume)
+        try:
+            trainer = Trainer(spec, resume=resume)
+        except (DataError, RunDirInUse):
+            raise
+        except ValueError as exc:
+            # an option only the real model can reject (a weight group size that does not
+            # fit a layer, a projector option checked at fit time): the spec's fault
+            raise SpecError(spec.source, [Issue("[optimizer]", str(exc))]) from None
         summary = trainer.run()
     except DataError as exc:
         raise SpecError(spec.source, [Issue(f"[data].{exc.key}", str(exc))]) from None
