@@ -3,10 +3,13 @@ and get exactly the losses of the uninterrupted run; a partial checkpoint is nev
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,32 @@ def test_sigkill_at_random_step_then_resume_is_exact(tmp_path, reference, capsys
         return
     assert main(["resume", str(run_dir)]) == 0
     assert losses(run_dir) == reference, f"killed after step {k}"
+
+
+@pytest.mark.slow
+def test_external_sigkill_at_a_random_moment_then_resume_is_exact(tmp_path):
+    """`kill -9` from outside, whenever the run has logged a random step k."""
+    steps = 60
+    text = SPEC.replace(f"steps = {STEPS}", f"steps = {steps}")
+    reference_dir = tmp_path / "reference"
+    assert main(["train", str(write_spec(tmp_path, text, "ref.toml", reference_dir))]) == 0
+    k = random.Random().randrange(EVERY + 1, 30)  # after the first checkpoint
+    run_dir = tmp_path / "run"
+    spec = write_spec(tmp_path, text, "run.toml", run_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "gradproj", "train", str(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["step"] >= k for r in read_metrics(run_dir)):
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = max(r["step"] for r in read_metrics(run_dir))
+    assert proc.returncode == -9 and killed_at < steps
+    assert main(["resume", str(run_dir)]) == 0
+    assert losses(run_dir) == losses(reference_dir), f"killed after step {killed_at}"
 
 
 @pytest.mark.slow
