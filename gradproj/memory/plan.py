@@ -148,15 +148,13 @@ def weight_dtype(spec, dtype: str | torch.dtype | None = None) -> tuple[torch.dt
     """The dtype weights are stored in, and notes on how it was chosen."""
     if isinstance(dtype, torch.dtype):
         return dtype, []
-    name = dtype or getattr(spec.train, "dtype", None)
-    if name is None:
-        if spec.train.autocast == "bf16":
-            return torch.float32, [
-                "fp32 weights with bf16 autocast: activations traced in bf16 (meta tensors "
-                "have no autocast); autocast's bf16 weight copies are not counted"]
-        return torch.float32, []
+    name = dtype or spec.train.dtype
     if name not in DTYPES:
         raise ValueError(f"plan_memory: dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if DTYPES[name] == torch.float32 and spec.train.autocast == "bf16":
+        return torch.float32, [
+            "fp32 weights with bf16 autocast: activations traced in bf16 (meta tensors "
+            "have no autocast); autocast's bf16 weight copies are not counted"]
     return DTYPES[name], []
 
 

@@ -2,8 +2,8 @@
 
 One row per paper size (examples/llama-{60m,130m,350m,1b,7b}-galore.toml), one column per
 method. Every method is the size's GaLore example with `--set` overrides, so a cell is
-reproduced by `gradproj memory EXAMPLE --dtype bfloat16 --set ...` with the overrides below.
-All rows store weights in bfloat16 (the papers' setting) and use a 256-token micro-batch
+reproduced by `gradproj memory EXAMPLE --set ...` with the overrides below.
+All rows store weights in bfloat16 (the examples' `[train] dtype`, the papers' setting) and use a 256-token micro-batch
 (1 x 256, the token batch of GaLore's Figure 1) without activation checkpointing.
 """
 from __future__ import annotations

@@ -104,8 +104,9 @@ class Trainer:
                                   vocab, "train")
         self.eval_data = Batches(self.corpus.eval, spec.data.seq_len, t.batch_size, t.seed + 1,
                                  vocab, "eval")
-        self.model = self.dist.wrap(build_model(spec.model, seed=t.seed, device=self.device,
-                                                activation_checkpointing=t.activation_checkpointing))
+        model = build_model(spec.model, seed=t.seed, device=self.device,
+                            activation_checkpointing=t.activation_checkpointing)
+        self.model = self.dist.wrap(model.to(getattr(torch, t.dtype)))
         # after wrapping: under FSDP2 the optimizer must hold the sharded (DTensor) weights
         self.opt = self.dist.optimizer(spec.optimizer.build(self.dist.module(self.model)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))

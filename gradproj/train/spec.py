@@ -74,6 +74,8 @@ class TrainSpec:
     warmup_steps: int = spec_field(0, integer(0), "linear warmup from 0")
     min_lr_ratio: float = spec_field(0.1, number(0, 1), "final lr / peak lr (GaLore: 0.1)")
     grad_clip: float = spec_field(0.0, number(0), "global gradient-norm clip; 0 = off")
+    dtype: str = spec_field("float32", choice("float32", "bfloat16"),
+                            "weight storage dtype (bfloat16: the papers' pure-BF16 training)")
     autocast: str = spec_field("none", choice("none", "bf16"), "mixed-precision forward")
     activation_checkpointing: bool = spec_field(False, boolean(), "recompute blocks in backward")
     max_bad_steps: int = spec_field(5, integer(1), "stop after this many non-finite steps in a row")

@@ -131,3 +131,4 @@ def test_plot_overlays_runs(tmp_path, capsys):
     out = tmp_path / "both.png"
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out)]) == 0
     assert out.stat().st_size > 10_000
+

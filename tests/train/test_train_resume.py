@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradproj.train.checkpoint import CheckpointManager
 from gradproj.train.cli import main
@@ -186,3 +187,28 @@ def test_resume_extends_a_finished_run(tmp_path, reference):
     assert sorted(got) == list(range(1, STEPS + 1))
     # ...and a second `train` into the same folder is refused with a pointer to resume
     assert main(["train", str(spec)]) == 2
+
+
+def test_bf16_weights_resume_exactly(tmp_path, monkeypatch):
+    """[train] dtype = "bfloat16" (the papers' pure-BF16 weights) checkpoints and resumes
+    exactly: weights stay bf16, the optimizer keeps its own fp32 state dtypes."""
+    from gradproj.train import loop
+
+    spec_text = SPEC.replace("threads = 1", 'threads = 1\ndtype = "bfloat16"')
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert main(["train", str(write_spec(tmp_path, spec_text, "a.toml", ref_dir))]) == 0
+    original = loop.Trainer.train_step
+    dtypes = set()
+
+    def crash(self):
+        dtypes.update(p.dtype for p in self.model.parameters())
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", crash)
+    assert main(["train", str(write_spec(tmp_path, spec_text, "b.toml", run_dir))]) == 130
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
+    assert main(["resume", str(run_dir)]) == 0
+    assert dtypes == {torch.bfloat16}
+    assert losses(run_dir) == losses(ref_dir)
