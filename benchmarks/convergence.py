@@ -107,6 +107,40 @@ def train(name: str, lr: float, steps: int, out: Path, args) -> dict:
             "state_mib": memory[-1] if memory else math.nan, "tokens": summary["tokens"]}
 
 
+def time_steps(results: list[dict], steps: int, out: Path, args) -> None:
+    """Training-step time relative to AdamW, interleaved so that it holds under load.
+
+    The final runs are sequential, so their wall times move with whatever else the
+    machine runs (the first full run saw AdamW's steps at 0.35 s and, after the load
+    dropped, the others' at 0.15 s: a 0.42 "ratio" that was only load). Here one Trainer
+    per method (its final lr) takes `train_step` in rotating round-robin order; each
+    round's ratio to AdamW's step, median over rounds, goes into the table. Steady steps:
+    at T = 100 an SVD refresh of the tiny model's 28 weights adds < 1 % per step."""
+    done = [r for r in results if "missing" not in r]
+    if not args.timing_rounds or not any(r["method"] == "AdamW" for r in done):
+        return
+    trainers = {}
+    for r in done:
+        run_dir = out / "timing" / slug(r["method"])
+        shutil.rmtree(run_dir, ignore_errors=True)
+        trainers[r["method"]] = Trainer(spec_from_dict(spec_dict(r["method"], r["lr"], steps,
+                                                                 run_dir, args)))
+    for trainer in trainers.values():
+        for _ in range(2):  # the first step allocates state and fits the first basis
+            trainer.train_step()
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    names = list(trainers)
+    for k in range(args.timing_rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            start = time.perf_counter()
+            trainers[name].train_step()
+            times[name].append(time.perf_counter() - start)
+    for r in done:
+        r["step_ms"] = statistics.median(times[r["method"]]) * 1e3
+        r["step_x_adamw"] = statistics.median(
+            t / b for t, b in zip(times[r["method"]], times["AdamW"]))
+
+
 def available(name: str) -> str | None:
     """None when the method can run here, else why not (its preset is not registered)."""
     preset = METHODS[name][0]
@@ -181,19 +215,22 @@ def markdown(results: list[dict], args, steps: int) -> str:
              f"{'no sweep (--quick)' if args.quick else 'lr swept over 3+ values (grown past an edge up to --extend times), 1/4-length runs'}.",
              "",
              "| method | lr | final eval loss | ppl/byte | vs AdamW | optimizer state (MiB) | "
-             "wall (s) | step time × AdamW |",
+             "wall (s) | train step × AdamW |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "missing" in r:
             lines.append(f"| {r['method']} | — | {r['missing']} | | | | | |")
             continue
         rel = f"{(r['eval_loss'] / base['eval_loss'] - 1) * 100:+.2f} %" if base else "—"
-        speed = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
+        speed = f"{r['step_x_adamw']:.2f}" if "step_x_adamw" in r else "—"
         edge = "*" if r.get("lr_at_edge") else ""
         lines.append(f"| {r['method']} | {r['lr']:g}{edge} | {r['eval_loss']:.4f} | "
                      f"{math.exp(min(r['eval_loss'], 50)):.3f} | {rel} | {r['state_mib']:.2f} | "
                      f"{r['wall_s']:.0f} | {speed} |")
-    lines += ["", "\\* best lr still at the edge of its sweep grid after extending it.", ""] + targets(results)
+    lines += ["", "\\* best lr still at the edge of its sweep grid after extending it. "
+              "wall: the final run, sequential (moves with the machine's load); train step × "
+              f"AdamW: median over {args.timing_rounds} interleaved rounds of forward, "
+              "backward and optimizer step.", ""] + targets(results)
     return "\n".join(lines)
 
 
@@ -256,8 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     # 1 thread: with other jobs on the 2 cores, 2 OpenMP threads spin against them and a
     # tiny-model step took 3.6 s instead of 0.59 s (measured here at load average 10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timing-rounds", type=int, default=-1,
+                        help="interleaved timing rounds (default 15, --quick 5; 0 skips)")
     args = parser.parse_args(argv)
     steps = args.steps or (40 if args.quick else 300)
+    if args.timing_rounds < 0:
+        args.timing_rounds = 5 if args.quick else 15
     if args.quick:
         args.eval_batches = min(args.eval_batches, 4)
     wanted = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
@@ -271,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
 
     log(f"{len(names)} methods, {steps} steps each, load average {os.getloadavg()[0]:.1f}")
     results = [run_method(name, steps, out, args, log) for name in names]
+    log("interleaved step timing")
+    time_steps(results, steps, out, args)
     text = markdown(results, args, steps)
     text += (f"\n\nTotal {time.perf_counter() - begin:.0f} s; load average "
              f"{os.getloadavg()[0]:.1f} at the end (other jobs shared the 2 cores).\n")
