@@ -20,7 +20,6 @@ one file format — safetensors + JSON, readable without torch.distributed — a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ..train.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, Loaded,
-                                _fsync_dir, _fsync_file, _plain, optimizer_from_flat,
-                                optimizer_to_flat)
+                                _plain, optimizer_from_flat, optimizer_to_flat)
 from .wrap import local_tensor, unwrap
 
 
@@ -89,21 +87,8 @@ class DistributedCheckpointManager(CheckpointManager):
             sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
             meta = {"format": FORMAT_VERSION, "step": step, "parallel": "fsdp2",
                     "world_size": self.world, "optimizer": metas,
-                    "scheduler": _plain(sched, "scheduler"), "loop": _plain(loop, "loop"),
-                    "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            _fsync_file(tmp / "meta.json")
-            _fsync_dir(tmp)
-            if final.exists():
-                self._discard(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            pointer = self.root / "latest.tmp"
-            pointer.write_text(final.name + "\n")
-            _fsync_file(pointer)
-            os.replace(pointer, self.root / "latest")
-            _fsync_dir(self.root)
-            self._prune()
+                    "scheduler": _plain(sched, "scheduler"), "loop": _plain(loop, "loop")}
+            self._publish(tmp, final, meta)
         dist.barrier()
         return final
 

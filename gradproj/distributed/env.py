@@ -77,7 +77,7 @@ def init_distributed(parallel: str, *, device: str = "auto",
             raise ValueError(f"launched with WORLD_SIZE={world} but [train] parallel = \"none\"; "
                              f"set parallel to \"ddp\" or \"fsdp2\"")
         return DistEnv(device=default_device(0, device))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     where = default_device(local_rank, device)
     backend = backend_for(where)
     if where.type == "cuda":

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
-from .qmaps import _nearest_code, _scale_rows, nearest_code_ref, scale_ref, tables
+from .qmaps import _nearest_code, nearest_code_ref, scale_ref, tables
 
 BLOCK = 128
 HALF = BLOCK // 2
@@ -28,7 +28,7 @@ def q4_nbytes(numel: int) -> int:
 
 @triton.jit
 def _scale_pairs(lo, hi, lo_ok, hi_ok):
-    """`_scale_rows` over a block held as its even (lo) and odd (hi) halves."""
+    """`qmaps._scale_rows` over a block held as its even (lo) and odd (hi) halves."""
     absmax = tl.maximum(tl.max(tl.where(lo_ok, tl.abs(lo), 0.0), axis=1),
                         tl.max(tl.where(hi_ok, tl.abs(hi), 0.0), axis=1))
     tiny = tl.full(absmax.shape, 1e-38, tl.float32)  # a bare 1e-38 literal is fp64 in triton 3.6

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..kernels.adam import fused_adamw
 from ..registry import RULES
 from .base import Rule, check_betas, check_positive

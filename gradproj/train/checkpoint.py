@@ -128,8 +128,13 @@ class CheckpointManager:
         self._write_tensors(tmp / "extra.safetensors", extra)
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         meta = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
-                "scheduler": _plain(sched, "scheduler"), "loop": _plain(loop, "loop"),
-                "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+                "scheduler": _plain(sched, "scheduler"), "loop": _plain(loop, "loop")}
+        return self._publish(tmp, final, meta)
+
+    def _publish(self, tmp: Path, final: Path, meta: dict) -> Path:
+        """Write meta.json (with every file's size) last, then rename tmp -> final and
+        repoint `latest`, each step fsynced: a reader sees a whole checkpoint or none."""
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_file(tmp / "meta.json")
         _fsync_dir(tmp)
