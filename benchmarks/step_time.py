@@ -1,7 +1,7 @@
 """Optimizer step time at LLaMA 60M / 130M / 350M weight shapes, low-rank vs the baselines.
 
-    python benchmarks/step_time.py                      # 60m, 130m, 350m on CPU (~10 min)
-    python benchmarks/step_time.py --quick              # the "tiny" model, a few seconds
+    python benchmarks/step_time.py --threads 1          # 60m, 130m, 350m on CPU (~35 min)
+    python benchmarks/step_time.py --quick              # the "tiny" model, 10 s idle, ~1 min loaded
     python benchmarks/step_time.py --device cuda        # on a GPU
     python benchmarks/step_time.py --sizes 60m --repeats 9 --out results.md
 
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_size(size, args.device, repeats, only)
         print(table([r for r in rows if r["size"] == size]), flush=True)
     text = table(rows)
-    print("\n" + text)
+    if len(sizes) > 1:  # each size's table was printed as it finished
+        print("\n" + text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
