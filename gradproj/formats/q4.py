@@ -7,7 +7,7 @@ Under a key prefix `key` a moment of n ≥ 4096 values is stored as
                             shape through checkpoints as a tensor (state stays tensors
                             and plain scalars, so `torch.load(weights_only=True)` works)
     state[f"{key}.signed"]  bool: dynamic map (first moments) or linear map (second)
-Smaller moments keep fp32 under `state[key]`, as `q8` does. The fused 4-bit Adam step of
+Smaller moments keep fp32 (see `blockwise.py`). The fused 4-bit Adam step of
 `kernels/adam_q4.py` updates these tensors in place.
 """
 from __future__ import annotations
@@ -19,43 +19,29 @@ import torch
 from ..kernels.q4 import q4_dequantize, q4_nbytes, q4_quantize
 from ..kernels.qmaps import zero_code
 from ..registry import STATE_FORMATS
-from .base import StateFormat
-from .q8 import MIN_QUANTIZED_NUMEL
+from .blockwise import BlockwiseFormat
 
 
 @STATE_FORMATS.register("q4", aliases=("4bit",))
-class Q4Format(StateFormat):
+class Q4Format(BlockwiseFormat):
     """Blockwise 4-bit moments (torchao maps), 2 codes per byte, fp32 below 4096 elements."""
 
     bits = 4
 
-    def zeros(self, state, key, shape, device, signed):
-        numel = math.prod(shape)
-        if numel < MIN_QUANTIZED_NUMEL:
-            state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
-            return
-        blocks = -(-numel // 128)
+    def allocate(self, state, key, shape, device, signed):
+        blocks = -(-math.prod(shape) // 128)
         code = zero_code(self.bits, signed)
         state[f"{key}.codes"] = torch.full((blocks * 64,), code | (code << 4), dtype=torch.uint8,
                                            device=device)
         state[f"{key}.absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
         state[f"{key}.shape"] = torch.empty((0, *shape), dtype=torch.uint8, device=device)
-        state[f"{key}.signed"] = bool(signed)
 
-    def read(self, state, key):
-        if key in state:
-            return state[key].float()
+    def quantize(self, value, state, key):
+        return q4_quantize(value, state[f"{key}.signed"])
+
+    def dequantize(self, state, key):
         return q4_dequantize(state[f"{key}.codes"], state[f"{key}.absmax"],
                              state[f"{key}.signed"], tuple(state[f"{key}.shape"].shape[1:]))
 
-    def write(self, state, key, value):
-        if key in state:
-            state[key].copy_(value)
-            return
-        codes, absmax = q4_quantize(value, state[f"{key}.signed"])
-        state[f"{key}.codes"].copy_(codes)
-        state[f"{key}.absmax"].copy_(absmax)
-
-    def nbytes(self, shape, signed=True):
-        numel = math.prod(shape)
-        return 4 * numel if numel < MIN_QUANTIZED_NUMEL else q4_nbytes(numel)
+    def quantized_nbytes(self, numel):
+        return q4_nbytes(numel)
