@@ -28,15 +28,13 @@ from torch.distributed.tensor import DTensor
 from ..optimizers.lowrank import LowRankOptimizer, matrix_shape
 from ..projectors.svd import SVDProjector
 from ..quant.linear import compute_dtype
-from ..registry import RULES
+from ..seeds import refresh_seed
 from ..residuals.base import Drop
 from .exchange import assign_owners, fitted_entries, share_entries
 from .rangefinder import gather_rows, row_layout
 from .sharded import ShardedProjector, ShardedResidual
 
 DISTRIBUTED_MODES = ("ddp", "fsdp2")
-# rules whose update of an entry reads only that entry's gradient and moments
-SHARD_LOCAL_RULES = ("adamw", "lion", "sgdm", "adabelief")
 
 
 class DistributedLowRankOptimizer(LowRankOptimizer):
@@ -76,11 +74,10 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         key = id(projector), id(residual)
         if key not in self._wrapped:
             if self.parallel == "fsdp2":
-                name = RULES.canonical(group["rule"])
-                if not getattr(rule, "shard_local", name in SHARD_LOCAL_RULES):
+                if not rule.batched:  # elementwise rules are shard-local
                     raise ValueError(f"rule {group['rule']!r} is not supported under parallel = "
                                      f"\"fsdp2\": it reduces across the rows FSDP2 splits between "
-                                     f"ranks; use one of {', '.join(SHARD_LOCAL_RULES)}")
+                                     f"ranks; use an elementwise rule (adamw, lion, sgdm, adabelief)")
             sharded_residual = (ShardedResidual.wrap(residual, self)
                                 if self.parallel == "fsdp2" and not isinstance(residual, Drop)
                                 else residual)
@@ -144,7 +141,13 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
                 loss = closure()
         self.sharded_refresh()
         try:
-            super().step()
+            if self.parallel == "fsdp2":  # DTensor shards step one at a time (`_on_shard`)
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            self.step_param(p, group)
+            else:
+                super().step()
         finally:
             self._prefit.clear()
         return loss
@@ -219,7 +222,7 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         step = state["step"]  # before the step's increment, as `_refresh_if_due` sees it
         scratch = dict(state)
         projector.fit(g, scratch, rank=group["rank"], side=self.side(p, group),
-                      seed=state["seed"] * 1_000_003 + step, dtype=compute_dtype(p))
+                      seed=refresh_seed(state["seed"], step), dtype=compute_dtype(p))
         return fitted_entries(state, scratch)
 
     # -- conversion ------------------------------------------------------------------------

@@ -19,15 +19,9 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..projectors.randomized import RandomizedProjector
+from ..seeds import param_index
 from .exchange import broadcast_entries, fitted_entries
 from .rangefinder import gather_rows, row_layout, sharded_range_finder
-
-SEED_STRIDE = 1_000_003  # LowRankOptimizer: state seed = group seed · 1_000_003 + param index
-
-
-def param_index(state: dict) -> int:
-    return int(state["seed"]) % SEED_STRIDE
-
 
 def _mirror(mixin: type, inner, optimizer):
     """An object of a subclass of (mixin, type(inner)) sharing inner's attributes.
@@ -75,7 +69,7 @@ class ShardedProjector:
             self._plugin.store_basis(state, "right", basis, dtype)
             return
         world = torch.distributed.get_world_size(group)
-        owner = param_index(state) % world
+        owner = param_index(state["seed"]) % world
         full = grad
         if opt.parallel == "fsdp2":
             full = gather_rows(grad, row_layout(grad.shape[0], group, grad.device)[2], owner, group)
@@ -102,14 +96,16 @@ def _lower(value: DTensor) -> torch.Tensor:
 class ShardedResidual:
     """Mixed into the wrapped residual's class (FSDP2): `combine` sees row-sharded DTensors."""
 
+    batched = False  # one weight's local rows at a time, lifted to a DTensor
+
     @classmethod
     def wrap(cls, inner, optimizer):
         return _mirror(cls, inner, optimizer)
 
-    def combine(self, grad, low_grad, direction, back, state, group):
+    def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
         param = self._dist_opt._current
         if grad is None or not isinstance(param, DTensor):
-            return self._plugin.combine(grad, low_grad, direction, back, state, group)
+            return self._plugin.combine(grad, low_grad, direction, back, state, group, folded_scale)
         mesh, rows = param.device_mesh, param.shape[0]
 
         def sharded_back(x):
@@ -120,7 +116,8 @@ class ShardedResidual:
             state[key] = DTensor.from_local(state[key], mesh, [Replicate()], run_check=False)
         try:
             update = self._plugin.combine(_lift(grad, mesh, rows), _lift(low_grad, mesh, rows),
-                                        _lift(direction, mesh, rows), sharded_back, state, group)
+                                        _lift(direction, mesh, rows), sharded_back, state, group,
+                                        folded_scale)
         finally:
             for key, value in list(state.items()):
                 if isinstance(value, DTensor):

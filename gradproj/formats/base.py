@@ -9,6 +9,15 @@ state dict under a key prefix, so state stays tensors and plain scalars only:
 
 `nbytes(shape, signed)` is the exact storage cost (codes + scales), used by
 `proj_type="auto"` and the memory planner, so they agree with what training allocates.
+
+A format also owns the fused moment updates that need its layout (`adam_step`): the
+rule passes numbers and the moments' key names, and the format hands its own tensors
+to the kernel. Rules never read a format's keys.
+
+`stackable(shape)`: whether the entries of k same-shape moments may be stacked along a
+new leading dimension and handled as one k×shape moment (the optimizer's buckets do
+that); true for dense storage, and for blockwise storage whose blocks never straddle
+two moments.
 """
 from __future__ import annotations
 
@@ -16,11 +25,15 @@ import math
 
 import torch
 
+from ..kernels.adam import adam_step, adam_step_ref
 from ..registry import STATE_FORMATS
 
 
 class StateFormat:
     """Base class: a storage layout for one moment tensor."""
+
+    def stackable(self, shape: tuple[int, ...]) -> bool:
+        return False
 
     def zeros(self, state: dict, key: str, shape: tuple[int, ...], device, signed: bool) -> None:
         raise NotImplementedError
@@ -37,6 +50,19 @@ class StateFormat:
     def bytes_per_element(self, numel: int = 1 << 20, signed: bool = True) -> float:
         """Average storage bytes per element for a tensor of `numel` elements."""
         return self.nbytes((numel,), signed) / numel
+
+    def adam_step(self, state: dict, m_key: str, v_key: str, grad: torch.Tensor, beta1: float,
+                  beta2: float, eps: float, step_size: float) -> torch.Tensor:
+        """M ← β1·M + (1−β1)·G;  V ← β2·V + (1−β2)·G²;  return step_size·M/(√V + ε).
+
+        This default reads both moments, runs the reference math and writes them back;
+        formats with a fused kernel for their layout override it.
+        """
+        m, v = self.read(state, m_key), self.read(state, v_key)
+        direction = adam_step_ref(grad, m, v, beta1, beta2, eps, step_size)
+        self.write(state, m_key, m)
+        self.write(state, v_key, v)
+        return direction
 
 
 class DenseFormat(StateFormat):
@@ -55,6 +81,12 @@ class DenseFormat(StateFormat):
 
     def nbytes(self, shape, signed=True):
         return math.prod(shape) * torch.finfo(self.dtype).bits // 8
+
+    def stackable(self, shape):
+        return True
+
+    def adam_step(self, state, m_key, v_key, grad, beta1, beta2, eps, step_size):
+        return adam_step(grad, state[m_key], state[v_key], beta1, beta2, eps, step_size)
 
 
 @STATE_FORMATS.register("fp32", aliases=("float32",))

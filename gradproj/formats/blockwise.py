@@ -12,13 +12,15 @@ import math
 
 import torch
 
+from ..kernels.adam import adam_step
 from .base import StateFormat
 
 MIN_QUANTIZED_NUMEL = 4096
 
 
 class BlockwiseFormat(StateFormat):
-    """Subclasses give the codec (`quantize`, `dequantize`), the code layout and its size."""
+    """Subclasses give the codec (`quantize`, `dequantize`), the code layout and its size,
+    and `fused_adam` (the fused 8-/4-bit Adam kernel for their codes)."""
 
     def allocate(self, state: dict, key: str, shape: tuple[int, ...], device, signed: bool) -> None:
         """Create `{key}.codes` and `{key}.absmax` holding an all-zero moment."""
@@ -32,6 +34,17 @@ class BlockwiseFormat(StateFormat):
 
     def quantized_nbytes(self, numel: int) -> int:
         raise NotImplementedError
+
+    def fused_adam(self, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
+                   step_size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adam_step(self, state, m_key, v_key, grad, beta1, beta2, eps, step_size):
+        if m_key in state:  # small moments are fp32 tensors
+            return adam_step(grad, state[m_key], state[v_key], beta1, beta2, eps, step_size)
+        return self.fused_adam(grad, state[f"{m_key}.codes"], state[f"{m_key}.absmax"],
+                               state[f"{v_key}.codes"], state[f"{v_key}.absmax"], beta1, beta2,
+                               eps, step_size)
 
     def zeros(self, state, key, shape, device, signed):
         if math.prod(shape) < MIN_QUANTIZED_NUMEL:
@@ -51,7 +64,8 @@ class BlockwiseFormat(StateFormat):
             return
         codes, absmax = self.quantize(value, state, key)
         state[f"{key}.codes"].copy_(codes)
-        state[f"{key}.absmax"].copy_(absmax)
+        target = state[f"{key}.absmax"]  # k×blocks when k moments are stacked
+        target.copy_(absmax.view(target.shape))
 
     def nbytes(self, shape, signed=True):
         numel = math.prod(shape)

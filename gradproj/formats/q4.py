@@ -16,10 +16,11 @@ import math
 
 import torch
 
+from ..kernels.adam_q4 import adam_q4_step
 from ..kernels.q4 import q4_dequantize, q4_nbytes, q4_quantize
 from ..kernels.qmaps import zero_code
 from ..registry import STATE_FORMATS
-from .blockwise import BlockwiseFormat
+from .blockwise import MIN_QUANTIZED_NUMEL, BlockwiseFormat
 
 
 @STATE_FORMATS.register("q4", aliases=("4bit",))
@@ -45,3 +46,12 @@ class Q4Format(BlockwiseFormat):
 
     def quantized_nbytes(self, numel):
         return q4_nbytes(numel)
+
+    def stackable(self, shape):
+        # packed codes are flat and carry the moment's shape in `.shape`: only the small
+        # fp32 moments stack
+        return math.prod(shape) < MIN_QUANTIZED_NUMEL
+
+    def fused_adam(self, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, step_size):
+        return adam_q4_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
+                            step_size)

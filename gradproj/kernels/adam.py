@@ -7,16 +7,14 @@ PyTorch chain of `rules/adamw.py` makes ~8 passes and 3 temporaries):
 
 M and V may be stored fp32, bf16 or fp16 (storage only: the math is fp32, and N is computed
 from the fp32 moments before they are rounded to storage, as the reference does).
-β, 1−β, ε and `step_size` = √(1−β2ᵗ)/(1−β1ᵗ) are runtime arguments, computed on the host in
-float64 from the integer step, so a new step never recompiles. Division and square root use
-the IEEE-rounded `div_rn`/`sqrt_rn` (Triton's default `/` and `sqrt` are approximate on
+β, 1−β, ε and `step_size` (the rule's `step_scale`, √(1−β2ᵗ)/(1−β1ᵗ) for AdamW) are runtime
+arguments computed on the host from the integer step, so a new step never recompiles.
+Division and square root use the IEEE-rounded `div_rn`/`sqrt_rn` (Triton's default `/` and `sqrt` are approximate on
 NVIDIA), so the kernel matches the reference to a few fp32 ulps.
 
-`fused_adamw(grad, state, group, fmt)` is what the `adamw` rule calls: it picks the dense,
-8-bit or 4-bit kernel for the state's layout when dispatch runs Triton, else returns None.
+The state formats call it (`DenseFormat.adam_step`, and `BlockwiseFormat` for its small fp32
+moments); `adam_q8.py` and `adam_q4.py` hold the 8-bit and 4-bit variants.
 """
-import math
-
 import torch
 
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
@@ -36,13 +34,6 @@ def _adam_kernel(g_ptr, m_ptr, v_ptr, d_ptr, n, beta1, one_minus_beta1, beta2,
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(d_ptr + offs, d, mask=mask)
-
-
-def adam_step_size(beta1: float, beta2: float, step: int, correct_bias: bool = True) -> float:
-    """galore-torch's bias correction folded into the step: √(1−β2ᵗ)/(1−β1ᵗ), in float64."""
-    if not correct_bias:
-        return 1.0
-    return math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
 
 
 def _check(grad, *moments):
@@ -73,37 +64,6 @@ def adam_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     _adam_kernel[(triton.cdiv(n, block),)](g, exp_avg, exp_avg_sq, out, n, beta1, 1.0 - beta1,
                                            beta2, 1.0 - beta2, eps, step_size, BLOCK=block)
     return out
-
-
-def fused_adamw(grad, state, group, fmt):
-    """The direction from a fused kernel, or None where the reference math must run.
-
-    Triton runs when dispatch says so for `grad`'s device and the state layout is one a
-    kernel covers: dense fp32/bf16/fp16 moments (formats fp32, bf16, and the small-tensor
-    fallback of q8/q4), or q8/q4 codes.
-    """
-    if not use_triton(grad):
-        return None
-    name = getattr(fmt, "registry_name", None)
-    beta1, beta2 = group["betas"]
-    step_size = adam_step_size(beta1, beta2, state["step"], group.get("correct_bias", True))
-    eps = group["eps"]
-    if "exp_avg" in state and "exp_avg_sq" in state and name in ("fp32", "bf16", "q8", "q4"):
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if m.shape == grad.shape and v.shape == grad.shape and m.is_contiguous() and v.is_contiguous():
-            return adam_step(grad, m, v, beta1, beta2, eps, step_size)
-        return None
-    if name == "q8" and "exp_avg.codes" in state:
-        from .adam_q8 import adam_q8_step
-        return adam_q8_step(grad, state["exp_avg.codes"], state["exp_avg.absmax"],
-                            state["exp_avg_sq.codes"], state["exp_avg_sq.absmax"],
-                            beta1, beta2, eps, step_size)
-    if name == "q4" and "exp_avg.codes" in state:
-        from .adam_q4 import adam_q4_step
-        return adam_q4_step(grad, state["exp_avg.codes"], state["exp_avg.absmax"],
-                            state["exp_avg_sq.codes"], state["exp_avg_sq.absmax"],
-                            beta1, beta2, eps, step_size)
-    return None
 
 
 def _configs():

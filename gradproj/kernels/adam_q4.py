@@ -71,7 +71,7 @@ def adam_q4_step_ref(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, e
                                            ((v_codes, v_absmax), v, False)):
         new_codes, new_absmax = q4_quantize_ref(value, signed)
         codes.copy_(new_codes)
-        absmax.copy_(new_absmax)
+        absmax.copy_(new_absmax.view(absmax.shape))
     return m.div(v.sqrt().add_(eps)).mul_(step_size)
 
 

@@ -5,11 +5,17 @@ For a weight W (m×n) in a low-rank group, with gradient G:
     refresh?  projector.fit(G)                 every `update_gap` steps (step % gap == 0)
     R = projector.project(G)                   r×n or m×r
     N = rule.update(R)                         moments stored through `state_format`
-    U = residual.combine(G, R, N, back)        "drop": U = scale · back(N)
+    U = residual.combine(G, R, N, back, c)     "drop": U = scale · back(N)
     W ← W − lr·U;  W ← W − lr·wd·W             decoupled weight decay after the step
 
 Everything else (1-D, embeddings, groups without `lowrank`) runs the same rule at full
 rank: U = N. All per-parameter state is tensors and plain scalars.
+
+The step runs on buckets (`buckets.py`): the parameters of a group with one shape, dtype
+and layout step as one k×m×n stack — one batched matmul per projection, one elementwise
+pass per moment update, one foreach write of the weights — wherever the plugins declare
+`batched`; a plugin that does not is called once per weight inside its bucket. A single
+weight (`step_param`, per-layer mode) is a bucket of one and runs the same code.
 """
 from __future__ import annotations
 
@@ -19,13 +25,14 @@ from typing import Any, Iterable
 import torch
 
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
-from ..kernels.backproj import fused_backproject_step
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
-from ..residuals.base import Drop
+from ..rules.base import rule_step
+from ..seeds import param_seed
+from .buckets import Bucket, StackedState
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
-from .refresh import refresh_subspace, rule_update
+from .refresh import refresh_subspace
 
 
 def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
@@ -45,6 +52,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         defaults = dict(GENERIC_DEFAULTS)
         defaults.update(options)
         self._plugin_cache: dict[tuple, tuple] = {}
+        self._side_cache: dict[tuple, str] = {}
+        self._bucket_cache: dict[tuple, list[Bucket]] = {}
         self._warned: set[str] = set()
         super().__init__(params, defaults)
 
@@ -108,21 +117,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
 
     def side(self, p: torch.Tensor, group: dict) -> str:
         """The projection side for p under the group's `proj_type` ("auto" minimises bytes)."""
-        rule, projector, fmt, _ = self.plugins(group)
-        shape, rank = matrix_shape(p), group["rank"]
+        plugins = self.plugins(group)
+        shape, rank, dtype = matrix_shape(p), group["rank"], compute_dtype(p)
+        key = (*map(id, plugins), group["proj_type"], rank, shape, dtype)
+        side = self._side_cache.get(key)
+        if side is None:
+            rule, projector, fmt, _ = plugins
 
-        def cost(side: str) -> int:
-            return (rule.state_nbytes(low_rank_shape(shape, rank, side), fmt)
-                    + projector.basis_nbytes(shape, rank, side, compute_dtype(p)))
+            def cost(side: str) -> int:
+                return (rule.state_nbytes(low_rank_shape(shape, rank, side), fmt)
+                        + projector.basis_nbytes(shape, rank, side, dtype))
 
-        return resolve_side(group["proj_type"], shape, cost)
+            side = self._side_cache[key] = resolve_side(group["proj_type"], shape, cost)
+        return side
 
     def init_state(self, p: torch.Tensor, group: dict) -> dict:
         """Allocate p's state (moments, counters). Works on the meta device too."""
         rule, _, fmt, _ = self.plugins(group)
         state = self.state[p]
         state["step"] = 0
-        state["seed"] = int(group["seed"]) * 1_000_003 + self._param_seeds[p]
+        state["seed"] = param_seed(group["seed"], self._param_seeds[p])
         if self.is_low_rank(p, group):
             shape = low_rank_shape(matrix_shape(p), group["rank"], self.side(p, group))
             state["next_refresh"] = 0
@@ -132,6 +146,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
         rule.init_state(state, shape, p.device, fmt)
         return state
 
+    def _state_of(self, p: torch.Tensor, group: dict) -> dict:
+        return self.state[p] if self.state.get(p) else self.init_state(p, group)
+
     # -- the step ----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -139,89 +156,146 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for bucket in self.buckets(index, group, params):
+                self._step_bucket(bucket, group, [p.grad for p in bucket.params])
         return loss
+
+    def buckets(self, index: int, group: dict, params: list[torch.Tensor]) -> list[Bucket]:
+        """`params` of group `index` partitioned into buckets, cached while neither the
+        set of parameters with a gradient nor the options that shape a bucket change."""
+        key = (index, *map(id, self.plugins(group)), group["lowrank"], group["rank"],
+               group["proj_type"], *map(id, params))
+        cached = self._bucket_cache.get(key)
+        if cached is not None:
+            return cached
+        by_layout: dict[tuple, Bucket] = {}
+        for p in params:
+            low_rank = self.is_low_rank(p, group)
+            layout = (low_rank, tuple(p.shape), p.dtype, p.device, is_quantized(p))
+            if layout not in by_layout:
+                by_layout[layout] = Bucket([], low_rank, self.side(p, group) if low_rank else None)
+            by_layout[layout].params.append(p)
+        if len(self._bucket_cache) > 64:  # parameter sets that vary step to step
+            self._bucket_cache.clear()
+        self._bucket_cache[key] = list(by_layout.values())
+        return self._bucket_cache[key]
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None,
                    grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None) -> None:
-        """Update one parameter (used by `step` and by per-layer, optimizer-in-backward mode).
+        """Update one parameter (a bucket of one; used by per-layer, optimizer-in-backward mode).
 
         `low_grad`: an already projected gradient R (from `project_grad`, e.g. summed over
         micro-batches) used instead of projecting `grad`; only where `accumulates_low_rank`.
         """
         group = self._group_of(p) if group is None else group
+        low_rank = self.is_low_rank(p, group)
+        bucket = Bucket([p], low_rank, self.side(p, group) if low_rank else None)
         if low_grad is not None:
             if not self.accumulates_low_rank(p, group):
                 raise ValueError("low_grad is only accepted for projected weights whose "
                                  "residual reads R alone (see accumulates_low_rank)")
-            state = self.state[p]
-            state["step"] += 1
-            self._apply_update(p, self._low_rank_update(p, None, state, group, low=low_grad),
-                               state, group)
+            self._step_bucket(bucket, group, None, low_grad.unsqueeze(0))
             return
-        grad = p.grad if grad is None else grad
-        if grad.is_sparse:
+        self._step_bucket(bucket, group, [p.grad if grad is None else grad])
+
+    def _step_bucket(self, bucket: Bucket, group: dict, grads: list | None,
+                     low: torch.Tensor | None = None) -> None:
+        """One step of a bucket: `grads` (one per parameter), or its projected `low` (k×…)."""
+        params = bucket.params
+        if grads is not None and any(g.is_sparse for g in grads):
             raise ValueError("LowRankOptimizer does not support sparse gradients")
-        state = self.state[p] if self.state.get(p) else self.init_state(p, group)
+        states = [self._state_of(p, group) for p in params]
+        for state in states:
+            state["step"] += 1
+        grad = None
+        if grads is not None:
+            grad = grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
+            grad = grad.float()
+            if bucket.low_rank:
+                grad = grad.view(len(params), *matrix_shape(params[0]))
+                self._refresh_due(bucket, group, grad, states)
+        # the rule's bias correction counts from each weight's last moment reset: weights
+        # whose counts differ step in separate subsets (normally there is one)
+        subsets: dict[tuple, list[int]] = {}
+        for i, state in enumerate(states):
+            subsets.setdefault((rule_step(state), len(state)), []).append(i)
+        for members in subsets.values():
+            whole = len(members) == len(params)
+            pick = (lambda x: x) if whole else (lambda x: x[members])
+            self._step_subset(bucket, group, tuple(members), [states[i] for i in members],
+                              None if grad is None else pick(grad),
+                              None if low is None else pick(low))
+
+    def _refresh_due(self, bucket: Bucket, group: dict, grad: torch.Tensor, states: list) -> None:
+        # galore-torch refreshes when the pre-increment count % gap == 0
+        for i, state in enumerate(states):
+            step = state["step"] - 1
+            if step >= state["next_refresh"]:  # fit, then the group's refresh/moments policies
+                refresh_subspace(self.plugins(group), grad[i], state, group, bucket.side, step,
+                                 compute_dtype(bucket.params[i]))
+
+    def _step_subset(self, bucket, group, members, states, grad, low) -> None:
         rule, projector, fmt, residual = self.plugins(group)
-        g = grad.float()
-        state["step"] += 1
-        if "next_refresh" not in state:  # full-rank parameter
-            update = rule.update(g, state, group, fmt)
+        params = [bucket.params[i] for i in members]
+        stacked = bucket.state(members, states)
+        if not bucket.low_rank:
+            direction = self._rule_update(rule, fmt, grad, stacked, states, group)
+            self._write_weights(params, direction, states, group)
+            return
+        side, shape = bucket.side, matrix_shape(params[0])
+
+        def each(fn, *stacks):  # a per-weight plugin method over a bucket's slices
+            return torch.stack([fn(*(x[i] for x in stacks), state) for i, state in enumerate(states)])
+
+        if projector.batched:
+            def back(x):
+                return projector.project_back(x, stacked, side, shape)
         else:
-            update = self._low_rank_update(p, g, state, group)
-        self._apply_update(p, update, state, group)
+            def back(x):
+                return each(lambda y, state: projector.project_back(y, state, side, shape), x)
+        if low is None:
+            low = (projector.project(grad, stacked, side) if projector.batched
+                   else each(lambda g, state: projector.project(g, state, side), grad))
+        direction = self._rule_update(rule, fmt, low, stacked, states, group)
+        folded = rule.step_scale(rule_step(states[0]), group)
+        if residual.batched:
+            update = residual.combine(grad, low, direction, back, stacked, group, folded)
+        else:
+            def combine_one(g, r, n, state):
+                return residual.combine(g, r, n, lambda x: projector.project_back(x, state, side, shape),
+                                        state, group, folded)
+            update = each(combine_one, grad, low, direction)
+        self._write_weights(params, update, states, group)
 
     @staticmethod
-    def _apply_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
-        """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W; INT8 weights re-quantize."""
-        if update is None:  # a fused kernel has applied the step already
+    def _rule_update(rule, fmt, grad, stacked, states, group) -> torch.Tensor:
+        if rule.batched and fmt.stackable(tuple(grad.shape[1:])):
+            return rule.update(grad, stacked, group, fmt)
+        return torch.stack([rule.update(g, state, group, fmt) for g, state in zip(grad, states)])
+
+    @staticmethod
+    def _write_weights(params, update, states, group) -> None:
+        """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W, for a bucket's weights
+        (U stacked k×…); INT8 `QuantLinear` weights dequantize, step and re-quantize."""
+        if is_quantized(params[0]):
+            for p, u, state in zip(params, update, states):
+                apply_quantized_update(p, u, state, group)
             return
-        if is_quantized(p):  # gradproj.quant.QuantLinear: dequantize, step, SR re-quantize
-            apply_quantized_update(p, update, state, group)
-            return
-        p.add_(update.to(p.dtype), alpha=-group["lr"])
-        if group["weight_decay"]:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-
-    def _refresh_if_due(self, p, g, state, group, side, step) -> None:
-        # galore-torch refreshes when the pre-increment count % gap == 0
-        if step >= state["next_refresh"]:  # fit, then the group's refresh/moments policies
-            refresh_subspace(self.plugins(group), g, state, group, side, step, compute_dtype(p))
-
-    def _low_rank_update(self, p, g, state, group, low=None):
-        rule, projector, fmt, residual = self.plugins(group)
-        shape = matrix_shape(p)
-        side = self.side(p, group)
-        if low is None:
-            g = g.reshape(shape)
-            self._refresh_if_due(p, g, state, group, side, state["step"] - 1)
-            low = projector.project(g, state, side)
-        direction = rule_update(rule, low, state, group, fmt)  # step counted from a moment reset
-        if fused_backproject_step(p, projector, residual, state, side, shape, direction, group):
-            return None  # applied W ← W − lr·α·back(N) − lr·wd·W in one GEMM (kernels/backproj.py)
-
-        def back(x: torch.Tensor) -> torch.Tensor:
-            return projector.project_back(x, state, side, shape)
-
-        update = residual.combine(g, low, direction, back, state, group)
-        return update.reshape(p.shape)
+        lr, decay = group["lr"], group["weight_decay"]
+        update = update.to(params[0].dtype).reshape(len(params), *params[0].shape)
+        torch._foreach_add_(params, update.unbind(0), alpha=-lr)
+        if decay:
+            torch._foreach_add_(params, params, alpha=-lr * decay)
 
     # -- gradient accumulation in the subspace (per-layer mode) ---------------------
     def accumulates_low_rank(self, p: torch.Tensor, group: dict | None = None) -> bool:
         """Whether p's micro-batch gradients may be summed after projection: p is projected
-        and its residual reads only R. Residuals that read the full G (fira, frugal, apollo)
-        are recognised as any residual other than `Drop` unless they set
-        `uses_full_grad = False`."""
+        and its residual reads only R (`Residual.uses_full_grad` is False)."""
         group = self._group_of(p) if group is None else group
-        if not self.is_low_rank(p, group):
-            return False
-        residual = self.plugins(group)[3]
-        return not getattr(residual, "uses_full_grad", not isinstance(residual, Drop))
+        return self.is_low_rank(p, group) and not self.plugins(group)[3].uses_full_grad
 
     @torch.no_grad()
     def project_grad(self, p: torch.Tensor, grad: torch.Tensor,
@@ -231,11 +305,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         micro-batches' R equals the projection of their summed G in that basis; the basis
         of a refresh step is fit on the first micro-batch's G (the one that sees it due)."""
         group = self._group_of(p) if group is None else group
-        state = self.state[p] if self.state.get(p) else self.init_state(p, group)
+        state = self._state_of(p, group)
         side = self.side(p, group)
         g = grad.float().reshape(matrix_shape(p))
-        self._refresh_if_due(p, g, state, group, side, state["step"])
-        return self.plugins(group)[1].project(g, state, side)
+        if state["step"] >= state["next_refresh"]:
+            refresh_subspace(self.plugins(group), g, state, group, side, state["step"],
+                             compute_dtype(p))
+        projector = self.plugins(group)[1]
+        if projector.batched:  # as a bucket of one, so the sum matches a bucketed step's bits
+            return projector.project(g.unsqueeze(0), StackedState([state]), side)[0]
+        return projector.project(g, state, side)
 
     # -- checkpoints -------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -245,6 +324,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         moments and quantization scales of a bf16 weight into bf16 and break exact resume.
         """
         super().load_state_dict(state_dict)
+        self._bucket_cache.clear()  # their stacks hold the replaced tensors
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):

@@ -19,8 +19,8 @@
     pseudo-inverse corrected for non-orthonormal bases), the first moment maps exactly,
     M' = A·M·B, and the second by V' = (A∘A)·V·(B∘B): E[R'²] when R's coordinates are
     independent with zero mean and variance V. It keeps V ≥ 0, and for orthogonal A, B
-    it keeps ΣV. A rule may override with `rotate_moments(state, fmt, A, B)` (Adafactor's
-    factored moments do) and `reset_moments(state, shape, device, fmt)`.
+    it keeps ΣV. That is `Rule.rotate_moments(state, fmt, A, B)`, which a rule may
+    override (Adafactor's factored moments do), as `Rule.reset_moments`.
 
 All the bookkeeping is plain ints plus one small fp32 tensor (the similarity window).
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..projectors.base import low_rank_shape, sides_of
+from ..seeds import refresh_seed
 
 REFRESH_POLICIES = ("fixed", "adaptive")
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -52,8 +53,8 @@ def refresh_subspace(plugins: tuple, g: torch.Tensor, state: dict, group: dict, 
     old = None
     if not first and (adaptive or group["moments"] == "rotate"):
         old = {one: projector.load_basis(state, one, shape).clone() for one in sides_of(side)}
-    projector.fit(g, state, rank=group["rank"], side=side,
-                  seed=state["seed"] * 1_000_003 + step, dtype=dtype)
+    projector.fit(g, state, rank=group["rank"], side=side, seed=refresh_seed(state["seed"], step),
+                  dtype=dtype)
     state["refreshes"] += 1
     gap = group["update_gap"]
     if adaptive:
@@ -68,15 +69,11 @@ def refresh_subspace(plugins: tuple, g: torch.Tensor, state: dict, group: dict, 
         return
     low_shape = low_rank_shape(shape, group["rank"], side)
     if group["moments"] == "reset":
-        reset = getattr(rule, "reset_moments", None)
-        if reset is not None:
-            reset(state, low_shape, g.device, fmt)
-        else:
-            rule.init_state(state, low_shape, g.device, fmt)
+        rule.reset_moments(state, low_shape, g.device, fmt)
         # the rule sees t = 1 on this step: its bias correction restarts with the moments
         state["moments_origin"] = step  # the pre-increment count of the step being taken
         return
-    ortho = getattr(projector, "orthonormal", False)
+    ortho = projector.orthonormal
     left = right = None
     if "left" in old:
         new_left = projector.load_basis(state, "left", shape)
@@ -84,25 +81,7 @@ def refresh_subspace(plugins: tuple, g: torch.Tensor, state: dict, group: dict, 
     if "right" in old:
         new_right = projector.load_basis(state, "right", shape)
         right = old["right"].T @ new_right if ortho else torch.linalg.pinv(old["right"].T @ old["right"]) @ old["right"].T @ new_right
-    rotate = getattr(rule, "rotate_moments", None)
-    if rotate is not None:
-        rotate(state, fmt, left, right)
-    else:
-        rotate_moments(rule, state, fmt, left, right)
-
-
-def rotate_moments(rule, state: dict, fmt, left: torch.Tensor | None,
-                   right: torch.Tensor | None) -> None:
-    """M' = A·M·B for signed moments, V' = (A∘A)·V·(B∘B) for unsigned ones."""
-    for key, signed in rule.moments:
-        value = fmt.read(state, key)
-        a = None if left is None else (left if signed else left * left)
-        b = None if right is None else (right if signed else right * right)
-        if a is not None:
-            value = a @ value
-        if b is not None:
-            value = value @ b
-        fmt.write(state, key, value)
+    rule.rotate_moments(state, fmt, left, right)
 
 
 def subspace_similarity(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -131,19 +110,6 @@ def _adapt_gap(state: dict, group: dict, gap: int, sim: float, device) -> int:
     if state["similarity_count"] == window and float(sims.mean()) >= group["refresh_threshold"]:
         gap = min(2 * gap, group["refresh_max_factor"] * group["update_gap"])
     return gap
-
-
-def rule_update(rule, low: torch.Tensor, state: dict, group: dict, fmt) -> torch.Tensor:
-    """`rule.update`, with the step it sees counted from the last moment reset."""
-    origin = state.get("moments_origin", 0)
-    if not origin:
-        return rule.update(low, state, group, fmt)
-    step = state["step"]
-    state["step"] = step - origin
-    try:
-        return rule.update(low, state, group, fmt)
-    finally:
-        state["step"] = step
 
 
 def _is_int(value) -> bool:

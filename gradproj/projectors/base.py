@@ -59,9 +59,23 @@ def resolve_side(proj_type: str, shape: tuple[int, int],
 
 
 class Projector:
-    """Base class. Subclasses implement `fit_side`; the rest follows from the basis."""
+    """Base class. Subclasses implement `fit_side`; the rest follows from the basis.
 
-    #: bytes of stored basis per element relative to the parameter dtype; None = dtype size
+    Capabilities (class attributes, read by the optimizer; the defaults are safe):
+      `orthonormal` (False): PᵀP = I to fp32 rounding. A moment rotation then uses Pᵀ as
+          the inverse; otherwise it solves with the pseudo-inverse.
+      `batched` (True): `project`, `project_back` and `load_basis` accept a *bucket* — a
+          stack of k same-shape gradients (k×m×n) with a `StackedState` whose tensors are
+          the k parameters' state entries stacked — and act on each slice as on one
+          weight. This class's methods are written that way (`.mT`, `@` broadcasts over
+          the leading dimension; the basis is read from `state[BASIS_KEYS[side]]`). A
+          subclass that overrides one of them with 2-D-only code, or stores its basis
+          elsewhere, sets `batched = False` and is called once per weight.
+    """
+
+    orthonormal: bool = False
+    batched: bool = True
+
     def __init__(self, **options):
         if options:
             raise ValueError(f"{type(self).__name__} got unknown options: {', '.join(sorted(options))}")
@@ -96,17 +110,19 @@ class Projector:
 
     # -- applying ----------------------------------------------------------------
     def project(self, grad: torch.Tensor, state: dict, side: str) -> torch.Tensor:
-        shape = tuple(grad.shape)
+        """R = Pᵀ·G / G·P / Pₗᵀ·G·Pᵣ for an m×n G (or a k×m×n bucket when `batched`)."""
+        shape = tuple(grad.shape[-2:])
         if side in ("left", "full"):
-            grad = self.load_basis(state, "left", shape).T @ grad
+            grad = self.load_basis(state, "left", shape).mT @ grad
         if side in ("right", "full"):
             grad = grad @ self.load_basis(state, "right", shape)
         return grad
 
     def project_back(self, low: torch.Tensor, state: dict, side: str,
                      shape: tuple[int, int]) -> torch.Tensor:
+        """back(N) = P·N / N·Pᵀ / Pₗ·N·Pᵣᵀ, m×n (k×m×n for a bucket)."""
         if side in ("left", "full"):
             low = self.load_basis(state, "left", shape) @ low
         if side in ("right", "full"):
-            low = low @ self.load_basis(state, "right", shape).T
+            low = low @ self.load_basis(state, "right", shape).mT
         return low

@@ -19,6 +19,8 @@ class SeededProjector(Projector):
 
     #: random bases are not orthonormal (PᵀP ≈ I only in expectation)
     orthonormal = False
+    #: the basis is drawn per weight from that weight's seed: one generator call each
+    batched = False
 
     def fit(self, grad, state, *, rank, side, seed, dtype):
         state["rank"] = rank

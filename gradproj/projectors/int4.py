@@ -12,6 +12,8 @@ from .base import BASIS_KEYS, Projector, basis_shape, sides_of
 class Int4Projector(Projector):
     """Wraps another projector (`inner`) and stores its basis group-wise 4-bit, 2 codes/byte."""
 
+    batched = False  # each weight's basis is dequantized from its own codes
+
     def __init__(self, inner: str = "svd", group_size: int = DEFAULT_GROUP, **inner_options):
         if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
             raise ValueError(f"option 'group_size' must be a positive even integer, got {group_size!r}")
@@ -23,7 +25,7 @@ class Int4Projector(Projector):
     @property
     def orthonormal(self) -> bool:
         """The inner projector's, within the INT4 quantization error (≤ scale/2 per entry)."""
-        return getattr(self.inner, "orthonormal", False)
+        return self.inner.orthonormal
 
     def fit(self, grad, state, *, rank, side, seed, dtype):
         fitted: dict = {}

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..seeds import rounding_seed
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
 OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight
@@ -146,11 +147,6 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
     return model
 
 
-def sr_seed(seed: int, step: int) -> int:
-    """The rounding seed of one parameter's step: a new noise draw every step, reproducible."""
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 17) % (1 << 62)
-
-
 @torch.no_grad()
 def apply_quantized_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
     """W ← W − lr·U − lr·wd·W on an INT8 weight: dequantize, step in fp32, SR re-quantize."""
@@ -161,7 +157,7 @@ def apply_quantized_update(p: torch.Tensor, update: torch.Tensor, state: dict, g
     w.add_(update.reshape(w.shape).float(), alpha=-group["lr"])
     if group["weight_decay"]:
         w.add_(w, alpha=-group["lr"] * group["weight_decay"])  # as the float path: after the step
-    codes, scale = int8_quantize(w, module.group_size, sr_seed(state["seed"], state["step"]))
+    codes, scale = int8_quantize(w, module.group_size, rounding_seed(state["seed"], state["step"]))
     p.copy_(codes)
     module.weight_scale.copy_(scale)
 

@@ -5,7 +5,7 @@ import math
 
 from ..registry import RESIDUALS
 from .base import Residual
-from .fira import channel_norm_ratio, check_gamma, folded_step_scale, limit_norm_growth
+from .fira import channel_norm_ratio, check_gamma, limit_norm_growth
 
 SCALE_TYPES = ("channel", "tensor")
 
@@ -22,6 +22,7 @@ class Apollo(Residual):
     """
 
     defaults = {"scale_type": "channel", "norm_growth_limit": 1.01}
+    batched = True
 
     def validate(self, group):
         if group.get("scale_type") not in SCALE_TYPES:
@@ -32,9 +33,9 @@ class Apollo(Residual):
             raise ValueError(f"option 'scale' must be >= 0 with residual 'apollo' (it is "
                              f"square-rooted), got {group['scale']!r}")
 
-    def combine(self, grad, low_grad, direction, back, state, group):
-        c = folded_step_scale(state, group)  # the limiter sees uncorrected norms, as the reference
-        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape),
+    def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
+        c = folded_scale  # the limiter sees uncorrected norms, as the reference
+        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:]),
                                  per_channel=group["scale_type"] == "channel").div_(c)
         update = limit_norm_growth(grad * phi, state, group["norm_growth_limit"])
         return update.mul_(c * math.sqrt(group["scale"]))

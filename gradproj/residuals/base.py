@@ -1,9 +1,16 @@
 """What happens to the gradient outside the subspace: the `RESIDUALS` plugin kind.
 
 A residual policy composes the full-size update U from the pieces of one low-rank step:
-G (m×n fp32 gradient), R = project(G), N = rule(R), and `back`, the back-projection.
+G (m×n fp32 gradient), R = project(G), N = rule(R), `back`, the back-projection, and c,
+the factor the rule folded into N (`Rule.step_scale`: Adam's bias correction).
 The optimizer then applies W ← W − lr·U − lr·wd·W. Policies keep any state of their own
 (e.g. Fira's limited norm) in the per-parameter state dict under their own keys.
+
+Capabilities (class attributes with safe defaults):
+  `uses_full_grad` (True): `combine` reads G itself, not only R. Per-layer mode may
+      then not sum projected micro-batch gradients; it accumulates the full G.
+  `batched` (False): `combine` acts on a k×m×n bucket (dimensions counted from the end,
+      norms per slice) as on each weight alone.
 """
 from __future__ import annotations
 
@@ -21,12 +28,14 @@ class Residual:
 
     #: option name -> default value; merged into the optimizer's defaults
     defaults: dict = {}
+    uses_full_grad: bool = True
+    batched: bool = False
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming a bad option of `group`."""
 
     def combine(self, grad: torch.Tensor, low_grad: torch.Tensor, direction: torch.Tensor,
-                back: Back, state: dict, group: dict) -> torch.Tensor:
+                back: Back, state: dict, group: dict, folded_scale: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -34,5 +43,8 @@ class Residual:
 class Drop(Residual):
     """Discard G − back(R) (GaLore): U = scale · back(N)."""
 
-    def combine(self, grad, low_grad, direction, back, state, group):
+    uses_full_grad = False
+    batched = True
+
+    def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
         return back(direction).mul_(group["scale"])

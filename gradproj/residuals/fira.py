@@ -1,8 +1,6 @@
 """Fira (Chen et al. 2024): keep the out-of-subspace gradient, scaled like the Adam update."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..registry import RESIDUALS
@@ -22,51 +20,38 @@ def channel_norm_ratio(direction: torch.Tensor, low_grad: torch.Tensor,
     no dimension, and `per_channel=False` asks for it: one φ for the whole tensor.
     The references pick the axis by comparing R's two sizes; asking which of G's sizes R
     kept gives the same answer whenever r < min(m, n) and is also right for "full".
+    Dimensions count from the end, so a k×… bucket gets one φ per weight and channel.
     """
     m, n = shape
-    if per_channel and low_grad.shape[1] == n and low_grad.shape[0] != m:  # left: columns
-        return direction.norm(dim=0, keepdim=True) / (low_grad.norm(dim=0, keepdim=True) + NORM_EPS)
-    if per_channel and low_grad.shape[0] == m and low_grad.shape[1] != n:  # right: rows
-        return direction.norm(dim=1, keepdim=True) / (low_grad.norm(dim=1, keepdim=True) + NORM_EPS)
-    return direction.norm() / (low_grad.norm() + NORM_EPS)
+    rows, cols = low_grad.shape[-2:]
+    if per_channel and cols == n and rows != m:    # left: columns
+        dims: tuple[int, ...] = (-2,)
+    elif per_channel and rows == m and cols != n:  # right: rows
+        dims = (-1,)
+    else:
+        dims = (-2, -1)
+    return (direction.norm(dim=dims, keepdim=True)
+            / (low_grad.norm(dim=dims, keepdim=True) + NORM_EPS))
 
 
 def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
     """Fira's norm-growth limiter: ‖U_t‖ ≤ γ·‖U_{t−1}‖ (γ = 1.01), in place on `update`.
 
     limiter = max(‖U‖/(prev + 1e-8), γ)/γ;  U ← U/limiter;  prev ← ‖U‖/limiter. The first
-    step only records its norm. The stored norm is a 0-d fp32 tensor on U's device, so
-    the check costs no host–device sync. γ = 0 turns the limiter off.
+    step only records its norm. The stored norm is a 0-d fp32 tensor on U's device (one
+    per weight; a k×m×n bucket reads and writes the k of them stacked), so the check
+    costs no host–device sync. γ = 0 turns the limiter off.
     """
     if not gamma:
         return update
-    norm = update.norm()
+    norm = update.norm(dim=(-2, -1))
     if LIMIT_KEY not in state:
         state[LIMIT_KEY] = norm.float()
         return update
     limiter = torch.clamp(norm / (state[LIMIT_KEY] + NORM_EPS), min=gamma) / gamma
-    update.div_(limiter)
+    update.div_(limiter[..., None, None])
     state[LIMIT_KEY] = (norm / limiter).float()
     return update
-
-
-def folded_step_scale(state: dict, group: dict) -> float:
-    """The bias correction c_t an Adam-type rule folded into N (1 for other rules).
-
-    The AdamW rule returns N = c_t·M/(√V + ε) with c_t = √(1−β2ᵗ)/(1−β1ᵗ) when
-    `correct_bias` is on. Fira's and APOLLO's references apply c_t to the finished
-    update, *after* the limiter, so the limiter compares uncorrected norms. Fed the
-    corrected ones it would also see c_t's own growth — 1.2 % per step around t = 30
-    with β = (0.9, 0.999), more than γ = 1.01 allows — and clamp a residual the
-    reference leaves alone. t counts from the last moment reset, as the rule's does.
-    """
-    if group.get("correct_bias") is not True or "betas" not in group:
-        return 1.0
-    beta1, beta2 = group["betas"][:2]
-    t = state["step"] - state.get("moments_origin", 0)
-    if t < 1:  # no step taken yet (the memory planner probes combine on the meta device)
-        return 1.0
-    return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
 
 
 def check_gamma(group: dict) -> None:
@@ -85,18 +70,22 @@ class Fira(Residual):
     includes α, so for α ≠ 1 its S still holds (1−α) of the in-subspace gradient; we
     implement the paper's S = G − back(R), the purely out-of-subspace part, and apply
     α only to back(N). The two agree at α = 1. As in the reference, φ and the limiter
-    work on the Adam direction before its bias correction c_t, and c_t scales the
-    limited residual afterwards (see `folded_step_scale`).
+    work on the Adam direction before its bias correction c_t (the rule's `step_scale`,
+    passed as `folded_scale`), and c_t scales the limited residual afterwards. Fed the
+    corrected norms, the limiter would also see c_t's own growth — 1.2 % per step around
+    t = 30 with β = (0.9, 0.999), more than γ = 1.01 allows — and clamp a residual the
+    reference leaves alone.
     """
 
     defaults = {"norm_growth_limit": 1.01}
+    batched = True
 
     def validate(self, group):
         check_gamma(group)
 
-    def combine(self, grad, low_grad, direction, back, state, group):
+    def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
         outside = grad - back(low_grad)
-        c = folded_step_scale(state, group)
-        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape)).div_(c)
+        c = folded_scale
+        phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:])).div_(c)
         scaled = limit_norm_growth(outside.mul_(phi), state, group["norm_growth_limit"])
         return back(direction).mul_(group["scale"]).add_(scaled, alpha=c)

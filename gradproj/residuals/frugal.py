@@ -16,12 +16,13 @@ class Frugal(Residual):
     """
 
     defaults = {"free_lr_scale": 1.0}
+    batched = True
 
     def validate(self, group):
         kappa = group.get("free_lr_scale")
         if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or kappa < 0:
             raise ValueError(f"option 'free_lr_scale' must be a number >= 0, got {kappa!r}")
 
-    def combine(self, grad, low_grad, direction, back, state, group):
+    def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
         outside = grad - back(low_grad)
         return back(direction).mul_(group["scale"]).add_(outside.sign_(), alpha=group["free_lr_scale"])

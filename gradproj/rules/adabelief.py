@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive
+from .base import Rule, check_betas, check_positive, rule_step
 
 
 @RULES.register("adabelief")
@@ -18,6 +18,7 @@ class AdaBelief(Rule):
 
     defaults = {"betas": (0.9, 0.999), "eps": 1e-16}
     moments = (("exp_avg", True), ("exp_avg_var", False))
+    batched = True
 
     def validate(self, group):
         check_betas(group)
@@ -25,7 +26,7 @@ class AdaBelief(Rule):
 
     def update(self, grad, state, group, fmt):
         beta1, beta2 = group["betas"]
-        eps, step = group["eps"], state["step"]
+        eps, step = group["eps"], rule_step(state)
         exp_avg = fmt.read(state, "exp_avg")
         exp_avg_var = fmt.read(state, "exp_avg_var")
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)

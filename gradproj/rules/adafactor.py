@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..registry import RULES
-from .base import Rule, check_positive
+from .base import Rule, check_positive, rule_step
 
 ROW, COL, FULL, FIRST = "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"
 
@@ -66,7 +66,7 @@ class Adafactor(Rule):
         return fmt.nbytes(tuple(shape), False)
 
     def update(self, grad, state, group, fmt):
-        step = state["step"]
+        step = rule_step(state)
         beta2t = 1.0 - step ** group["decay_rate"]  # 0 at t = 1: the first V is exact
         sq = grad.square().add_(group["eps1"])
         if _factored(grad.shape):

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import math
 
-from ..kernels.adam import fused_adamw
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive
+from .base import Rule, check_betas, check_positive, rule_step
 
 
 @RULES.register("adamw", aliases=("adam",))
@@ -14,29 +13,24 @@ class AdamW(Rule):
 
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
     moments = (("exp_avg", True), ("exp_avg_sq", False))
+    batched = True
 
     def validate(self, group):
         check_betas(group)
         check_positive(group, "eps", allow_zero=True)
 
-    def update(self, grad, state, group, fmt):
-        # Triton (CUDA, or GRADPROJ_KERNELS=interpret): one fused pass over grad and the
-        # dense, 8-bit or 4-bit moments (kernels/adam*.py); None everywhere else
-        fused = fused_adamw(grad, state, group, fmt)
-        if fused is not None:
-            return fused
-        beta1, beta2 = group["betas"]
-        step = state["step"]
-        exp_avg = fmt.read(state, "exp_avg")
-        exp_avg_sq = fmt.read(state, "exp_avg_sq")
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        fmt.write(state, "exp_avg", exp_avg)
-        fmt.write(state, "exp_avg_sq", exp_avg_sq)
+    def step_scale(self, t, group):
         # galore-torch folds the bias correction into the step size and keeps eps outside
         # it: N = sqrt(1-b2^t)/(1-b1^t) * M / (sqrt(V) + eps). torch.optim.AdamW instead
         # uses eps*sqrt(1-b2^t); the two differ by < eps relative to |N|.
-        step_scale = 1.0
-        if group.get("correct_bias", True):
-            step_scale = math.sqrt(1.0 - beta2 ** step) / (1.0 - beta1 ** step)
-        return exp_avg.div(exp_avg_sq.sqrt().add_(group["eps"])).mul_(step_scale)
+        if not group.get("correct_bias", True) or t < 1:
+            return 1.0
+        beta1, beta2 = group["betas"]
+        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+
+    def update(self, grad, state, group, fmt):
+        # the format runs the moment update: one fused pass (Triton on CUDA) over dense,
+        # 8-bit or 4-bit moments, or read -> kernels.adam.adam_step_ref -> write
+        beta1, beta2 = group["betas"]
+        return fmt.adam_step(state, "exp_avg", "exp_avg_sq", grad, beta1, beta2, group["eps"],
+                             self.step_scale(rule_step(state), group))

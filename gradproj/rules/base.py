@@ -15,13 +15,37 @@ import torch
 from ..formats.base import StateFormat
 
 
+def rule_step(state) -> int:
+    """t, the step a rule's bias correction counts: steps since its moments were last
+    (re)initialised. `state["step"]` counts every step of the parameter (the refresh
+    schedule and the seeds follow it); a moment reset records its origin."""
+    return state["step"] - state.get("moments_origin", 0)
+
+
 class Rule:
-    """Base class for an update rule."""
+    """Base class for an update rule.
+
+    Capabilities (class attributes with safe defaults):
+      `batched` (False): `update` is elementwise in the gradient and the moments, so it
+          may be handed a k×… stack of same-shape gradients with a `StackedState` (each
+          moment stacked the same way) and gives each slice what it would give that
+          weight alone. Adam, Lion, AdaBelief and SGDM are; Adafactor (row/column means,
+          update clipping by the RMS of the whole update) is not.
+    FSDP2 steps a rule on each rank's rows only where `batched` holds (an elementwise
+    rule is shard-local).
+    """
 
     #: option name -> default value; merged into the optimizer's defaults
     defaults: dict = {}
     #: names of the moment tensors kept per parameter, and whether each is signed
     moments: tuple[tuple[str, bool], ...] = ()
+    batched: bool = False
+
+    def step_scale(self, t: int, group: dict) -> float:
+        """The factor this rule folds into its direction at step t (Adam's bias
+        correction; 1 for rules without one). Residuals that must see the uncorrected
+        direction (Fira, APOLLO) divide by it; it is the only place it is computed."""
+        return 1.0
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming a bad option of `group`."""
@@ -40,6 +64,25 @@ class Rule:
     def state_nbytes(self, shape: tuple[int, ...], fmt: StateFormat) -> int:
         """Exact bytes of this rule's state for a gradient of `shape` in format `fmt`."""
         return sum(fmt.nbytes(shape, signed) for _, signed in self.moments)
+
+    def reset_moments(self, state: dict, shape: tuple[int, ...], device, fmt: StateFormat) -> None:
+        """Zero the moments (refresh policy "reset")."""
+        self.init_state(state, shape, device, fmt)
+
+    def rotate_moments(self, state: dict, fmt: StateFormat, left: torch.Tensor | None,
+                       right: torch.Tensor | None) -> None:
+        """Carry the moments into a new basis (refresh policy "rotate"; A, B as in
+        optimizers/refresh.py): M' = A·M·B for signed moments, V' = (A∘A)·V·(B∘B) for
+        unsigned ones."""
+        for key, signed in self.moments:
+            value = fmt.read(state, key)
+            a = None if left is None else (left if signed else left * left)
+            b = None if right is None else (right if signed else right * right)
+            if a is not None:
+                value = a @ value
+            if b is not None:
+                value = value @ b
+            fmt.write(state, key, value)
 
 
 def check_betas(group: dict, name: str = "betas", count: int = 2) -> None:

@@ -21,6 +21,7 @@ class Lion(Rule):
 
     defaults = {"betas": (0.9, 0.99)}
     moments = (("exp_avg", True),)
+    batched = True
 
     def validate(self, group):
         check_betas(group)

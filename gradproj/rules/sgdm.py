@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..registry import RULES
-from .base import Rule
+from .base import Rule, rule_step
 
 
 @RULES.register("sgdm", aliases=("sgd", "momentum"))
@@ -15,6 +15,7 @@ class SGDM(Rule):
 
     defaults = {"momentum": 0.9, "dampening": 0.0, "nesterov": False}
     moments = (("momentum_buffer", True),)
+    batched = True
 
     def validate(self, group):
         momentum, dampening = group.get("momentum"), group.get("dampening")
@@ -33,7 +34,7 @@ class SGDM(Rule):
         if momentum == 0:
             return grad.clone()
         buf = fmt.read(state, "momentum_buffer")
-        if state["step"] == 1:
+        if rule_step(state) == 1:
             buf.copy_(grad)
         else:
             buf.mul_(momentum).add_(grad, alpha=1.0 - group["dampening"])
