@@ -13,10 +13,9 @@ weights see the same rounding points. The products run on tensor cores as 3×TF3
 (`input_precision="tf32x3"`, error ≈ fp32's over the r-long reduction; wgmma on sm_90,
 mma.sync on sm_80) with operands up-cast to fp32, as the reference's `load_basis().float()`.
 
-`fused_backproject_step(...)` is the optimizer's entry: it applies the step and returns
-True only where that is exact to do — Triton selected for the weight's device, a dense
-fp32/bf16/fp16 weight, the "drop" residual, a one-sided basis read through the base
-`Projector.project_back` — and returns False everywhere else (CPU: the reference path runs).
+The "drop" residual calls it (`Drop.fused_step`), once per weight of a bucket, where the
+optimizer finds it exact: a dense contiguous fp32/bf16/fp16 weight, a one-sided stored basis,
+Triton selected for the weight's device. Elsewhere the bucket's batched matmul runs.
 """
 import torch
 
@@ -103,24 +102,6 @@ def backproject_update(weight, basis, low, side, lr, scale, weight_decay):
                                   b.stride(1), -lr, scale, decay, BLOCK_M=block_m,
                                   BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps)
     return weight
-
-
-def fused_backproject_step(p, projector, residual, state, side, shape, direction, group) -> bool:
-    """Apply the drop-residual step to `p` with the fused kernel where exact; see module doc."""
-    from ..projectors.base import Projector
-    from ..quant.linear import is_quantized
-    from ..residuals.base import Drop
-
-    if (side not in ("left", "right") or not use_triton(p, direction)
-            or type(residual).combine is not Drop.combine
-            or type(projector).project_back is not Projector.project_back
-            or p.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-            or not p.is_contiguous() or is_quantized(p)):
-        return False
-    basis = projector.load_basis(state, side, shape)
-    backproject_update(p.view(shape), basis, direction, side, group["lr"], group["scale"],
-                       group["weight_decay"])
-    return True
 
 
 def _configs():

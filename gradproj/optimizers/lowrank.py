@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
+from ..kernels.dispatch import use_triton
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
@@ -260,6 +261,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
             low = (projector.project(grad, stacked, side) if projector.batched
                    else each(lambda g, state: projector.project(g, state, side), grad))
         direction = self._rule_update(rule, fmt, low, stacked, states, group)
+        if residual.fuses_back_projection and self._fusable(params, projector, side, direction):
+            residual.fused_step([p.view(shape) for p in params],
+                                projector.load_basis(stacked, side, shape), direction, side, group)
+            return
         folded = rule.step_scale(rule_step(states[0]), group)
         if residual.batched:
             update = residual.combine(grad, low, direction, back, stacked, group, folded)
@@ -269,6 +274,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
                                         state, group, folded)
             update = each(combine_one, grad, low, direction)
         self._write_weights(params, update, states, group)
+
+    @staticmethod
+    def _fusable(params, projector, side, direction) -> bool:
+        """Whether a weight update may run fused into the back-projection: exact for a
+        dense contiguous weight and a stored one-sided basis, fast where Triton runs."""
+        p = params[0]
+        return (side in ("left", "right") and projector.batched and not is_quantized(p)
+                and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and all(q.is_contiguous() for q in params) and use_triton(p, direction))
 
     @staticmethod
     def _rule_update(rule, fmt, grad, stacked, states, group) -> torch.Tensor:

@@ -11,6 +11,10 @@ Capabilities (class attributes with safe defaults):
       then not sum projected micro-batch gradients; it accumulates the full G.
   `batched` (False): `combine` acts on a k×m×n bucket (dimensions counted from the end,
       norms per slice) as on each weight alone.
+  `fuses_back_projection` (False): the policy can apply W ← W − lr·U − lr·wd·W itself
+      with `fused_step`, without materialising U (Drop: the back-projection GEMM with the
+      update in its epilogue). The optimizer calls it where that is exact: a dense
+      contiguous weight, a one-sided basis, and Triton running (`kernels/dispatch.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..kernels import backproj
 from ..registry import RESIDUALS
 
 Back = Callable[[torch.Tensor], torch.Tensor]
@@ -30,6 +35,7 @@ class Residual:
     defaults: dict = {}
     uses_full_grad: bool = True
     batched: bool = False
+    fuses_back_projection: bool = False
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming a bad option of `group`."""
@@ -45,6 +51,15 @@ class Drop(Residual):
 
     uses_full_grad = False
     batched = True
+    fuses_back_projection = True
 
     def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
         return back(direction).mul_(group["scale"])
+
+    def fused_step(self, weights: list[torch.Tensor], basis: torch.Tensor,
+                   direction: torch.Tensor, side: str, group: dict) -> None:
+        """W ← W − lr·scale·back(N) − lr·wd·W for each (m×n view of a) weight, one fused
+        GEMM each (kernels/backproj.py); `basis` and `direction` are stacked k×…."""
+        for weight, p, n in zip(weights, basis, direction):
+            backproj.backproject_update(weight, p, n, side, group["lr"], group["scale"],
+                                        group["weight_decay"])
