@@ -1,6 +1,6 @@
 """Host overhead of one optimizer step: ATen ops dispatched per step, and host time vs AdamW.
 
-    python benchmarks/overhead.py                       # both lists, 61 rounds (~1.5 min)
+    python benchmarks/overhead.py                       # both lists, 61 rounds (1.5-3.5 min by load)
     python benchmarks/overhead.py --quick               # 24-layer list, 5 rounds, no peers (10-25 s)
     python benchmarks/overhead.py --lists 1b --rounds 101 --json overhead.json
 
@@ -10,9 +10,12 @@ so that a step costs its Python and dispatcher work, not its arithmetic:
 - **ops/step**: every ATen op a `TorchDispatchMode` sees during one steady `opt.step()`
   (`_foreach_*` ops count once, whatever the number of tensors). The count does not depend
   on the load of the machine, nor on the tensor sizes: a step's code walks the same
-  parameters with the same ops whether a weight is 64x64 or 2048x2048, which is why a
+  parameters with the same ops whether a weight is 64x64 or 2048x2048 (q-galore pads its
+  INT8 groups of 256, a few ops more on a 64x171 weight), which is why a
   LLaMA scaled down by 32 per dimension has the op count of the real one (the `1b` list).
-  This is the headline figure; on a GPU each op is at least one kernel launch.
+  This is the headline figure; on a GPU most ops are one kernel launch each (views and
+  reads of CPU scalars are not). The script runs on CPU, where gradproj takes the PyTorch
+  references of its Triton kernels: a Triton launch bypasses the dispatcher, uncounted.
 - **host µs/step**: the median over interleaved rounds (the order rotates every round) of
   the step's wall time, and "× AdamW" the median over rounds of the per-round ratio to
   `torch.optim.AdamW(foreach=True)` stepping the same list in the same round.
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings of optimizer names "
                         "(AdamW always runs: it is the baseline)")
     parser.add_argument("--layers", type=int, default=0,
-                        help="override the lists' 24 layers (the smoke test uses 4)")
+                        help="override the lists' 24 layers (0: keep; the smoke test uses 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", default="", help="also write the raw numbers here")
     args = parser.parse_args(argv)
