@@ -17,47 +17,19 @@ both implementations (no torch.Generator state); change the seed every step. Wit
 """
 import torch
 
+from .counter_rng import seed_keys, uniform
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 
 DEFAULT_GROUP = 256
 QMAX = 127
-_M32 = 0xFFFFFFFF
-
-
-def _hash32(x: int) -> int:
-    """lowbias32 (C. Wellons): a full-avalanche 32-bit integer hash."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _keys(seed: int) -> tuple[int, int]:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return _hash32(seed & _M32), _hash32((seed >> 32) ^ 0x85EBCA6B)
+def sr_uniform_ref(numel: int, seed: int, device=None) -> torch.Tensor:
+    """The fp32 u ∈ [0, 1) used for element i of a tensor: hash(hash(i ^ k0) ^ k1) >> 8 · 2⁻²⁴
+    (`counter_rng.uniform`; the kernel computes the same hash in registers)."""
+    return uniform(numel, seed, device)
 
 
 def _signed32(k: int) -> int:  # launch argument as i32; the kernel bitcasts it back
     return k - (1 << 32) if k >= 1 << 31 else k
-
-
-def _hash32_ref(x: torch.Tensor) -> torch.Tensor:
-    """`_hash32` on an int64 tensor of uint32 values (products wrap mod 2⁶⁴; low bits kept)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def sr_uniform_ref(numel: int, seed: int, device=None) -> torch.Tensor:
-    """The fp32 u ∈ [0, 1) used for element i of a tensor: hash(hash(i ^ k0) ^ k1) >> 8 · 2⁻²⁴."""
-    k0, k1 = _keys(seed)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    h = _hash32_ref(_hash32_ref(idx ^ k0) ^ k1)
-    return (h >> 8).float() * 2.0 ** -24
 
 
 @triton.jit
@@ -155,7 +127,7 @@ def _launch(numel, group_size):
 def int8_sr_quantize(x, seed, group_size=DEFAULT_GROUP, stochastic=True):
     """Quantize to group-wise int8 with seeded stochastic rounding: (codes, scale)."""
     _check_group(group_size)
-    k0, k1 = _keys(seed)
+    k0, k1 = seed_keys(seed)
     if not use_triton(x):
         return int8_sr_quantize_ref(x, seed, group_size, stochastic)
     x = x.contiguous()

@@ -31,7 +31,8 @@ from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..rules.base import rule_step
 from ..seeds import param_seed
-from .buckets import Bucket, StackedState
+from ..stacked_state import StackedState
+from .buckets import Bucket
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 from .refresh import refresh_subspace
 

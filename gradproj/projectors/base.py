@@ -115,7 +115,10 @@ class Projector:
         if side in ("left", "full"):
             grad = self.load_basis(state, "left", shape).mT @ grad
         if side in ("right", "full"):
-            grad = grad @ self.load_basis(state, "right", shape)
+            # (Pᵀ·Gᵀ)ᵀ rather than G·P: for r = 1 the latter is a matrix-vector product that
+            # torch computes differently for one matrix and for a batch (last-bit
+            # differences); this form gives every slice of a bucket the bits it gets alone
+            grad = (self.load_basis(state, "right", shape).mT @ grad.mT).mT.contiguous()
         return grad
 
     def project_back(self, low: torch.Tensor, state: dict, side: str,

@@ -3,24 +3,27 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.counter_rng import normals
 from ..registry import PROJECTORS
+from ..stacked_state import StackedState
 from .base import Projector, basis_shape
-from .randomized import seeded_generator
 
 # Keys in the per-parameter state. The seed is a plain int; the anchor is a 0-element
-# tensor (0 bytes) that records the device the basis is drawn on: CPU and CUDA generators
-# give different streams for one seed, and `load_basis` gets no device argument, so
-# without it an INT4-wrapped or resumed basis could be drawn on the wrong device.
+# tensor (0 bytes) that records the device the basis is drawn on (`load_basis` gets no
+# device argument; the streams themselves are the same on every device).
 SEED_KEY, ANCHOR_KEY = "proj_seed", "proj_anchor"
 
 
 class SeededProjector(Projector):
-    """Base for projectors whose basis is a pure function of (seed, side, shape, rank)."""
+    """Base for projectors whose basis is a pure function of (seed, side, shape, rank).
+
+    The basis is drawn from counter-based streams (`kernels/counter_rng.py`): the same
+    numbers on every device, and the k bases of a bucket — k seeds — in one batched draw,
+    made once per step (`StackedState.scratch`) and used by both projections.
+    """
 
     #: random bases are not orthonormal (PᵀP ≈ I only in expectation)
     orthonormal = False
-    #: the basis is drawn per weight from that weight's seed: one generator call each
-    batched = False
 
     def fit(self, grad, state, *, rank, side, seed, dtype):
         state["rank"] = rank
@@ -28,13 +31,19 @@ class SeededProjector(Projector):
         state[ANCHOR_KEY] = torch.empty(0, device=grad.device)
 
     def fit_side(self, grad, rank, side, seed):
-        rows = basis_shape(tuple(grad.shape), rank, side)[0]
-        return self.draw(rows, rank, self._side_seed(seed, side), grad.device)
+        rows = basis_shape(tuple(grad.shape[-2:]), rank, side)[0]
+        return self.draw(rows, rank, [self._side_seed(seed, side)], grad.device)[0]
 
     def load_basis(self, state, side, shape):
         rows = basis_shape(tuple(shape), state["rank"], side)[0]
-        return self.draw(rows, state["rank"], self._side_seed(state[SEED_KEY], side),
-                         state[ANCHOR_KEY].device)
+        device = state[ANCHOR_KEY].device
+        if not isinstance(state, StackedState):
+            return self.draw(rows, state["rank"], [self._side_seed(state[SEED_KEY], side)], device)[0]
+        basis = state.scratch.get(("basis", side))
+        if basis is None:
+            seeds = [self._side_seed(seed, side) for seed in state.values(SEED_KEY)]
+            basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], seeds, device)
+        return basis
 
     def basis_nbytes(self, shape, rank, side, dtype):
         return 0  # regenerated on use: the seed is one Python int
@@ -44,8 +53,8 @@ class SeededProjector(Projector):
         # distinct streams for the two sides of proj_type "full"
         return 2 * int(seed) + (side == "right")
 
-    def draw(self, rows: int, rank: int, seed: int, device) -> torch.Tensor:
-        """The fp32 rows×rank basis for `seed` on `device`."""
+    def draw(self, rows: int, rank: int, seeds: list[int], device) -> torch.Tensor:
+        """The fp32 bases for `seeds` on `device`: k×rows×rank, one per seed."""
         raise NotImplementedError
 
 
@@ -57,9 +66,9 @@ class GaussianProjector(SeededProjector):
     (Johnson–Lindenstrauss) and APOLLO's ratio ‖N‖/‖R‖ estimates the full-rank one.
     """
 
-    def draw(self, rows, rank, seed, device):
-        gen = seeded_generator(torch.device(device), seed)
-        return torch.randn(rows, rank, generator=gen, device=device).div_(rank ** 0.5)
+    def draw(self, rows, rank, seeds, device):
+        values = normals(seeds, rows * rank, device)
+        return values.view(len(seeds), rows, rank).div_(rank ** 0.5)
 
 
 __all__ = ["GaussianProjector", "SeededProjector"]

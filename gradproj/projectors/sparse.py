@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.counter_rng import uniforms
 from ..registry import PROJECTORS
 from .gaussian import SeededProjector
-from .randomized import seeded_generator
 
 
 @PROJECTORS.register("sparse", aliases=("very_sparse",))
@@ -23,10 +23,9 @@ class SparseProjector(SeededProjector):
             raise ValueError(f"option 's' of the sparse projector must be a number >= 1 or None, got {s!r}")
         self.s = s
 
-    def draw(self, rows, rank, seed, device):
+    def draw(self, rows, rank, seeds, device):
         s = float(self.s) if self.s is not None else max(1.0, rows ** 0.5)
-        gen = seeded_generator(torch.device(device), seed)
-        u = torch.rand(rows, rank, generator=gen, device=device)
+        u = uniforms(seeds, rows * rank, device).view(len(seeds), rows, rank)
         half = 0.5 / s
         signs = (u < half).float() - (u >= 1.0 - half).float()
         return signs.mul_((s / rank) ** 0.5)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradproj as gp
-from gradproj.optimizers.buckets import StackedState
+from gradproj.stacked_state import StackedState
 
 
 class _Block(nn.Module):
