@@ -17,7 +17,7 @@ both implementations (no torch.Generator state); change the seed every step. Wit
 """
 import torch
 
-from .counter_rng import seed_keys, uniform
+from .counter_rng import seed_keys, uniform, uniforms
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 
 DEFAULT_GROUP = 256
@@ -139,6 +139,30 @@ def int8_sr_quantize(x, seed, group_size=DEFAULT_GROUP, stochastic=True):
             x, codes, scale, x.numel(), group_size, _signed32(k0), _signed32(k1),
             STOCHASTIC=bool(stochastic), ROWS=rows, BLOCK=block)
     return codes, scale
+
+
+def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
+    """k tensors at once, row i of `x` (k×…) rounded stochastically with seeds[i]: the
+    codes (int8, x's shape) and scales (k×groups) `int8_sr_quantize` gives each row.
+
+    Each row must be a whole number of groups. Triton: one launch per row; elsewhere the
+    reference's math on the k rows together, with the k counter streams drawn in one pass.
+    """
+    _check_group(group_size)
+    k, numel = x.shape[0], x[0].numel()
+    if numel % group_size:
+        raise ValueError(f"rows of {numel} values are not a whole number of groups of {group_size}")
+    if use_triton(x):
+        pairs = [int8_sr_quantize(row, seed, group_size) for row, seed in zip(x, seeds)]
+        return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+    groups = x.reshape(k, -1, group_size).float()
+    scale = groups.abs().amax(dim=2) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = groups / scale[..., None]
+    r = torch.floor(y)
+    u = uniforms(list(seeds), numel, x.device).view_as(y)
+    q = r + (u < y - r).float()
+    return q.clamp_(-QMAX, QMAX).to(torch.int8).view(x.shape), scale
 
 
 def int8_dequantize(codes, scale, group_size=DEFAULT_GROUP):

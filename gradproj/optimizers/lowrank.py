@@ -27,7 +27,7 @@ import torch
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
 from ..kernels.dispatch import use_triton
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
-from ..quant.linear import apply_quantized_update, compute_dtype, is_quantized
+from ..quant.linear import apply_quantized_updates, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..rules.base import rule_step
 from ..seeds import param_seed
@@ -296,8 +296,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W, for a bucket's weights
         (U stacked k×…); INT8 `QuantLinear` weights dequantize, step and re-quantize."""
         if is_quantized(params[0]):
-            for p, u, state in zip(params, update, states):
-                apply_quantized_update(p, u, state, group)
+            apply_quantized_updates(params, update, states, group)
             return
         lr, decay = group["lr"], group["weight_decay"]
         update = update.to(params[0].dtype).reshape(len(params), *params[0].shape)

@@ -5,14 +5,13 @@ import torch
 
 from ..kernels.int4 import DEFAULT_GROUP, int4_dequantize, int4_nbytes, int4_quantize
 from ..registry import PROJECTORS
+from ..stacked_state import StackedState
 from .base import BASIS_KEYS, Projector, basis_shape, sides_of
 
 
 @PROJECTORS.register("int4", aliases=("q4_basis",))
 class Int4Projector(Projector):
     """Wraps another projector (`inner`) and stores its basis group-wise 4-bit, 2 codes/byte."""
-
-    batched = False  # each weight's basis is dequantized from its own codes
 
     def __init__(self, inner: str = "svd", group_size: int = DEFAULT_GROUP, **inner_options):
         if not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
@@ -44,8 +43,19 @@ class Int4Projector(Projector):
 
     def load_basis(self, state, side, shape):
         key = BASIS_KEYS[side]
-        return int4_dequantize(state[key + ".codes"], state[key + ".scale"], state[key + ".min"],
-                               basis_shape(shape, state["rank"], side))
+        rows_cols = basis_shape(shape, state["rank"], side)
+        codes, scale, minimum = state[key + ".codes"], state[key + ".scale"], state[key + ".min"]
+        if not isinstance(state, StackedState):
+            return int4_dequantize(codes, scale, minimum, rows_cols)
+        basis = state.scratch.get(("basis", side))
+        if basis is None:  # k weights' groups dequantized as one run of groups (elementwise)
+            k, groups, half = codes.shape
+            flat = int4_dequantize(codes.reshape(k * groups, half), scale.reshape(-1),
+                                   minimum.reshape(-1), (k * groups * 2 * half,))
+            numel = rows_cols[0] * rows_cols[1]
+            basis = flat.view(k, -1)[:, :numel].reshape(k, *rows_cols)
+            state.scratch[("basis", side)] = basis
+        return basis
 
     def basis_nbytes(self, shape, rank, side, dtype):
         return sum(int4_nbytes(rank * basis_shape(shape, rank, one)[0], self.group_size)

@@ -6,7 +6,7 @@ to the input's dtype; backward computes the fp32 weight gradient and accumulates
 `weight.grad` (the parameter's `grad_dtype` is set to fp32, so a float gradient on an
 int8 tensor is allowed), so `zero_grad`, gradient accumulation and clipping work as
 for any weight. `LowRankOptimizer` recognises such a parameter (`is_quantized`) and
-applies its update as `apply_quantized_update`: dequantize, W ← W − lr·U − lr·wd·W in
+applies its update as `apply_quantized_updates`: dequantize, W ← W − lr·U − lr·wd·W in
 fp32, re-quantize with stochastic rounding seeded by the parameter's
 seed and step — so a resumed run draws the same rounding noise (bit-exact resume) and
 the optimizer state stays tensors and plain ints.
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..seeds import rounding_seed
+from ..kernels.int8_sr import int8_sr_quantize_rows
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
 OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight
@@ -148,18 +149,40 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
 
 
 @torch.no_grad()
-def apply_quantized_update(p: torch.Tensor, update: torch.Tensor, state: dict, group: dict) -> None:
-    """W ← W − lr·U − lr·wd·W on an INT8 weight: dequantize, step in fp32, SR re-quantize."""
-    module = getattr(p, OWNER_ATTR)()
-    if module is None:
+def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor, states: list[dict],
+                            group: dict) -> None:
+    """W ← W − lr·U − lr·wd·W on k INT8 weights of one shape (U stacked k×…): dequantize,
+    step in fp32, re-quantize with stochastic rounding seeded by each weight's seed and step.
+
+    Weights that are whole numbers of groups go as one stack (one dequantize, one update,
+    one stochastic rounding of k counter streams); others one at a time. Both give each
+    weight the same codes.
+    """
+    modules = [getattr(p, OWNER_ATTR)() for p in params]
+    if any(m is None for m in modules):
         raise ValueError("quantized weight lost its QuantLinear (was the module deleted?)")
-    w = int8_dequantize(p, module.weight_scale, module.group_size)
-    w.add_(update.reshape(w.shape).float(), alpha=-group["lr"])
-    if group["weight_decay"]:
-        w.add_(w, alpha=-group["lr"] * group["weight_decay"])  # as the float path: after the step
-    codes, scale = int8_quantize(w, module.group_size, rounding_seed(state["seed"], state["step"]))
-    p.copy_(codes)
-    module.weight_scale.copy_(scale)
+    size = modules[0].group_size
+    seeds = [rounding_seed(s["seed"], s["step"]) for s in states]
+    lr, decay = group["lr"], group["weight_decay"]
+    if any(m.group_size != size for m in modules) or params[0].numel() % size:
+        for p, u, module, seed in zip(params, update, modules, seeds):
+            w = int8_dequantize(p, module.weight_scale, size)
+            w.add_(u.reshape(w.shape).float(), alpha=-lr)
+            if decay:
+                w.add_(w, alpha=-lr * decay)  # as the float path: after the step
+            codes, scale = int8_quantize(w, size, seed)
+            p.copy_(codes)
+            module.weight_scale.copy_(scale)
+        return
+    codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
+    scales = torch.stack([m.weight_scale for m in modules])
+    w = int8_dequantize(codes, scales.view(-1), size)
+    w.add_(update.reshape(w.shape).float(), alpha=-lr)
+    if decay:
+        w.add_(w, alpha=-lr * decay)
+    codes, scales = int8_sr_quantize_rows(w, seeds, size)
+    torch._foreach_copy_(params, codes.unbind(0))
+    torch._foreach_copy_([m.weight_scale for m in modules], scales.unbind(0))
 
 
 def int8_weight_bytes(model: nn.Module) -> int:
@@ -168,5 +191,5 @@ def int8_weight_bytes(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, QuantLinear))
 
 
-__all__ = ["QuantLinear", "apply_quantized_update", "compute_dtype", "int8_weight_bytes",
+__all__ = ["QuantLinear", "apply_quantized_updates", "compute_dtype", "int8_weight_bytes",
            "is_quantized", "quantize_weights"]
