@@ -27,3 +27,4 @@ def refresh_seed(seed: int, step: int) -> int:
 def rounding_seed(seed: int, step: int) -> int:
     """The stochastic-rounding seed of an INT8 weight's update at `step`."""
     return (int(seed) * SEED_STRIDE + int(step) * 7_919 + 17) % (1 << 62)
+

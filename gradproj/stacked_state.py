@@ -25,13 +25,23 @@ class StackedState:
     gives every parameter's own, e.g. the seeds). Writing a tensor with a leading
     dimension k stores one slice per parameter; writing a scalar stores it in every
     state. A key is present when every state holds it. `scratch` is a dict for values a
-    plugin computes once per step and reuses within it (a regenerated basis).
+    plugin computes once per step and reuses within it (a regenerated basis); `cache` one
+    that lives as long as the stacks, for values derived from entries that rarely change
+    (a bucket's seeds on the device), each stored with what it was derived from.
     """
 
-    def __init__(self, states: list[dict], stacks: dict | None = None):
+    def __init__(self, states: list[dict], stacks: dict | None = None, cache: dict | None = None):
         self.states = states
         self.stacks = {} if stacks is None else stacks
+        self.cache = {} if cache is None else cache
         self.scratch: dict = {}
+
+    def cached(self, key, source: tuple, make):
+        """`make()`, reused while `source` (plain values) is unchanged."""
+        entry = self.cache.get(key)
+        if entry is None or entry[0] != source:
+            entry = self.cache[key] = (source, make())
+        return entry[1]
 
     def values(self, key: str) -> list:
         """Every parameter's own entry, in bucket order."""

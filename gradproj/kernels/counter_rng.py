@@ -42,12 +42,20 @@ def hash32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keys(seeds: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys of k seeds as two k×1 int64 tensors (they broadcast over a stream's index)."""
-    pairs = [seed_keys(int(s) % (1 << 64)) for s in seeds]
-    k0 = torch.tensor([[a] for a, _ in pairs], dtype=torch.int64, device=device)
-    k1 = torch.tensor([[b] for _, b in pairs], dtype=torch.int64, device=device)
-    return k0, k1
+def keys(seeds, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys of k seeds as two k×1 int64 tensors (they broadcast over a stream's index).
+
+    `seeds` is a list of ints (taken mod 2⁶³), or an int64 tensor of seeds in [0, 2⁶³)
+    already on `device` — then the keys are computed there, with no host-to-device copy
+    (a copy from pageable memory would synchronise a CUDA stream every step).
+    """
+    if not torch.is_tensor(seeds):
+        pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
+        k0 = torch.tensor([[a] for a, _ in pairs], dtype=torch.int64, device=device)
+        k1 = torch.tensor([[b] for _, b in pairs], dtype=torch.int64, device=device)
+        return k0, k1
+    seeds = seeds.reshape(-1, 1)
+    return hash32_tensor(seeds & M32), hash32_tensor((seeds >> 32) ^ 0x85EBCA6B)
 
 
 def uniform_bits(index: torch.Tensor, k0, k1) -> torch.Tensor:

@@ -160,7 +160,7 @@ def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = groups / scale[..., None]
     r = torch.floor(y)
-    u = uniforms(list(seeds), numel, x.device).view_as(y)
+    u = uniforms(seeds, numel, x.device).view_as(y)
     q = r + (u < y - r).float()
     return q.clamp_(-QMAX, QMAX).to(torch.int8).view(x.shape), scale
 

@@ -34,12 +34,12 @@ class Bucket:
     params: list[torch.Tensor]
     low_rank: bool
     side: str | None = None          # projection side (low-rank buckets)
-    stacks: dict[tuple[int, ...], dict] = field(default_factory=dict)
+    subsets: dict[tuple[int, ...], tuple[dict, dict]] = field(default_factory=dict)
 
     def state(self, members: tuple[int, ...], states: list[dict]) -> "StackedState":
-        stacks = self.stacks.get(members)
-        if stacks is None:  # a new subset: the stacks of subsets it overlaps lose their views
-            for other in [m for m in self.stacks if not set(m).isdisjoint(members)]:
-                del self.stacks[other]
-            stacks = self.stacks[members] = {}
-        return StackedState(states, stacks)
+        kept = self.subsets.get(members)
+        if kept is None:  # a new subset: the stacks of subsets it overlaps lose their views
+            for other in [m for m in self.subsets if not set(m).isdisjoint(members)]:
+                del self.subsets[other]
+            kept = self.subsets[members] = ({}, {})
+        return StackedState(states, *kept)

@@ -245,7 +245,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         stacked = bucket.state(members, states)
         if not bucket.low_rank:
             direction = self._rule_update(rule, fmt, grad, stacked, states, group)
-            self._write_weights(params, direction, states, group)
+            self._write_weights(params, direction, stacked, group)
             return
         side, shape = bucket.side, matrix_shape(params[0])
 
@@ -274,7 +274,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 return residual.combine(g, r, n, lambda x: projector.project_back(x, state, side, shape),
                                         state, group, folded)
             update = each(combine_one, grad, low, direction)
-        self._write_weights(params, update, states, group)
+        self._write_weights(params, update, stacked, group)
 
     @staticmethod
     def _fusable(params, projector, side, direction) -> bool:
@@ -292,11 +292,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return torch.stack([rule.update(g, state, group, fmt) for g, state in zip(grad, states)])
 
     @staticmethod
-    def _write_weights(params, update, states, group) -> None:
+    def _write_weights(params, update, stacked, group) -> None:
         """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W, for a bucket's weights
         (U stacked k×…); INT8 `QuantLinear` weights dequantize, step and re-quantize."""
         if is_quantized(params[0]):
-            apply_quantized_updates(params, update, states, group)
+            apply_quantized_updates(params, update, stacked, group)
             return
         lr, decay = group["lr"], group["weight_decay"]
         update = update.to(params[0].dtype).reshape(len(params), *params[0].shape)

@@ -40,9 +40,11 @@ class SeededProjector(Projector):
         if not isinstance(state, StackedState):
             return self.draw(rows, state["rank"], [self._side_seed(state[SEED_KEY], side)], device)[0]
         basis = state.scratch.get(("basis", side))
-        if basis is None:
-            seeds = [self._side_seed(seed, side) for seed in state.values(SEED_KEY)]
-            basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], seeds, device)
+        if basis is None:  # the seeds go to the device once per refresh, not every step
+            seeds = tuple(self._side_seed(seed, side) % (1 << 63) for seed in state.values(SEED_KEY))
+            on_device = state.cached(("seeds", side), seeds,
+                                     lambda: torch.tensor(seeds, dtype=torch.int64, device=device))
+            basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], on_device, device)
         return basis
 
     def basis_nbytes(self, shape, rank, side, dtype):
@@ -53,8 +55,8 @@ class SeededProjector(Projector):
         # distinct streams for the two sides of proj_type "full"
         return 2 * int(seed) + (side == "right")
 
-    def draw(self, rows: int, rank: int, seeds: list[int], device) -> torch.Tensor:
-        """The fp32 bases for `seeds` on `device`: k×rows×rank, one per seed."""
+    def draw(self, rows: int, rank: int, seeds, device) -> torch.Tensor:
+        """The fp32 bases for `seeds` (ints, or an int64 tensor on `device`): k×rows×rank."""
         raise NotImplementedError
 
 

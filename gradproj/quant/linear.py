@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..seeds import rounding_seed
+from ..stacked_state import StackedState
 from ..kernels.int8_sr import int8_sr_quantize_rows
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
@@ -149,20 +150,21 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
 
 
 @torch.no_grad()
-def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor, states: list[dict],
-                            group: dict) -> None:
+def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
+                            state: StackedState, group: dict) -> None:
     """W ← W − lr·U − lr·wd·W on k INT8 weights of one shape (U stacked k×…): dequantize,
     step in fp32, re-quantize with stochastic rounding seeded by each weight's seed and step.
 
     Weights that are whole numbers of groups go as one stack (one dequantize, one update,
     one stochastic rounding of k counter streams); others one at a time. Both give each
-    weight the same codes.
+    weight the same codes. `state` holds the weights' states (seed and step).
     """
     modules = [getattr(p, OWNER_ATTR)() for p in params]
     if any(m is None for m in modules):
         raise ValueError("quantized weight lost its QuantLinear (was the module deleted?)")
     size = modules[0].group_size
-    seeds = [rounding_seed(s["seed"], s["step"]) for s in states]
+    # plain ints: the Triton kernel takes its keys as launch arguments (no copy to the GPU)
+    seeds = [rounding_seed(s["seed"], s["step"]) for s in state.states]
     lr, decay = group["lr"], group["weight_decay"]
     if any(m.group_size != size for m in modules) or params[0].numel() % size:
         for p, u, module, seed in zip(params, update, modules, seeds):

@@ -107,9 +107,11 @@ class _OpCount(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.names: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.names.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -178,3 +180,18 @@ def test_batched_projectors_act_on_each_slice_as_on_one_weight(name, one_thread)
             one = StackedState([state])
             assert torch.equal(low[i], projector.project(grads[i:i + 1], one, side)[0])
             assert torch.equal(back[i], projector.project_back(low[i:i + 1], one, side, (12, 10))[0])
+
+
+@pytest.mark.parametrize("preset", sorted(gp.PRESETS.names()))
+def test_steady_step_reads_no_tensor_value_on_the_host(preset):
+    """No `.item()`, `float(t)`, `bool(t)` between refreshes (each is an
+    `aten._local_scalar_dense`, a device sync on CUDA), so the step can be captured."""
+    model = _model(2)
+    opt = gp.build_optimizer(model, preset, update_gap=100,
+                             **({} if preset == "apollo-mini" else {"rank": 4}))
+    _set_grads(model, _grads(model, 0))
+    opt.step()
+    counter = _OpCount()
+    with counter:
+        opt.step()
+    assert counter.ops and "aten._local_scalar_dense.default" not in counter.names
