@@ -26,6 +26,7 @@ import math
 import torch
 
 from ..kernels.adam import adam_step, adam_step_ref
+from ..kernels.lion import lion_update, lion_update_ref
 from ..registry import STATE_FORMATS
 
 
@@ -64,6 +65,15 @@ class StateFormat:
         self.write(state, v_key, v)
         return direction
 
+    def lion_step(self, state: dict, m_key: str, grad: torch.Tensor, beta1: float,
+                  beta2: float) -> torch.Tensor:
+        """Return sign(lerp(G, M, β1)); then M ← β2·M + (1−β2)·G (Lion). Default: read,
+        the reference math, write back."""
+        m = self.read(state, m_key)
+        direction = lion_update_ref(grad, m, beta1, beta2)
+        self.write(state, m_key, m)
+        return direction
+
 
 class DenseFormat(StateFormat):
     """A plain tensor of one dtype under `state[key]`."""
@@ -87,6 +97,9 @@ class DenseFormat(StateFormat):
 
     def adam_step(self, state, m_key, v_key, grad, beta1, beta2, eps, step_size):
         return adam_step(grad, state[m_key], state[v_key], beta1, beta2, eps, step_size)
+
+    def lion_step(self, state, m_key, grad, beta1, beta2):
+        return lion_update(grad, state[m_key], beta1, beta2)
 
 
 @STATE_FORMATS.register("fp32", aliases=("float32",))

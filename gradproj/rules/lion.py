@@ -1,10 +1,6 @@
 """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")."""
 from __future__ import annotations
 
-import torch
-
-from ..formats.base import DenseFormat
-from ..kernels.lion import lion_update
 from ..registry import RULES
 from .base import Rule, check_betas
 
@@ -27,16 +23,8 @@ class Lion(Rule):
         check_betas(group)
 
     def update(self, grad, state, group, fmt):
-        beta1, beta2 = group["betas"]
-        stored = state.get("exp_avg")
-        if isinstance(fmt, DenseFormat) and stored is not None and stored.is_contiguous():
-            # fused kernel (Triton on CUDA, the same math below as its reference elsewhere):
-            # one pass over G and M instead of four
-            return lion_update(grad, stored, beta1, beta2)
-        exp_avg = fmt.read(state, "exp_avg")
         # the direction uses the *old* momentum interpolated with G (β1), the stored
-        # momentum then moves with the slower β2: two betas are what makes Lion Lion
-        direction = torch.lerp(grad, exp_avg, beta1).sign_()
-        exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)
-        fmt.write(state, "exp_avg", exp_avg)
-        return direction
+        # momentum then moves with the slower β2: two betas are what makes Lion Lion.
+        # The format runs it: one fused pass over dense moments (kernels/lion.py)
+        beta1, beta2 = group["betas"]
+        return fmt.lion_step(state, "exp_avg", grad, beta1, beta2)
