@@ -141,28 +141,45 @@ def int8_sr_quantize(x, seed, group_size=DEFAULT_GROUP, stochastic=True):
     return codes, scale
 
 
+def _row_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """k rows (x is k×…) cut into groups as `_groups` cuts each: k×groups×group_size,
+    each row's last group padded with zeros."""
+    flat = x.reshape(x.shape[0], -1).float()
+    pad = (-flat.shape[1]) % group_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(x.shape[0], -1, group_size)
+
+
 def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
     """k tensors at once, row i of `x` (k×…) rounded stochastically with seeds[i]: the
     codes (int8, x's shape) and scales (k×groups) `int8_sr_quantize` gives each row.
 
-    Each row must be a whole number of groups. Triton: one launch per row; elsewhere the
-    reference's math on the k rows together, with the k counter streams drawn in one pass.
+    Triton: one launch per row; elsewhere the reference's math on the k rows together,
+    with the k counter streams drawn in one pass.
     """
     _check_group(group_size)
-    k, numel = x.shape[0], x[0].numel()
-    if numel % group_size:
-        raise ValueError(f"rows of {numel} values are not a whole number of groups of {group_size}")
     if use_triton(x):
         pairs = [int8_sr_quantize(row, seed, group_size) for row, seed in zip(x, seeds)]
         return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
-    groups = x.reshape(k, -1, group_size).float()
+    groups = _row_groups(x, group_size)
     scale = groups.abs().amax(dim=2) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = groups / scale[..., None]
     r = torch.floor(y)
-    u = uniforms(seeds, numel, x.device).view_as(y)
+    u = uniforms(seeds, groups[0].numel(), x.device).view_as(y)
     q = r + (u < y - r).float()
-    return q.clamp_(-QMAX, QMAX).to(torch.int8).view(x.shape), scale
+    codes = q.clamp_(-QMAX, QMAX).to(torch.int8).view(x.shape[0], -1)[:, :x[0].numel()]
+    return codes.reshape(x.shape), scale
+
+
+def int8_dequantize_rows(codes, scale, group_size=DEFAULT_GROUP):
+    """`int8_dequantize` of k tensors at once: codes k×…, scale k×groups; fp32, codes' shape."""
+    _check_group(group_size)
+    if use_triton(codes, scale):
+        return torch.stack([int8_dequantize(c, s, group_size) for c, s in zip(codes, scale)])
+    values = _row_groups(codes, group_size) * scale[..., None]
+    return values.view(codes.shape[0], -1)[:, :codes[0].numel()].reshape(codes.shape)
 
 
 def int8_dequantize(codes, scale, group_size=DEFAULT_GROUP):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..seeds import rounding_seed
 from ..stacked_state import StackedState
-from ..kernels.int8_sr import int8_sr_quantize_rows
+from ..kernels.int8_sr import int8_dequantize_rows, int8_sr_quantize_rows
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
 OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight
@@ -155,9 +155,9 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     """W ← W − lr·U − lr·wd·W on k INT8 weights of one shape (U stacked k×…): dequantize,
     step in fp32, re-quantize with stochastic rounding seeded by each weight's seed and step.
 
-    Weights that are whole numbers of groups go as one stack (one dequantize, one update,
-    one stochastic rounding of k counter streams); others one at a time. Both give each
-    weight the same codes. `state` holds the weights' states (seed and step).
+    The k weights go as one stack (one dequantize, one update, one stochastic rounding of
+    k counter streams), giving each weight the codes it would get alone. `state` holds the
+    weights' states (seed and step).
     """
     modules = [getattr(p, OWNER_ATTR)() for p in params]
     if any(m is None for m in modules):
@@ -166,22 +166,14 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     # plain ints: the Triton kernel takes its keys as launch arguments (no copy to the GPU)
     seeds = [rounding_seed(s["seed"], s["step"]) for s in state.states]
     lr, decay = group["lr"], group["weight_decay"]
-    if any(m.group_size != size for m in modules) or params[0].numel() % size:
-        for p, u, module, seed in zip(params, update, modules, seeds):
-            w = int8_dequantize(p, module.weight_scale, size)
-            w.add_(u.reshape(w.shape).float(), alpha=-lr)
-            if decay:
-                w.add_(w, alpha=-lr * decay)  # as the float path: after the step
-            codes, scale = int8_quantize(w, size, seed)
-            p.copy_(codes)
-            module.weight_scale.copy_(scale)
-        return
+    if any(m.group_size != size for m in modules):
+        raise ValueError("INT8 weights of one shape must share one weight_group_size")
     codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
     scales = torch.stack([m.weight_scale for m in modules])
-    w = int8_dequantize(codes, scales.view(-1), size)
+    w = int8_dequantize_rows(codes, scales, size)
     w.add_(update.reshape(w.shape).float(), alpha=-lr)
     if decay:
-        w.add_(w, alpha=-lr * decay)
+        w.add_(w, alpha=-lr * decay)  # as the float path: after the step
     codes, scales = int8_sr_quantize_rows(w, seeds, size)
     torch._foreach_copy_(params, codes.unbind(0))
     torch._foreach_copy_([m.weight_scale for m in modules], scales.unbind(0))
