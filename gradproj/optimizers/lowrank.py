@@ -168,21 +168,26 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """`params` of group `index` partitioned into buckets, cached while neither the
         set of parameters with a gradient nor the options that shape a bucket change."""
         key = (index, *map(id, self.plugins(group)), group["lowrank"], group["rank"],
-               group["proj_type"], *map(id, params))
+               group["proj_type"], group["bucket_cap_mb"], *map(id, params))
         cached = self._bucket_cache.get(key)
         if cached is not None:
             return cached
-        by_layout: dict[tuple, Bucket] = {}
+        cap = group["bucket_cap_mb"] * 2 ** 20
+        open_buckets: dict[tuple, Bucket] = {}
+        buckets = []
         for p in params:
             low_rank = self.is_low_rank(p, group)
             layout = (low_rank, tuple(p.shape), p.dtype, p.device, is_quantized(p))
-            if layout not in by_layout:
-                by_layout[layout] = Bucket([], low_rank, self.side(p, group) if low_rank else None)
-            by_layout[layout].params.append(p)
+            bucket = open_buckets.get(layout)
+            if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap:
+                bucket = open_buckets[layout] = Bucket([], low_rank,
+                                                       self.side(p, group) if low_rank else None)
+                buckets.append(bucket)
+            bucket.params.append(p)
         if len(self._bucket_cache) > 64:  # parameter sets that vary step to step
             self._bucket_cache.clear()
-        self._bucket_cache[key] = list(by_layout.values())
-        return self._bucket_cache[key]
+        self._bucket_cache[key] = buckets
+        return buckets
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None,

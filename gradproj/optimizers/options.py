@@ -18,6 +18,10 @@ GENERIC_DEFAULTS: dict = {
     "scale": 0.25,               # GaLore's alpha
     "proj_type": "std",
     "seed": 0,                   # seeds the randomized projectors, per parameter and step
+    # most fp32 gradient bytes one bucket stacks at once (MiB): a step's temporaries
+    # (stacked G, the back-projected U) are a few times this; 256 MiB keeps LLaMA-1B's
+    # MLP weights (44.7 MB each) 5 to a bucket and a 7B's (180 MB) one
+    "bucket_cap_mb": 256,
     **REFRESH_DEFAULTS,          # refresh fixed|adaptive, moments keep|reset|rotate (refresh.py)
 }
 
@@ -56,6 +60,8 @@ def validate_group(group: dict) -> None:
         ("seed", _is_int(group["seed"]) and group["seed"] >= 0, "an integer >= 0"),
         ("lowrank", isinstance(group["lowrank"], bool), "true or false"),
         ("projector_options", isinstance(group["projector_options"], dict), "a dict"),
+        ("bucket_cap_mb", _is_number(group["bucket_cap_mb"]) and group["bucket_cap_mb"] > 0,
+         "a number > 0"),
     )
     for name, ok, allowed in checks:
         if not ok:

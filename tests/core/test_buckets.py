@@ -195,3 +195,25 @@ def test_steady_step_reads_no_tensor_value_on_the_host(preset):
     with counter:
         opt.step()
     assert counter.ops and "aten._local_scalar_dense.default" not in counter.names
+
+
+def test_bucket_cap_splits_buckets_without_changing_the_step(one_thread):
+    """`bucket_cap_mb` bounds the gradient bytes one bucket stacks; the split changes how
+    many buckets step, not a bit of the result."""
+    models = [_model(5), _model(5)]
+    cap = 2.5 * 16 * 16 * 4 / 2 ** 20  # room for two 16×16 fp32 gradients
+    opts = [gp.build_optimizer(models[0], "galore", rank=4, update_gap=3),
+            gp.build_optimizer(models[1], "galore", rank=4, update_gap=3, bucket_cap_mb=cap)]
+    for step in range(4):
+        grads = _grads(models[0], step)
+        for m, opt in zip(models, opts):
+            _set_grads(m, grads)
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    group = opts[1].param_groups[0]
+    sizes = sorted(len(b.params) for b in opts[1].buckets(0, group, list(group["params"])))
+    # 20 q/k/v/o of 16×16 in pairs; 5 up and 5 down (40×16) one each
+    assert sizes == [1] * 10 + [2] * 10
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        gp.build_optimizer(_model(1), "galore", bucket_cap_mb=0)
