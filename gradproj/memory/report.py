@@ -13,7 +13,8 @@ LABELS = {"weights": "weights", "gradients": "gradients", "optimizer_states": "o
 COUNTED = ("Counted: parameters and buffers, gradients alive at the peak of backward, every "
            "optimizer-state tensor after the first step (moments, bases, scales), and the "
            "tensors autograd saves for backward on one micro-batch. Not counted: temporaries "
-           "of one update (the fp32 copy of one gradient, dequantized moments), the "
+           "of one bucket's update (stacked fp32 gradients and update, a few times "
+           "bucket_cap_mb; dequantized moments), the "
            "activation gradients of backward, the CUDA context and allocator fragmentation. The total "
            "is the sum: backward frees activations as whole-model gradients appear, so such a "
            "step peaks lower (130M GaLore on an H100: 1.21 GB measured, 1.46 GB planned).")
