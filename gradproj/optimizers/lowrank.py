@@ -178,7 +178,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             low_rank = self.is_low_rank(p, group)
             layout = (low_rank, tuple(p.shape), p.dtype, p.device, is_quantized(p))
             bucket = open_buckets.get(layout)
-            cap = cap_bytes(group["bucket_cap_mb"], p.device)
+            cap = cap_bytes(group["bucket_cap_mb"], p)
             if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap:
                 bucket = open_buckets[layout] = Bucket([], low_rank,
                                                        self.side(p, group) if low_rank else None)

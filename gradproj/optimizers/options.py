@@ -18,11 +18,8 @@ GENERIC_DEFAULTS: dict = {
     "scale": 0.25,               # GaLore's alpha
     "proj_type": "std",
     "seed": 0,                   # seeds the randomized projectors, per parameter and step
-    # most fp32 gradient MiB one bucket stacks (a step's temporaries are a few times it).
-    # "auto": by device (optimizers/buckets.py DEFAULT_CAP_MB): stacking k gradients costs a
-    # pass over them and saves k−1 launches of every op, which pays for weights up to
-    # ~16 MB on a GPU (3 TB/s against ~5 µs a launch) but only for small ones on a CPU
-    # (60M LLaMA, one thread: a 256 MiB cap made the step 1.44× slower than 1 MiB)
+    # most fp32 gradient MiB one bucket stacks (a step's temporaries are a few times it);
+    # "auto": 256, and on a CPU weights of 256 KiB and more step alone (optimizers/buckets.py)
     "bucket_cap_mb": "auto",
     **REFRESH_DEFAULTS,          # refresh fixed|adaptive, moments keep|reset|rotate (refresh.py)
 }
