@@ -254,8 +254,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return
         side, shape = bucket.side, matrix_shape(params[0])
 
-        def each(fn, *stacks):  # a per-weight plugin method over a bucket's slices
-            return torch.stack([fn(*(x[i] for x in stacks), state) for i, state in enumerate(states)])
+        def each(fn, *stacks):  # a per-weight plugin method over a bucket's slices (None: no G)
+            return torch.stack([fn(*(None if x is None else x[i] for x in stacks), state)
+                                for i, state in enumerate(states)])
 
         if projector.batched:
             def back(x):
