@@ -64,7 +64,8 @@ FOREIGN_KEYS: dict[str, tuple[str, Any]] = {
 }
 # set through TrainingArguments, not optim_args; internal group keys
 _NOT_IN_OPTIM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
-_INTERNAL = {"lowrank", "projector_options", "params"} | set(MODEL_KEYS)
+_INTERNAL = {"lowrank", "projector_options", "params"}
+_MODEL_DEFAULTS = {"quantize_weights": False, "weight_group_size": 256}  # INT8 weights (q-galore)
 
 
 class OptionError(ValueError):
@@ -119,7 +120,7 @@ _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 def _own_keys(preset: str, options: dict) -> dict[str, Any]:
     """Our option names settable from a string, with the default that fixes their type."""
     base = {**GENERIC_DEFAULTS, **PRESETS.get(preset), **options}
-    known = dict(GENERIC_DEFAULTS)
+    known = {**GENERIC_DEFAULTS, **_MODEL_DEFAULTS}
     for registry, name in ((RULES, base["rule"]), (RESIDUALS, base["residual"])):
         if name in registry:
             known.update(registry.get(name).defaults)
