@@ -61,6 +61,35 @@ def lowrank_groups(model: nn.Module, target_names: Sequence[str], weight_decay: 
     return [g for g in groups if g["params"]]
 
 
+def quantize_named(model: nn.Module, names: Sequence[str], group_size: int) -> None:
+    """INT8 QuantLinear for exactly the nn.Linear layers owning `names` (q-galore)."""
+    for module_name in [n.rsplit(".", 1)[0] for n in names]:
+        module = model.get_submodule(module_name)
+        if type(module) is nn.Linear:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    QuantLinear.from_linear(module, group_size))
+
+
+def build_by_names(model: nn.Module, preset: str | None, names: Sequence[str],
+                   **overrides) -> LowRankOptimizer:
+    """`build_optimizer` with the projected weights given by parameter name: two groups,
+    [projected, everything else], the options applying to both (run-spec semantics)."""
+    options = preset_options(preset) if preset else {}
+    options.update(overrides)
+    quantize = options.pop("quantize_weights", False)
+    group_size = options.pop("weight_group_size", 256)
+    if quantize:
+        quantize_named(model, names, group_size)
+    wanted = set(names)
+    low, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad or is_quantized(p):
+            (low if name in wanted else rest).append(p)
+    groups = [{"params": low, "lowrank": True}, {"params": rest, "lowrank": False}]
+    return LowRankOptimizer([g for g in groups if g["params"]], **options)
+
+
 def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,
                         betas: tuple[float, float] | None = None,
                         eps: float | None = None) -> LowRankOptimizer:
@@ -78,10 +107,5 @@ def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight
         options.pop(key, None)
     names = resolve_target_names(model, choice.targets)
     if quantize:  # exactly the targeted nn.Linear layers (quantize_weights matches substrings)
-        for module_name in [n.rsplit(".", 1)[0] for n in names]:
-            module = model.get_submodule(module_name)
-            if type(module) is nn.Linear:
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child,
-                        QuantLinear.from_linear(module, group_size))
+        quantize_named(model, names, group_size)
     return LowRankOptimizer(lowrank_groups(model, names, weight_decay), lr=lr, **options)

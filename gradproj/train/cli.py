@@ -1,4 +1,4 @@
-"""`gradproj` command line: train, resume, list, plot.
+"""`gradproj` command line: train, resume, list, plot, memory, tokenize.
 
 A subcommand is one entry of `COMMANDS`: (one-line help, a function adding its
 arguments, a handler returning the exit code). Adding one is a few lines:
@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError
 from .checks import Issue, SpecError
 from .data import DataError
 from .metrics import METRICS_FILE, PLOT_FILE, plot_runs
+from .pretokenize import add_tokenize_args, cmd_tokenize
 from .spec import load_spec, spec_from_dict
 from .tomlio import apply_overrides, parse_override, read_toml
 
@@ -171,6 +172,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "memory": (MEMORY_HELP, add_memory_args, cmd_memory),
     "list": ("list every registered plugin and model preset", add_list_args, cmd_list),
     "plot": ("plot train/eval loss of one or more runs", add_plot_args, cmd_plot),
+    "tokenize": ("pre-tokenize text/JSONL into a .bin of token ids", add_tokenize_args,
+                 cmd_tokenize),
 }
 
 

@@ -34,6 +34,7 @@ from .metrics import METRICS_FILE, MIB, PLOT_FILE, MetricsWriter, Progress, plot
 from .model import build_model, count_parameters
 from .perlayer import PerLayerStepper
 from .spec import RunSpec, TrainSpec, write_resolved
+from .tokenizer import load_tokenizer
 
 SPEC_FILE = "spec.toml"
 
@@ -66,12 +67,13 @@ def lr_factor(train: TrainSpec) -> Callable[[int], float]:
 
 def load_corpus(spec: RunSpec) -> Corpus:
     d = spec.data
+    tokenizer = load_tokenizer(d.tokenizer)
     if d.source == "embedded":
-        return load_embedded()
+        return load_embedded(tokenizer)
     if d.source == "text":
-        return load_text(Path(d.path), d.glob, d.eval_fraction)
+        return load_text(Path(d.path), d.glob, d.eval_fraction, tokenizer)
     if d.source == "jsonl":
-        return load_jsonl(Path(d.path), d.text_key, d.eval_fraction)
+        return load_jsonl(Path(d.path), d.text_key, d.eval_fraction, tokenizer)
     return load_tokens(Path(d.path), Path(d.eval_path) if d.eval_path else None, d.dtype,
                        spec.model.vocab_size, d.eval_fraction)
 

@@ -64,7 +64,17 @@ class OptimizerSpec:
     lowrank_keys: frozenset = frozenset(LOWRANK_KEYS)
 
     def build(self, model: torch.nn.Module) -> LowRankOptimizer:
-        """The optimizer for `model`, through the same `build_optimizer` scripts use."""
+        """The optimizer for `model`, through the same `build_optimizer` scripts use; for a
+        transformers model, or `targets = ["all-linear"]`, targets are matched as HF's
+        Trainer matches `optim_target_modules` (integrations/targets.py)."""
+        from ..integrations.targets import is_all_linear
+        from .hfmodel import HFCausalLM
+        if isinstance(model, HFCausalLM) or is_all_linear(self.targets):
+            from ..integrations.build import build_by_names
+            from ..integrations.targets import target_parameter_names
+            targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
+            return build_by_names(model, self.preset, target_parameter_names(model, targets),
+                                  **self.options)
         return build_optimizer(model, self.preset, self.targets, **self.options)
 
     def resolved(self) -> dict:

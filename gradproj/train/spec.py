@@ -23,7 +23,9 @@ import torch
 from .. import RESIDUALS, RULES  # noqa: F401  (importing gradproj registers built-ins)
 from .checks import (Issue, SpecError, boolean, choice, did_you_mean, integer, number,
                      spec_field, string)
+from .hfmodel import HFModelSpec, check_pretrained, read_config
 from .model import MODEL_PRESETS, ModelConfig, model_config
+from .tokenizer import BYTES, load_tokenizer, token_dtype
 from .optspec import OptimizerSpec, parse_optimizer
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
@@ -44,6 +46,10 @@ class ModelSpec:
     norm_eps: float | None = spec_field(None, number(0, lo_open=True), "RMSNorm epsilon")
     rope_theta: float | None = spec_field(None, number(0, lo_open=True), "rotary base")
     init_std: float | None = spec_field(None, number(0, lo_open=True), "init std")
+    hf_config: str | None = spec_field(None, string(), "transformers config.json (random init; "
+                                       "replaces preset and shape keys)")
+    hf_pretrained: str | None = spec_field(None, string(), "local folder with config.json and "
+                                           "*.safetensors (fine-tuning)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,8 @@ class DataSpec:
     eval_path: str | None = spec_field(None, string(), "held-out .bin (tokens); else a tail split")
     glob: str = spec_field("**/*.txt", string(), "files read from a text folder")
     text_key: str = spec_field("text", string(), "JSONL field holding the text")
+    tokenizer: str = spec_field("bytes", string(), "\"bytes\" or a local tokenizer.json (HF "
+                                "tokenizers); the model's vocab_size follows it")
     dtype: str = spec_field("uint16", choice("uint16", "uint32"), "token dtype of .bin files")
     seq_len: int = spec_field(128, integer(2), "tokens per training sequence")
     eval_fraction: float = spec_field(0.05, number(0, 0.5, lo_open=True),
@@ -102,8 +110,8 @@ class LogSpec:
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     source: str
-    model: ModelConfig
-    model_preset: str
+    model: ModelConfig | HFModelSpec
+    model_preset: str   # "hf" for hf_config / hf_pretrained
     data: DataSpec
     optimizer: OptimizerSpec
     train: TrainSpec
@@ -116,9 +124,14 @@ class RunSpec:
 
     def resolved(self) -> dict:
         """Nested plain dict of every setting: the TOML saved into the run folder."""
-        model = {"preset": self.model_preset, **asdict(self.model)}
-        if model["n_kv_heads"] is None:
-            model["n_kv_heads"] = self.model.kv_heads
+        if isinstance(self.model, HFModelSpec):
+            key = "hf_pretrained" if self.model.pretrained else "hf_config"
+            model = {key: self.model.pretrained or self.model.config,
+                     "vocab_size": self.model.vocab_size}
+        else:
+            model = {"preset": self.model_preset, **asdict(self.model)}
+            if model["n_kv_heads"] is None:
+                model["n_kv_heads"] = self.model.kv_heads
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
                 "train": asdict(self.train), "checkpoint": asdict(self.checkpoint),
@@ -184,13 +197,28 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
     for key in ("path", "eval_path"):
         if data.get(key) is not None:
             data[key] = str((base_dir / data[key]).expanduser().resolve())
+    if data["tokenizer"] != BYTES:
+        data["tokenizer"] = str((base_dir / data["tokenizer"]).expanduser().resolve())
     _check_data(data, parsed["data"], out)
+    token_vocab = _tokenizer_vocab(data, parsed["data"], out)
 
     model_values = parsed["model"]
-    preset = model_values.pop("preset", "tiny")
-    if "max_seq_len" not in model_values:
-        model_values["max_seq_len"] = max(data["seq_len"], MODEL_PRESETS[preset].max_seq_len)
-    model = _check_model(preset, model_values, data, out)
+    if "hf_config" in model_values or "hf_pretrained" in model_values:
+        preset = "hf"
+        model = _check_hf_model(model_values, data, token_vocab, base_dir, out)
+        if train["parallel"] == "fsdp2":
+            out.add("train", "parallel", "expected 'none' or 'ddp' with a transformers model "
+                                         "(fsdp2 shards the built-in LLaMA's blocks), got 'fsdp2'")
+    else:
+        preset = model_values.pop("preset", "tiny")
+        if "max_seq_len" not in model_values:
+            model_values["max_seq_len"] = max(data["seq_len"], MODEL_PRESETS[preset].max_seq_len)
+        if token_vocab and "vocab_size" not in model_values:
+            model_values["vocab_size"] = token_vocab  # the model's vocabulary follows the tokenizer's
+        model = _check_model(preset, model_values, data, out)
+        if token_vocab and model.vocab_size < token_vocab:
+            out.add("model", "vocab_size", f"expected >= the tokenizer's {token_vocab} ids, "
+                                           f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
     ckpt = {**_defaults(CheckpointSpec), **parsed["checkpoint"]}
@@ -237,10 +265,64 @@ def _check_model(preset: str, values: dict, data: dict, out: _Collector) -> Mode
     if cfg.max_seq_len < data["seq_len"]:
         out.add("model", "max_seq_len", f"expected >= [data].seq_len {data['seq_len']}, "
                                         f"got {cfg.max_seq_len}")
-    if data["source"] != "tokens" and cfg.vocab_size < 256:
+    if data["source"] != "tokens" and data["tokenizer"] == BYTES and cfg.vocab_size < 256:
         out.add("model", "vocab_size", f"expected >= 256 for byte-level {data['source']!r} data, "
                                        f"got {cfg.vocab_size}")
     return cfg
+
+
+def _tokenizer_vocab(data: dict, given: dict, out: _Collector) -> int | None:
+    """The vocabulary of a tokenizer.json (None for bytes, or when it cannot be read)."""
+    if data["tokenizer"] == BYTES:
+        return None
+    if not Path(data["tokenizer"]).is_file():
+        out.add("data", "tokenizer", f"expected \"bytes\" or an existing tokenizer.json, got "
+                                     f"{given['tokenizer']!r} (no such file: {data['tokenizer']})")
+        return None
+    try:
+        vocab = load_tokenizer(data["tokenizer"]).vocab_size
+    except ValueError as exc:
+        out.add("data", "tokenizer", str(exc))
+        return None
+    if data["source"] == "tokens" and token_dtype(vocab) == "uint32" and data["dtype"] == "uint16":
+        out.add("data", "dtype", f"expected 'uint32' for a tokenizer of {vocab} ids, got 'uint16'")
+    return vocab
+
+
+def _check_hf_model(values: dict, data: dict, token_vocab: int | None, base_dir: Path,
+                    out: _Collector) -> HFModelSpec | ModelConfig:
+    both = "hf_config" in values and "hf_pretrained" in values
+    if both:
+        out.add("model", "hf_pretrained", "expected hf_config or hf_pretrained, not both")
+    key = "hf_pretrained" if "hf_pretrained" in values else "hf_config"
+    for other in sorted(set(values) - {"hf_config", "hf_pretrained", "vocab_size"}):
+        out.add("model", other, f"is set by the transformers config with {key}; remove it")
+    path = (base_dir / values[key]).expanduser().resolve()
+    try:
+        if key == "hf_pretrained":
+            check_pretrained(path)
+        config = read_config(path / "config.json" if key == "hf_pretrained" else path)
+    except ValueError as exc:
+        out.add("model", key, str(exc))
+        return ModelConfig()
+    vocab = values.get("vocab_size") or token_vocab or config.vocab_size
+    if key == "hf_pretrained" and vocab != config.vocab_size and "vocab_size" in values:
+        out.add("model", "vocab_size", f"expected the pretrained model's {config.vocab_size} "
+                                       f"(its embeddings are not resized), got {vocab}")
+    if key == "hf_pretrained":
+        vocab = config.vocab_size
+    if token_vocab and vocab < token_vocab:
+        out.add("model", "vocab_size", f"expected >= the tokenizer's {token_vocab} ids, got "
+                                       f"{vocab} (from {'the model' if key == 'hf_pretrained' else 'the spec'})")
+    elif data["source"] != "tokens" and not token_vocab and vocab < 256:
+        out.add("model", "vocab_size", f"expected >= 256 for byte-level {data['source']!r} data, "
+                                       f"got {vocab} (from {path.name})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < data["seq_len"]:
+        out.add("data", "seq_len", f"expected <= the model's max_position_embeddings "
+                                   f"{positions}, got {data['seq_len']}")
+    return HFModelSpec(config=str(path) if key == "hf_config" else None,
+                       pretrained=str(path) if key == "hf_pretrained" else None, vocab_size=vocab)
 
 
 def _check_train(train: dict, given: dict, out: _Collector) -> None:
