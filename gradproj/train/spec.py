@@ -22,7 +22,8 @@ import torch
 
 from .. import RESIDUALS, RULES  # noqa: F401  (importing gradproj registers built-ins)
 from .checks import (Issue, SpecError, boolean, choice, did_you_mean, integer, number,
-                     spec_field, string)
+                     spec_field, string, string_list)
+from .loggers import BACKENDS, missing_package
 from .hfmodel import HFModelSpec, check_pretrained, read_config
 from .model import MODEL_PRESETS, ModelConfig, model_config
 from .tokenizer import BYTES, load_tokenizer, token_dtype
@@ -105,6 +106,8 @@ class LogSpec:
     every: int = spec_field(10, integer(1), "steps between metric records")
     progress: bool = spec_field(True, boolean(), "progress bar on stderr")
     plot: bool = spec_field(True, boolean(), "loss-curve PNG at the end")
+    backends: tuple[str, ...] = spec_field(("jsonl",), string_list(),
+                                           "metric sinks: jsonl (always), tensorboard, wandb (offline)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +138,7 @@ class RunSpec:
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
                 "train": asdict(self.train), "checkpoint": asdict(self.checkpoint),
-                "log": asdict(self.log)}
+                "log": {**asdict(self.log), "backends": list(self.log.backends)}}
 
 
 class _Collector:
@@ -221,6 +224,7 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                                            f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
+    _check_log(parsed["log"], out)
     ckpt = {**_defaults(CheckpointSpec), **parsed["checkpoint"]}
     ckpt["dir"] = str(Path(ckpt["dir"]).expanduser().resolve())
     if out.issues:
@@ -323,6 +327,19 @@ def _check_hf_model(values: dict, data: dict, token_vocab: int | None, base_dir:
                                    f"{positions}, got {data['seq_len']}")
     return HFModelSpec(config=str(path) if key == "hf_config" else None,
                        pretrained=str(path) if key == "hf_pretrained" else None, vocab_size=vocab)
+
+
+def _check_log(given: dict, out: _Collector) -> None:
+    backends = given.get("backends", ("jsonl",))
+    for name in backends:
+        if name not in BACKENDS:
+            out.add("log", "backends", f"expected names from {', '.join(BACKENDS)}, got "
+                                       f"{name!r}{did_you_mean(name, BACKENDS)}")
+        elif missing_package(name):
+            out.add("log", "backends", f"{name!r} needs its package here: {missing_package(name)}")
+    if "jsonl" not in backends:
+        out.add("log", "backends", f"expected 'jsonl' among {list(backends)} (metrics.jsonl is "
+                                   f"the run's record: plots and resume read it)")
 
 
 def _check_train(train: dict, given: dict, out: _Collector) -> None:
