@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -50,9 +51,17 @@ def _report(summary: dict) -> None:
           f"skipped steps {summary['skipped']}; run folder {summary['run_dir']}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line (`warning: ...`), without the source line it came from."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    print(f"warning: {text}", file=file or sys.stderr)
+
+
 def _run(spec, resume: bool) -> int:
     from .loop import RunDirInUse, Trainer  # torch-heavy: imported when a run starts
 
+    for notice in spec.notices:
+        print(f"notice: {notice.line(spec.source)}", file=sys.stderr)
     try:
         try:
             trainer = Trainer(spec, resume=resume)
@@ -191,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradproj` console script and of `python -m gradproj`."""
     parser = build_parser()
+    warnings.showwarning = _show_warning
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):

@@ -30,6 +30,7 @@ class HFModelSpec:
     config: str | None = None       # absolute path of a config.json (random init)
     pretrained: str | None = None   # absolute path of a folder with config.json + safetensors
     vocab_size: int = 0             # the embedding rows the run uses
+    width: int = 0                  # hidden size: what a fractional rank ("1/4") is of
 
     @property
     def config_file(self) -> Path:

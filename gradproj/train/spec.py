@@ -81,6 +81,8 @@ class TrainSpec:
     lr_schedule: str = spec_field("cosine", choice("cosine", "linear", "constant"),
                                   "after warmup: decay to min_lr_ratio·lr")
     warmup_steps: int = spec_field(0, integer(0), "linear warmup from 0")
+    warmup: float | None = spec_field(None, number(0, 0.99),
+                                      "warmup as a fraction of the steps (0.1 = GaLore's 10 %)")
     min_lr_ratio: float = spec_field(0.1, number(0, 1), "final lr / peak lr (GaLore: 0.1)")
     grad_clip: float = spec_field(0.0, number(0), "global gradient-norm clip; 0 = off")
     dtype: str = spec_field("float32", choice("float32", "bfloat16"),
@@ -120,6 +122,7 @@ class RunSpec:
     train: TrainSpec
     checkpoint: CheckpointSpec
     log: LogSpec
+    notices: tuple[Issue, ...] = ()  # one line each, printed before the run ("notice: ...")
 
     @property
     def run_dir(self) -> Path:
@@ -137,7 +140,8 @@ class RunSpec:
                 model["n_kv_heads"] = self.model.kv_heads
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
-                "train": asdict(self.train), "checkpoint": asdict(self.checkpoint),
+                "train": {k: v for k, v in asdict(self.train).items() if v is not None},
+                "checkpoint": asdict(self.checkpoint),
                 "log": {**asdict(self.log), "backends": list(self.log.backends)}}
 
 
@@ -146,6 +150,7 @@ class _Collector:
 
     def __init__(self, overridden: set[tuple[str, ...]]):
         self.issues: list[Issue] = []
+        self.notices: list[Issue] = []  # not errors: a value adjusted, said in one line
         self.overridden = overridden
 
     def place(self, table: str, key: str | None = None) -> str:
@@ -225,11 +230,14 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
 
     _check_train(train, parsed["train"], out)
     _check_log(parsed["log"], out)
+    width = model.width if isinstance(model, HFModelSpec) else model.dim
+    optimizer = optimizer.with_width(width)
     ckpt = {**_defaults(CheckpointSpec), **parsed["checkpoint"]}
     ckpt["dir"] = str(Path(ckpt["dir"]).expanduser().resolve())
     if out.issues:
         raise SpecError(source, out.issues)
-    return RunSpec(source=source, model=model, model_preset=preset, data=DataSpec(**data),
+    return RunSpec(source=source, notices=tuple(out.notices), model=model, model_preset=preset,
+                   data=DataSpec(**data),
                    optimizer=optimizer, train=TrainSpec(**train),
                    checkpoint=CheckpointSpec(**ckpt), log=LogSpec(**{**_defaults(LogSpec),
                                                                      **parsed["log"]}))
@@ -326,7 +334,8 @@ def _check_hf_model(values: dict, data: dict, token_vocab: int | None, base_dir:
         out.add("data", "seq_len", f"expected <= the model's max_position_embeddings "
                                    f"{positions}, got {data['seq_len']}")
     return HFModelSpec(config=str(path) if key == "hf_config" else None,
-                       pretrained=str(path) if key == "hf_pretrained" else None, vocab_size=vocab)
+                       pretrained=str(path) if key == "hf_pretrained" else None, vocab_size=vocab,
+                       width=int(getattr(config, "hidden_size", 0) or 0))
 
 
 def _check_log(given: dict, out: _Collector) -> None:
@@ -351,9 +360,23 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
         out.add("train", "per_layer", "expected false with parallel = 'ddp' (per-layer updates "
                                       "run inside backward, before DDP's all-reduce has averaged "
                                       "the gradient); use parallel = 'fsdp2'")
+    if "warmup" in given:
+        if "warmup_steps" in given:
+            out.add("train", "warmup", "expected warmup (a fraction of the steps) or "
+                                       "warmup_steps, not both")
+        train["warmup_steps"] = round(train["warmup"] * train["steps"])
+    train["warmup"] = None  # resolved into warmup_steps (the saved spec has the integer)
     if train["warmup_steps"] >= train["steps"] and "warmup_steps" in given:
-        out.add("train", "warmup_steps", f"expected fewer than [train].steps {train['steps']}, "
-                                         f"got {train['warmup_steps']}")
+        if ("train", "steps") in out.overridden and ("train", "warmup_steps") not in out.overridden:
+            clamped = train["steps"] // 10
+            out.notices.append(Issue(out.place("train", "warmup_steps"),
+                f"{train['warmup_steps']} >= --set train.steps {train['steps']}: warmup "
+                f"clamped to {clamped} steps (10 %); [train].warmup = 0.1 scales with any run"))
+            train["warmup_steps"] = clamped
+        else:
+            out.add("train", "warmup_steps", f"expected fewer than [train].steps {train['steps']}, "
+                                             f"got {train['warmup_steps']} (or set [train].warmup "
+                                             f"= 0.1, a fraction of the steps)")
     if train["device"] == "cuda" and not torch.cuda.is_available():
         out.add("train", "device", "expected a device this machine has, got 'cuda' "
                                    "(torch sees no CUDA GPU; use 'cpu' or 'auto')")
