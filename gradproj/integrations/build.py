@@ -90,6 +90,15 @@ def build_by_names(model: nn.Module, preset: str | None, names: Sequence[str],
     return LowRankOptimizer([g for g in groups if g["params"]], **options)
 
 
+def prepare_model(model: nn.Module, choice: Resolved) -> None:
+    """Convert the targeted Linear layers to INT8 when the choice asks for it (q-galore);
+    idempotent. A Trainer calls it before loading a checkpoint, whose weights are INT8."""
+    options = {**preset_options(choice.preset), **choice.options}
+    if options.get("quantize_weights", False):
+        quantize_named(model, resolve_target_names(model, choice.targets),
+                       options.get("weight_group_size", 256))
+
+
 def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,
                         betas: tuple[float, float] | None = None,
                         eps: float | None = None) -> LowRankOptimizer:
@@ -101,11 +110,8 @@ def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight
             options["betas"] = tuple(betas)
         if eps is not None:
             options["eps"] = eps
-    quantize = options.pop("quantize_weights", False)
-    group_size = options.pop("weight_group_size", 256)
     for key in MODEL_KEYS:
         options.pop(key, None)
+    prepare_model(model, choice)  # exactly the targeted nn.Linear layers become INT8
     names = resolve_target_names(model, choice.targets)
-    if quantize:  # exactly the targeted nn.Linear layers (quantize_weights matches substrings)
-        quantize_named(model, names, group_size)
     return LowRankOptimizer(lowrank_groups(model, names, weight_decay), lr=lr, **options)

@@ -26,8 +26,10 @@ ALL_LINEAR = "all-linear"
 
 
 def linear_types() -> tuple[type, ...]:
-    """nn.Linear, plus transformers' Conv1D when transformers is already imported."""
-    types: tuple[type, ...] = (nn.Linear,)
+    """nn.Linear, our INT8 QuantLinear (a converted Linear), plus transformers' Conv1D
+    when transformers is already imported."""
+    from ..quant.linear import QuantLinear
+    types: tuple[type, ...] = (nn.Linear, QuantLinear)
     utils = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(utils, "Conv1D", None)
     return types + ((conv1d,) if conv1d is not None else ())

@@ -39,7 +39,7 @@ from transformers.training_args import ParallelMode
 
 from ..optimizers import LowRankOptimizer
 from ..train.perlayer import PerLayerStepper
-from .build import build_from_resolved
+from .build import build_from_resolved, prepare_model
 from .hf_options import OptionError, Resolved, from_hf, from_llamafactory
 
 __all__ = ["GradprojTrainer", "OptionError", "gradproj_optimizer", "llamafactory_optimizer",
@@ -92,8 +92,11 @@ class GradprojTrainer(transformers.Trainer):
             None if self.optimizer is not None else resolve_training_args(self.args))
         self.stepper: PerLayerStepper | None = None
         self._last_grad_norm: float | None = None
-        if self.gradproj_choice is not None and self.gradproj_choice.per_layer:
-            self._check_per_layer()
+        if self.gradproj_choice is not None:
+            # q-galore: INT8 layers now, so resume_from_checkpoint loads INT8 weights into them
+            prepare_model(self.model, self.gradproj_choice)
+            if self.gradproj_choice.per_layer:
+                self._check_per_layer()
 
     def _check_per_layer(self) -> None:
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:

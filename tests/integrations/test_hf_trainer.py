@@ -108,8 +108,12 @@ def test_each_preset_trains_through_the_trainer(tmp_path, optim, optim_args):
     assert sum(len(g["params"]) for g in low) == 2 * 7
 
 
-def test_resume_from_a_trainer_checkpoint_is_bit_exact(tmp_path):
-    kw = dict(save_strategy="steps", save_steps=6)
+@pytest.mark.parametrize("optim,optim_args", [
+    ("galore_adamw", "rank=8,update_proj_gap=5"),
+    # INT8 weights: the Trainer converts the layers before it loads the checkpoint into them
+    ("adamw_torch", "preset=q-galore,rank=8,update_proj_gap=5,weight_group_size=32")])
+def test_resume_from_a_trainer_checkpoint_is_bit_exact(tmp_path, optim, optim_args):
+    kw = dict(save_strategy="steps", save_steps=6, optim=optim, optim_args=optim_args)
     full = train(tmp_path / "full", **kw)
     train(tmp_path / "part", stop_at=6, **kw)
     resumed = train(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-6"), **kw)
