@@ -208,3 +208,18 @@ def test_plain_trainer_with_our_optimizer_and_llamafactory_names(tmp_path):
     trainer.train()
     losses = logged(trainer, "loss")
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_llamafactory_layerwise_runs_per_layer_in_gradproj_trainer(tmp_path):
+    from gradproj.integrations.hf_options import from_llamafactory
+
+    hf_args = args(tmp_path, optim="adamw_torch", gradient_accumulation_steps=2,
+                   per_device_train_batch_size=2)
+    choice = from_llamafactory({"use_galore": True, "galore_rank": 8, "galore_scale": 0.25,
+                                "galore_layerwise": True}, hf_args.optim)
+    trainer = GradprojTrainer(model=tiny_llama(), args=hf_args, train_dataset=Arithmetic(),
+                              gradproj_choice=choice)
+    trainer.train()
+    assert trainer.stepper is not None and trainer.stepper.grad_accum == 2
+    losses = logged(trainer, "loss")
+    assert losses[-1] < 0.9 * losses[0] and min(logged(trainer, "grad_norm")) > 0.1
