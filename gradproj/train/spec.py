@@ -24,9 +24,10 @@ from .. import RESIDUALS, RULES  # noqa: F401  (importing gradproj registers bui
 from .checks import (Issue, SpecError, boolean, choice, did_you_mean, integer, number,
                      spec_field, string, string_list)
 from .loggers import BACKENDS, missing_package
-from .hfmodel import HFModelSpec, check_pretrained, read_config
+from .hfmodel import HFModelSpec
 from .model import MODEL_PRESETS, ModelConfig, model_config
-from .tokenizer import BYTES, load_tokenizer, token_dtype
+from .spec_hf import check_hf_model, tokenizer_vocab
+from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
@@ -208,12 +209,12 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
     if data["tokenizer"] != BYTES:
         data["tokenizer"] = str((base_dir / data["tokenizer"]).expanduser().resolve())
     _check_data(data, parsed["data"], out)
-    token_vocab = _tokenizer_vocab(data, parsed["data"], out)
+    token_vocab = tokenizer_vocab(data, parsed["data"], out)
 
     model_values = parsed["model"]
     if "hf_config" in model_values or "hf_pretrained" in model_values:
         preset = "hf"
-        model = _check_hf_model(model_values, data, token_vocab, base_dir, out)
+        model = check_hf_model(model_values, data, token_vocab, base_dir, out)
         if train["parallel"] == "fsdp2":
             out.add("train", "parallel", "expected 'none' or 'ddp' with a transformers model "
                                          "(fsdp2 shards the built-in LLaMA's blocks), got 'fsdp2'")
@@ -281,61 +282,6 @@ def _check_model(preset: str, values: dict, data: dict, out: _Collector) -> Mode
         out.add("model", "vocab_size", f"expected >= 256 for byte-level {data['source']!r} data, "
                                        f"got {cfg.vocab_size}")
     return cfg
-
-
-def _tokenizer_vocab(data: dict, given: dict, out: _Collector) -> int | None:
-    """The vocabulary of a tokenizer.json (None for bytes, or when it cannot be read)."""
-    if data["tokenizer"] == BYTES:
-        return None
-    if not Path(data["tokenizer"]).is_file():
-        out.add("data", "tokenizer", f"expected \"bytes\" or an existing tokenizer.json, got "
-                                     f"{given['tokenizer']!r} (no such file: {data['tokenizer']})")
-        return None
-    try:
-        vocab = load_tokenizer(data["tokenizer"]).vocab_size
-    except ValueError as exc:
-        out.add("data", "tokenizer", str(exc))
-        return None
-    if data["source"] == "tokens" and token_dtype(vocab) == "uint32" and data["dtype"] == "uint16":
-        out.add("data", "dtype", f"expected 'uint32' for a tokenizer of {vocab} ids, got 'uint16'")
-    return vocab
-
-
-def _check_hf_model(values: dict, data: dict, token_vocab: int | None, base_dir: Path,
-                    out: _Collector) -> HFModelSpec | ModelConfig:
-    both = "hf_config" in values and "hf_pretrained" in values
-    if both:
-        out.add("model", "hf_pretrained", "expected hf_config or hf_pretrained, not both")
-    key = "hf_pretrained" if "hf_pretrained" in values else "hf_config"
-    for other in sorted(set(values) - {"hf_config", "hf_pretrained", "vocab_size"}):
-        out.add("model", other, f"is set by the transformers config with {key}; remove it")
-    path = (base_dir / values[key]).expanduser().resolve()
-    try:
-        if key == "hf_pretrained":
-            check_pretrained(path)
-        config = read_config(path / "config.json" if key == "hf_pretrained" else path)
-    except ValueError as exc:
-        out.add("model", key, str(exc))
-        return ModelConfig()
-    vocab = values.get("vocab_size") or token_vocab or config.vocab_size
-    if key == "hf_pretrained" and vocab != config.vocab_size and "vocab_size" in values:
-        out.add("model", "vocab_size", f"expected the pretrained model's {config.vocab_size} "
-                                       f"(its embeddings are not resized), got {vocab}")
-    if key == "hf_pretrained":
-        vocab = config.vocab_size
-    if token_vocab and vocab < token_vocab:
-        out.add("model", "vocab_size", f"expected >= the tokenizer's {token_vocab} ids, got "
-                                       f"{vocab} (from {'the model' if key == 'hf_pretrained' else 'the spec'})")
-    elif data["source"] != "tokens" and not token_vocab and vocab < 256:
-        out.add("model", "vocab_size", f"expected >= 256 for byte-level {data['source']!r} data, "
-                                       f"got {vocab} (from {path.name})")
-    positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions < data["seq_len"]:
-        out.add("data", "seq_len", f"expected <= the model's max_position_embeddings "
-                                   f"{positions}, got {data['seq_len']}")
-    return HFModelSpec(config=str(path) if key == "hf_config" else None,
-                       pretrained=str(path) if key == "hf_pretrained" else None, vocab_size=vocab,
-                       width=int(getattr(config, "hidden_size", 0) or 0))
 
 
 def _check_log(given: dict, out: _Collector) -> None:
