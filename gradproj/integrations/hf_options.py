@@ -178,11 +178,11 @@ def from_hf(optim: str, optim_args: str | Mapping | None = None,
     args = parse_optim_args(optim_args)
     per_layer = optim.endswith(LAYERWISE)
     base = optim[: -len(LAYERWISE)] if per_layer else optim
-    if base in HF_OPTIMS:
-        preset, options = HF_OPTIMS[base]
-    elif "preset" in args:
+    if "preset" in args:  # ours wins, without the HF name's own overrides; *_layerwise stays
         preset, options = str(args["preset"]), {}
-        per_layer = False
+        per_layer = per_layer and base in HF_OPTIMS
+    elif base in HF_OPTIMS:
+        preset, options = HF_OPTIMS[base]
     else:
         names = sorted(HF_OPTIMS) + sorted(n + LAYERWISE for n in HF_OPTIMS)
         raise OptionError(f"optim {optim!r} is not a low-rank optimizer gradproj maps; expected "
@@ -194,7 +194,7 @@ def from_hf(optim: str, optim_args: str | Mapping | None = None,
     preset, options = apply_optim_args(preset, options, args)
     check(preset, options, "optim_args")
     return Resolved(preset, options, per_layer, optim_target_modules,
-                    adam_from_args=base == "apollo_adamw")
+                    adam_from_args=base == "apollo_adamw" and "preset" not in args)
 
 
 # -- LLaMA-Factory -------------------------------------------------------------------

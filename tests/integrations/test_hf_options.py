@@ -30,6 +30,8 @@ HF_TABLE = [
      {"state_format": "q4", "refresh_threshold": 0.8}, False),
     ("galore_adamw_layerwise", "preset=frugal,free_lr_scale=0.1,correct_bias=false", "frugal",
      {"free_lr_scale": 0.1, "correct_bias": False}, True),
+    # a preset replaces the HF name's own defaults (APOLLO's rank 128, its adam args)
+    ("apollo_adamw_layerwise", "preset=fira", "fira", {}, True),
 ]
 
 
@@ -37,7 +39,8 @@ HF_TABLE = [
 def test_hf_names_map_onto_presets(optim, optim_args, preset, options, per_layer):
     choice = from_hf(optim, optim_args, ["attn", "mlp"])
     assert (choice.preset, choice.options, choice.per_layer) == (preset, options, per_layer)
-    assert choice.adam_from_args == optim.startswith("apollo")  # as HF's handlers
+    # as HF's handlers: only APOLLO takes the TrainingArguments' betas and epsilon
+    assert choice.adam_from_args == (optim.startswith("apollo") and "preset" not in (optim_args or ""))
 
 
 LLAMAFACTORY_TABLE = [
