@@ -195,3 +195,18 @@ def test_gpt2_tied_head_is_saved_once_and_loads(tmp_path, files):
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not model.load_state_dict(model.state_dict()).missing_keys
     assert json.loads((files["gpt2"]).read_text())["model_type"] == "gpt2"
+
+
+@pytest.mark.parametrize("tokenizer", ["tok", "bytes"])
+def test_tokenize_jsonl_is_the_stream_a_jsonl_run_reads(tmp_path, files, tokenizer):
+    from gradproj.train.data import load_jsonl
+    from gradproj.train.tokenizer import load_tokenizer
+
+    name = str(files["tok"]) if tokenizer == "tok" else "bytes"
+    records = [{"text": f.read_text()} for f in sorted(files["docs"].glob("*.txt"))]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["tokenize", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "d.bin"),
+                 "--tokenizer", name]) == 0
+    corpus = load_jsonl(tmp_path / "d.jsonl", "text", 0.1, load_tokenizer(name))
+    written = np.fromfile(tmp_path / "d.bin", dtype=np.uint16)
+    assert np.array_equal(written, np.concatenate([corpus.train, corpus.eval]))
