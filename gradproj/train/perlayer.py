@@ -137,10 +137,11 @@ class PerLayerStepper:
     def grad_norm(self) -> torch.Tensor:
         """Global 2-norm of the gradients this step's updates used (see the module doc);
         call before `end_step`. Stacked in parameter order, as clip_grad_norm_ does."""
-        norms = [self.norms[p].float().cpu() for p in self.group_index if p in self.norms]
+        norms = [self.norms[p].float() for p in self.group_index if p in self.norms]
         if not norms:
             return torch.tensor(0.0)
-        return torch.linalg.vector_norm(torch.stack(norms))
+        device = norms[0].device  # one transfer per step, not one per parameter
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
     def end_step(self) -> bool:
         """Finish an optimizer step; True when some parameter's update was skipped."""
