@@ -50,9 +50,10 @@ def tokenize_to_bin(source: Path, out: Path, tokenizer_name: str, fmt: str | Non
     tokenizer = load_tokenizer(tokenizer_name)
     fmt = fmt or ("jsonl" if source.suffix == ".jsonl" else "text")
     if fmt == "jsonl":
-        docs = jsonl_documents(source, text_key)
-    else:
-        docs = [f.read_bytes() for f in text_files(source, pattern)]
+        records = jsonl_documents(source, text_key)
+        docs, read = records, lambda chunk: chunk
+    else:  # files are read a batch at a time: a large folder never sits in memory at once
+        docs, read = text_files(source, pattern), lambda chunk: [f.read_bytes() for f in chunk]
     dtype = token_dtype(tokenizer.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -62,7 +63,7 @@ def tokenize_to_bin(source: Path, out: Path, tokenizer_name: str, fmt: str | Non
     with tmp.open("wb") as f:
         step = 256  # documents per write: bounded memory on a large corpus
         for start in range(0, len(docs), step):
-            ids = tokenizer.encode_documents(docs[start:start + step],
+            ids = tokenizer.encode_documents(read(docs[start:start + step]),
                                              progress=bar.update if bar else None)
             np.ascontiguousarray(ids, dtype=dtype).tofile(f)
             count += ids.size
