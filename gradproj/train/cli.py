@@ -1,4 +1,4 @@
-"""`gradproj` command line: train, resume, list, plot.
+"""`gradproj` command line: train, resume, list, plot, memory, tokenize.
 
 A subcommand is one entry of `COMMANDS`: (one-line help, a function adding its
 arguments, a handler returning the exit code). Adding one is a few lines:
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ from .checkpoint import CheckpointError
 from .checks import Issue, SpecError
 from .data import DataError
 from .metrics import METRICS_FILE, PLOT_FILE, plot_runs
+from .pretokenize import add_tokenize_args, cmd_tokenize
 from .spec import load_spec, spec_from_dict
 from .tomlio import apply_overrides, parse_override, read_toml
 
@@ -49,9 +51,17 @@ def _report(summary: dict) -> None:
           f"skipped steps {summary['skipped']}; run folder {summary['run_dir']}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line (`warning: ...`), without the source line it came from."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    print(f"warning: {text}", file=file or sys.stderr)
+
+
 def _run(spec, resume: bool) -> int:
     from .loop import RunDirInUse, Trainer  # torch-heavy: imported when a run starts
 
+    for notice in spec.notices:
+        print(f"notice: {notice.line(spec.source)}", file=sys.stderr)
     try:
         try:
             trainer = Trainer(spec, resume=resume)
@@ -171,6 +181,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "memory": (MEMORY_HELP, add_memory_args, cmd_memory),
     "list": ("list every registered plugin and model preset", add_list_args, cmd_list),
     "plot": ("plot train/eval loss of one or more runs", add_plot_args, cmd_plot),
+    "tokenize": ("pre-tokenize text/JSONL into a .bin of token ids", add_tokenize_args,
+                 cmd_tokenize),
 }
 
 
@@ -188,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gradproj` console script and of `python -m gradproj`."""
     parser = build_parser()
+    warnings.showwarning = _show_warning
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "handler", None):

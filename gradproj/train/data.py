@@ -8,7 +8,8 @@ a resumed run reads exactly the batches the uninterrupted run would have.
 The embedded corpus is the Python standard library's own top-level `*.py` files (about
 170 files, 4.7 MB on CPython 3.11): real text on any machine with Python, no download.
 Files are sorted by name; every 20th file (index % 20 == 19) is held out for evaluation,
-so train and eval never share a file. Tokens are bytes (vocab 256).
+so train and eval never share a file. Tokens are bytes (vocab 256), or the ids of a
+`[data] tokenizer` (tokenizer.py), each document encoded on its own.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BYTE_VOCAB = 256
+from .tokenizer import BYTE_VOCAB, ByteTokenizer  # noqa: F401  (BYTE_VOCAB re-exported)
+
 EVAL_EVERY_NTH_FILE = 20  # 5 % of the embedded files are held out
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
@@ -59,16 +61,13 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _bytes(chunks: list[bytes]) -> np.ndarray:
-    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy()
-
-
 def embedded_files() -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in stdlib.glob("*.py") if p.is_file())
 
 
-def load_embedded() -> Corpus:
+def load_embedded(tokenizer=None) -> Corpus:
+    tokenizer = tokenizer or ByteTokenizer()
     files = embedded_files()
     if len(files) < EVAL_EVERY_NTH_FILE:
         raise DataError("source", f"the embedded corpus needs the Python standard library's "
@@ -77,9 +76,10 @@ def load_embedded() -> Corpus:
     for i, path in enumerate(files):
         (held if i % EVAL_EVERY_NTH_FILE == EVAL_EVERY_NTH_FILE - 1 else train).append(
             path.read_bytes())
-    tr, ev = _bytes(train), _bytes(held)
-    return Corpus(tr, ev, BYTE_VOCAB, f"embedded: {len(files)} stdlib files from "
-                  f"{files[0].parent} ({tr.size + ev.size} bytes)", _digest(tr, ev))
+    tr, ev = tokenizer.encode_documents(train), tokenizer.encode_documents(held)
+    return Corpus(tr, ev, tokenizer.vocab_size, f"embedded: {len(files)} stdlib files from "
+                  f"{files[0].parent} ({tr.size + ev.size} tokens, {tokenizer.name})",
+                  _digest(tr, ev))
 
 
 def _split(tokens: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,19 +87,26 @@ def _split(tokens: np.ndarray, eval_fraction: float) -> tuple[np.ndarray, np.nda
     return tokens[:cut], tokens[cut:]
 
 
-def load_text(path: Path, pattern: str, eval_fraction: float) -> Corpus:
+def text_files(path: Path, pattern: str) -> list[Path]:
     if not path.exists():
         raise DataError("path", f"no such file or folder: {path}")
     files = [path] if path.is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
     if not files:
         raise DataError("glob", f"no files match {pattern!r} under {path}")
-    tokens = _bytes([f.read_bytes() for f in files])
+    return files
+
+
+def load_text(path: Path, pattern: str, eval_fraction: float, tokenizer=None) -> Corpus:
+    tokenizer = tokenizer or ByteTokenizer()
+    files = text_files(path, pattern)
+    tokens = tokenizer.encode_documents([f.read_bytes() for f in files])
     tr, ev = _split(tokens, eval_fraction)
-    return Corpus(tr, ev, BYTE_VOCAB, f"text: {len(files)} file(s) under {path} "
-                  f"({tokens.size} bytes)", _digest(tr, ev))
+    return Corpus(tr, ev, tokenizer.vocab_size, f"text: {len(files)} file(s) under {path} "
+                  f"({tokens.size} tokens, {tokenizer.name})", _digest(tr, ev))
 
 
-def load_jsonl(path: Path, key: str, eval_fraction: float) -> Corpus:
+def jsonl_documents(path: Path, key: str) -> list[bytes]:
+    """Each record's `key` text plus a newline, as UTF-8."""
     if not path.is_file():
         raise DataError("path", f"no such file: {path}")
     chunks = []
@@ -115,9 +122,16 @@ def load_jsonl(path: Path, key: str, eval_fraction: float) -> Corpus:
                 raise DataError("text_key", f"{path}:{lineno}: expected an object with a string "
                                 f"field {key!r}")
             chunks.append(record[key].encode("utf-8") + b"\n")
-    tokens = _bytes(chunks)
+    return chunks
+
+
+def load_jsonl(path: Path, key: str, eval_fraction: float, tokenizer=None) -> Corpus:
+    tokenizer = tokenizer or ByteTokenizer()
+    chunks = jsonl_documents(path, key)
+    tokens = tokenizer.encode_documents(chunks)
     tr, ev = _split(tokens, eval_fraction)
-    return Corpus(tr, ev, BYTE_VOCAB, f"jsonl: {len(chunks)} records from {path}", _digest(tr, ev))
+    return Corpus(tr, ev, tokenizer.vocab_size, f"jsonl: {len(chunks)} records from {path} "
+                  f"({tokenizer.name})", _digest(tr, ev))
 
 
 def load_tokens(path: Path, eval_path: Path | None, dtype: str, vocab_size: int,

@@ -30,10 +30,12 @@ from ..distributed.rank0 import Rank0
 from ..distributed.run import RunContext
 from ..optimizers import count_refreshes, optimizer_state_nbytes
 from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_text, load_tokens
-from .metrics import METRICS_FILE, MIB, PLOT_FILE, MetricsWriter, Progress, plot_runs
+from .loggers import open_loggers
+from .metrics import METRICS_FILE, MIB, PLOT_FILE, Progress, plot_runs
 from .model import build_model, count_parameters
 from .perlayer import PerLayerStepper
 from .spec import RunSpec, TrainSpec, write_resolved
+from .tokenizer import load_tokenizer
 
 SPEC_FILE = "spec.toml"
 
@@ -66,12 +68,13 @@ def lr_factor(train: TrainSpec) -> Callable[[int], float]:
 
 def load_corpus(spec: RunSpec) -> Corpus:
     d = spec.data
+    tokenizer = load_tokenizer(d.tokenizer)
     if d.source == "embedded":
-        return load_embedded()
+        return load_embedded(tokenizer)
     if d.source == "text":
-        return load_text(Path(d.path), d.glob, d.eval_fraction)
+        return load_text(Path(d.path), d.glob, d.eval_fraction, tokenizer)
     if d.source == "jsonl":
-        return load_jsonl(Path(d.path), d.text_key, d.eval_fraction)
+        return load_jsonl(Path(d.path), d.text_key, d.eval_fraction, tokenizer)
     return load_tokens(Path(d.path), Path(d.eval_path) if d.eval_path else None, d.dtype,
                        spec.model.vocab_size, d.eval_fraction)
 
@@ -192,7 +195,8 @@ class Trainer:
             self.step = loaded.step
             for key in ("skipped", "bad_in_row", "tokens", "elapsed", "last_eval"):
                 setattr(self, key, loaded.loop[key])
-            metrics = Rank0(lambda: MetricsWriter(self.run_dir, resume_step=self.step))
+            metrics = Rank0(lambda: open_loggers(spec.log.backends, self.run_dir,
+                                                 resume_step=self.step, config=spec.resolved()))
             self.progress.start = self.step
             if self.dist.is_main:
                 self.progress.message(f"resumed {self.run_dir} from {loaded.path.name}")
@@ -200,7 +204,8 @@ class Trainer:
             if self.dist.is_main:  # torchrun: one writer of the run folder
                 write_resolved(spec, self.run_dir / SPEC_FILE)
                 (self.run_dir / METRICS_FILE).unlink(missing_ok=True)  # left by a run killed early
-            metrics = Rank0(lambda: MetricsWriter(self.run_dir))
+            metrics = Rank0(lambda: open_loggers(spec.log.backends, self.run_dir,
+                                                 config=spec.resolved()))
             metrics.write({"step": 0, "model/params": count_parameters(self.model),
                            "data/unigram_entropy(nats)": self.corpus.unigram_entropy(),
                            "data/train_tokens": int(self.corpus.train.size),

@@ -1,4 +1,4 @@
-"""Metrics: JSONL records, a progress bar, and loss-curve plots.
+"""Metrics: JSONL records, a progress bar (tqdm), and loss-curve plots.
 
 Keys carry a group and a unit, as torchtitan names them: `loss/train`, `loss/eval`,
 `ppl/eval`, `lr`, `time/step(s)`, `throughput/tokens_per_s`, `memory/optimizer_state(MiB)`,
@@ -55,16 +55,11 @@ class MetricsWriter:
         self._file.close()
 
 
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 class Progress:
-    """One status line on stderr: a redrawn bar on a terminal, plain lines otherwise."""
+    """Training progress on stderr: a tqdm bar on a terminal; in a log file (not a TTY),
+    one plain line per tenth of the run (and the last step), not one per update."""
+
+    LINES = 10  # plain lines a whole run prints when stderr is not a terminal
 
     def __init__(self, total: int, start: int = 0, stream: TextIO | None = None,
                  enabled: bool = True):
@@ -73,33 +68,54 @@ class Progress:
         self.enabled = enabled
         self.tty = self.stream.isatty()
         self.t0 = time.perf_counter()
+        self.bar = None
+        self.next_line = 0
+
+    def _open_bar(self):
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.total, initial=self.start, file=self.stream, unit="step",
+                        dynamic_ncols=True, leave=True)
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
             return
+        if self.tty:
+            if self.bar is None:
+                self._open_bar()
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s",
+                                     refresh=True)
+            return
+        if step < self.next_line and step != self.total:
+            return
+        every = max(1, self.total // self.LINES)
+        self.next_line = (step // every + 1) * every
         done = step - self.start
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step) if done else float("inf")
-        frac = step / self.total
-        text = (f"step {step}/{self.total} loss {loss:.4f} | {tokens_per_s / 1e3:.1f}k tok/s | "
-                f"ETA {_duration(eta)}")
-        if self.tty:
-            bar = "#" * int(24 * frac)
-            self.stream.write(f"\r[{bar:<24}] {100 * frac:3.0f}% {text}  ")
-        else:
-            self.stream.write(text + "\n")
+        self.stream.write(f"step {step}/{self.total} loss {loss:.4f} | "
+                          f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {_duration(eta)}\n")
         self.stream.flush()
 
     def message(self, text: str) -> None:
-        if self.tty and self.enabled:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:

@@ -175,8 +175,13 @@ class Llama(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, seed: int = 0, device: str | torch.device = "cpu",
-                activation_checkpointing: bool = False) -> Llama:
-    """The model with seeded init; on "meta" nothing is allocated (shapes only)."""
+                activation_checkpointing: bool = False) -> nn.Module:
+    """The model with seeded init; on "meta" nothing is allocated (shapes only).
+    An `HFModelSpec` (`[model] hf_config` / `hf_pretrained`) builds a transformers model."""
+    if not isinstance(cfg, ModelConfig):
+        from .hfmodel import build_hf_model
+        return build_hf_model(cfg, seed=seed, device=device,
+                              activation_checkpointing=activation_checkpointing)
     with torch.device(device):
         model = Llama(cfg, activation_checkpointing=activation_checkpointing)
     if str(device) != "meta":

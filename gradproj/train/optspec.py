@@ -16,7 +16,8 @@ plugin's own `validate`, run on a 4×4 dummy weight while the spec loads.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from ..optimizers.presets import MODEL_KEYS
 from ..projectors.base import PROJ_TYPES
 from ..registry import PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from .checks import (Check, boolean, choice, did_you_mean, integer, number, registry_name,
-                     string_list)
+                     string_list)  # noqa: F401
 
 # keys that go in [optimizer.lowrank] when the optimizer knows them (the refresh policy's
 # keys exist once the adaptive refresh is in GENERIC_DEFAULTS); all others in [optimizer]
@@ -42,7 +43,9 @@ KNOWN_CHECKS: dict[str, Check] = {
     "residual": registry_name(RESIDUALS),
     "lr": number(0),
     "weight_decay": number(0),
-    "rank": integer(1),
+    "rank": Check('an integer >= 1 or a fraction of the model width such as "1/4"',
+                  lambda v: _rank_fraction(v) is not None or (isinstance(v, int) and not
+                                                               isinstance(v, bool) and v >= 1)),
     "update_gap": integer(1),
     "scale": number(),
     "proj_type": choice(*PROJ_TYPES),
@@ -53,6 +56,21 @@ KNOWN_CHECKS: dict[str, Check] = {
     "weight_group_size": integer(1),
 }
 _INTERNAL = ("params", "lowrank")  # group keys that are not user options
+# GaLore's recipes use a quarter of the hidden size (60M: 128 of 512, 1B: 512 of 2048,
+# 7B: 1024 of 4096): the rank when neither the spec nor its preset names one
+DEFAULT_RANK = "1/4"
+
+
+def _rank_fraction(value: Any) -> Fraction | None:
+    """"1/4" -> Fraction(1, 4) when it lies in (0, 1]; None for anything else."""
+    if not isinstance(value, str) or not re.fullmatch(r"\s*\d+\s*/\s*\d+\s*", value):
+        return None
+    num, den = (int(x) for x in value.split("/"))
+    return Fraction(num, den) if den and 0 < num <= den else None
+
+
+def rank_for_width(fraction: Fraction, width: int) -> int:
+    return max(1, round(width * fraction))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,9 +80,29 @@ class OptimizerSpec:
     options: dict = field(default_factory=dict)    # the spec's overrides of the preset
     effective: dict = field(default_factory=dict)  # every option the optimizer will use
     lowrank_keys: frozenset = frozenset(LOWRANK_KEYS)
+    rank_fraction: str | None = None               # "1/4": resolved against the model width
+
+    def with_width(self, width: int) -> "OptimizerSpec":
+        """The spec with a fractional rank turned into an integer for this model width."""
+        if self.rank_fraction is None:
+            return self
+        rank = rank_for_width(_rank_fraction(self.rank_fraction), width)
+        return replace(self, options={**self.options, "rank": rank},
+                       effective={**self.effective, "rank": rank} if self.effective else {},
+                       rank_fraction=None)
 
     def build(self, model: torch.nn.Module) -> LowRankOptimizer:
-        """The optimizer for `model`, through the same `build_optimizer` scripts use."""
+        """The optimizer for `model`, through the same `build_optimizer` scripts use; for a
+        transformers model, or `targets = ["all-linear"]`, targets are matched as HF's
+        Trainer matches `optim_target_modules` (integrations/targets.py)."""
+        from ..integrations.targets import is_all_linear
+        from .hfmodel import HFCausalLM
+        if isinstance(model, HFCausalLM) or is_all_linear(self.targets):
+            from ..integrations.build import build_by_names
+            from ..integrations.targets import target_parameter_names
+            targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
+            return build_by_names(model, self.preset, target_parameter_names(model, targets),
+                                  **self.options)
         return build_optimizer(model, self.preset, self.targets, **self.options)
 
     def resolved(self) -> dict:
@@ -105,6 +143,11 @@ def parse_optimizer(raw: Any, out, *, seed: int) -> OptimizerSpec:
     preset = values.pop("preset", None)
     targets = values.pop("targets", DEFAULT_TARGETS)
     base = dict(PRESETS.get(preset)) if preset else {}
+    fraction = values.get("rank") if isinstance(values.get("rank"), str) else None
+    if "rank" not in values and "rank" not in base:
+        fraction = DEFAULT_RANK
+    if fraction is not None:
+        values["rank"] = 1  # validated as an integer; the width is known once the model is
     merged = {**GENERIC_DEFAULTS, **base, **values}
 
     # the tables accept generic options, the model keys of presets (INT8 weights), the
@@ -134,11 +177,13 @@ def parse_optimizer(raw: Any, out, *, seed: int) -> OptimizerSpec:
             values[key] = tuple(value)
     values.setdefault("seed", seed)
     if len(out.issues) > before:
-        return OptimizerSpec(preset=preset, targets=targets, options=values)
+        return OptimizerSpec(preset=preset, targets=targets, options=values,
+                             rank_fraction=fraction)
 
     effective = _validate(preset, values, where, out)
     return OptimizerSpec(preset=preset, targets=tuple(targets), options=values,
-                         effective=effective, lowrank_keys=frozenset(lowrank_keys))
+                         effective=effective, lowrank_keys=frozenset(lowrank_keys),
+                         rank_fraction=fraction)
 
 
 _OPTION = re.compile(r"option '([A-Za-z0-9_]+)'")

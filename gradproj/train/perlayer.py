@@ -18,6 +18,12 @@ Gradient accumulation over k micro-batches, unlike the reference implementations
     G) accumulates its full gradient in `.grad` across micro-batches, as autograd does,
     and steps on the last one. For the model presets here those are the embedding, the
     head and the norms.
+With `track_norms=True` the stepper keeps, per parameter, the 2-norm of the gradient its
+step consumed, and `grad_norm()` combines them into one global norm (what HF's Trainer
+logs as `grad_norm`): the summed full gradient ‖Σ G_i‖ of every weight that accumulates
+it (all weights when grad_accum = 1), and for a projected weight accumulating in the
+subspace ‖Σ project(G_i)‖, the norm of the low-rank gradient its step uses (for an
+orthonormal basis, the in-subspace part of ‖Σ G_i‖, which per-layer mode cannot recover).
 A non-finite gradient skips that parameter's update for the step (the others, already
 updated during backward, keep theirs) and marks the step as skipped.
 """
@@ -34,8 +40,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class PerLayerStepper:
-    def __init__(self, optimizer: LowRankOptimizer, grad_accum: int = 1):
+    def __init__(self, optimizer: LowRankOptimizer, grad_accum: int = 1, *,
+                 track_norms: bool = False):
         self.opt = optimizer
+        self.track_norms = track_norms
+        self.norms: dict[torch.Tensor, torch.Tensor] = {}  # p -> ‖gradient its step used‖
         self.grad_accum = grad_accum
         self.micro = 0
         # group *indices*: load_state_dict replaces the group dicts (and the scheduler
@@ -93,6 +102,8 @@ class PerLayerStepper:
         last = self.micro == self.grad_accum - 1
         group = self.opt.param_groups[self.group_index[p]]
         if p in self.bad or not torch.isfinite(p.grad).all():
+            if self.track_norms:
+                self.norms[p] = torch.tensor(float("nan"))
             self.bad.add(p)
             self.low_sums.pop(p, None)
             self._release(p)
@@ -104,12 +115,16 @@ class PerLayerStepper:
             total = low if total is None else total.add_(low)
             if last:
                 self.low_sums.pop(p, None)
+                if self.track_norms:
+                    self.norms[p] = torch.linalg.vector_norm(total)
                 self.opt.step_param(p, group, low_grad=total)
             else:
                 self.low_sums[p] = total
                 self.accum_peak_bytes = max(self.accum_peak_bytes,
                                             sum(_nbytes(t) for t in self.low_sums.values()))
         elif last:
+            if self.track_norms:
+                self.norms[p] = torch.linalg.vector_norm(p.grad)
             self.opt.step_param(p, group)
             self._release(p)
 
@@ -118,6 +133,15 @@ class PerLayerStepper:
             self.held_bytes -= _nbytes(p.grad)
             self.counted.discard(p)
         p.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global 2-norm of the gradients this step's updates used (see the module doc);
+        call before `end_step`. Stacked in parameter order, as clip_grad_norm_ does."""
+        norms = [self.norms[p].float() for p in self.group_index if p in self.norms]
+        if not norms:
+            return torch.tensor(0.0)
+        device = norms[0].device  # one transfer per step, not one per parameter
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
     def end_step(self) -> bool:
         """Finish an optimizer step; True when some parameter's update was skipped."""
@@ -129,6 +153,7 @@ class PerLayerStepper:
         """Drop everything accumulated for this step (a micro-batch's loss was not finite)."""
         self.bad.clear()
         self.low_sums.clear()
+        self.norms.clear()
         for p in self.group_index:
             self._release(p)
 

@@ -22,8 +22,12 @@ import torch
 
 from .. import RESIDUALS, RULES  # noqa: F401  (importing gradproj registers built-ins)
 from .checks import (Issue, SpecError, boolean, choice, did_you_mean, integer, number,
-                     spec_field, string)
+                     spec_field, string, string_list)
+from .loggers import BACKENDS, missing_package
+from .hfmodel import HFModelSpec
 from .model import MODEL_PRESETS, ModelConfig, model_config
+from .spec_hf import check_hf_model, tokenizer_vocab
+from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
@@ -44,6 +48,10 @@ class ModelSpec:
     norm_eps: float | None = spec_field(None, number(0, lo_open=True), "RMSNorm epsilon")
     rope_theta: float | None = spec_field(None, number(0, lo_open=True), "rotary base")
     init_std: float | None = spec_field(None, number(0, lo_open=True), "init std")
+    hf_config: str | None = spec_field(None, string(), "transformers config.json (random init; "
+                                       "replaces preset and shape keys)")
+    hf_pretrained: str | None = spec_field(None, string(), "local folder with config.json and "
+                                           "*.safetensors (fine-tuning)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +62,8 @@ class DataSpec:
     eval_path: str | None = spec_field(None, string(), "held-out .bin (tokens); else a tail split")
     glob: str = spec_field("**/*.txt", string(), "files read from a text folder")
     text_key: str = spec_field("text", string(), "JSONL field holding the text")
+    tokenizer: str = spec_field("bytes", string(), "\"bytes\" or a local tokenizer.json (HF "
+                                "tokenizers); the model's vocab_size follows it")
     dtype: str = spec_field("uint16", choice("uint16", "uint32"), "token dtype of .bin files")
     seq_len: int = spec_field(128, integer(2), "tokens per training sequence")
     eval_fraction: float = spec_field(0.05, number(0, 0.5, lo_open=True),
@@ -72,6 +82,8 @@ class TrainSpec:
     lr_schedule: str = spec_field("cosine", choice("cosine", "linear", "constant"),
                                   "after warmup: decay to min_lr_ratio·lr")
     warmup_steps: int = spec_field(0, integer(0), "linear warmup from 0")
+    warmup: float | None = spec_field(None, number(0, 0.99),
+                                      "warmup as a fraction of the steps (0.1 = GaLore's 10 %)")
     min_lr_ratio: float = spec_field(0.1, number(0, 1), "final lr / peak lr (GaLore: 0.1)")
     grad_clip: float = spec_field(0.0, number(0), "global gradient-norm clip; 0 = off")
     dtype: str = spec_field("float32", choice("float32", "bfloat16"),
@@ -97,18 +109,21 @@ class LogSpec:
     every: int = spec_field(10, integer(1), "steps between metric records")
     progress: bool = spec_field(True, boolean(), "progress bar on stderr")
     plot: bool = spec_field(True, boolean(), "loss-curve PNG at the end")
+    backends: tuple[str, ...] = spec_field(("jsonl",), string_list(),
+                                           "metric sinks: jsonl (always), tensorboard, wandb (offline)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     source: str
-    model: ModelConfig
-    model_preset: str
+    model: ModelConfig | HFModelSpec
+    model_preset: str   # "hf" for hf_config / hf_pretrained
     data: DataSpec
     optimizer: OptimizerSpec
     train: TrainSpec
     checkpoint: CheckpointSpec
     log: LogSpec
+    notices: tuple[Issue, ...] = ()  # one line each, printed before the run ("notice: ...")
 
     @property
     def run_dir(self) -> Path:
@@ -116,13 +131,19 @@ class RunSpec:
 
     def resolved(self) -> dict:
         """Nested plain dict of every setting: the TOML saved into the run folder."""
-        model = {"preset": self.model_preset, **asdict(self.model)}
-        if model["n_kv_heads"] is None:
-            model["n_kv_heads"] = self.model.kv_heads
+        if isinstance(self.model, HFModelSpec):
+            key = "hf_pretrained" if self.model.pretrained else "hf_config"
+            model = {key: self.model.pretrained or self.model.config,
+                     "vocab_size": self.model.vocab_size}
+        else:
+            model = {"preset": self.model_preset, **asdict(self.model)}
+            if model["n_kv_heads"] is None:
+                model["n_kv_heads"] = self.model.kv_heads
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
-                "train": asdict(self.train), "checkpoint": asdict(self.checkpoint),
-                "log": asdict(self.log)}
+                "train": {k: v for k, v in asdict(self.train).items() if v is not None},
+                "checkpoint": asdict(self.checkpoint),
+                "log": {**asdict(self.log), "backends": list(self.log.backends)}}
 
 
 class _Collector:
@@ -130,6 +151,7 @@ class _Collector:
 
     def __init__(self, overridden: set[tuple[str, ...]]):
         self.issues: list[Issue] = []
+        self.notices: list[Issue] = []  # not errors: a value adjusted, said in one line
         self.overridden = overridden
 
     def place(self, table: str, key: str | None = None) -> str:
@@ -184,20 +206,39 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
     for key in ("path", "eval_path"):
         if data.get(key) is not None:
             data[key] = str((base_dir / data[key]).expanduser().resolve())
+    if data["tokenizer"] != BYTES:
+        data["tokenizer"] = str((base_dir / data["tokenizer"]).expanduser().resolve())
     _check_data(data, parsed["data"], out)
+    token_vocab = tokenizer_vocab(data, parsed["data"], out)
 
     model_values = parsed["model"]
-    preset = model_values.pop("preset", "tiny")
-    if "max_seq_len" not in model_values:
-        model_values["max_seq_len"] = max(data["seq_len"], MODEL_PRESETS[preset].max_seq_len)
-    model = _check_model(preset, model_values, data, out)
+    if "hf_config" in model_values or "hf_pretrained" in model_values:
+        preset = "hf"
+        model = check_hf_model(model_values, data, token_vocab, base_dir, out)
+        if train["parallel"] == "fsdp2":
+            out.add("train", "parallel", "expected 'none' or 'ddp' with a transformers model "
+                                         "(fsdp2 shards the built-in LLaMA's blocks), got 'fsdp2'")
+    else:
+        preset = model_values.pop("preset", "tiny")
+        if "max_seq_len" not in model_values:
+            model_values["max_seq_len"] = max(data["seq_len"], MODEL_PRESETS[preset].max_seq_len)
+        if token_vocab and "vocab_size" not in model_values:
+            model_values["vocab_size"] = token_vocab  # the model's vocabulary follows the tokenizer's
+        model = _check_model(preset, model_values, data, out)
+        if token_vocab and model.vocab_size < token_vocab:
+            out.add("model", "vocab_size", f"expected >= the tokenizer's {token_vocab} ids, "
+                                           f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
+    _check_log(parsed["log"], out)
+    width = model.width if isinstance(model, HFModelSpec) else model.dim
+    optimizer = optimizer.with_width(width)
     ckpt = {**_defaults(CheckpointSpec), **parsed["checkpoint"]}
     ckpt["dir"] = str(Path(ckpt["dir"]).expanduser().resolve())
     if out.issues:
         raise SpecError(source, out.issues)
-    return RunSpec(source=source, model=model, model_preset=preset, data=DataSpec(**data),
+    return RunSpec(source=source, notices=tuple(out.notices), model=model, model_preset=preset,
+                   data=DataSpec(**data),
                    optimizer=optimizer, train=TrainSpec(**train),
                    checkpoint=CheckpointSpec(**ckpt), log=LogSpec(**{**_defaults(LogSpec),
                                                                      **parsed["log"]}))
@@ -237,10 +278,23 @@ def _check_model(preset: str, values: dict, data: dict, out: _Collector) -> Mode
     if cfg.max_seq_len < data["seq_len"]:
         out.add("model", "max_seq_len", f"expected >= [data].seq_len {data['seq_len']}, "
                                         f"got {cfg.max_seq_len}")
-    if data["source"] != "tokens" and cfg.vocab_size < 256:
+    if data["source"] != "tokens" and data["tokenizer"] == BYTES and cfg.vocab_size < 256:
         out.add("model", "vocab_size", f"expected >= 256 for byte-level {data['source']!r} data, "
                                        f"got {cfg.vocab_size}")
     return cfg
+
+
+def _check_log(given: dict, out: _Collector) -> None:
+    backends = given.get("backends", ("jsonl",))
+    for name in backends:
+        if name not in BACKENDS:
+            out.add("log", "backends", f"expected names from {', '.join(BACKENDS)}, got "
+                                       f"{name!r}{did_you_mean(name, BACKENDS)}")
+        elif missing_package(name):
+            out.add("log", "backends", f"{name!r} needs its package here: {missing_package(name)}")
+    if "jsonl" not in backends:
+        out.add("log", "backends", f"expected 'jsonl' among {list(backends)} (metrics.jsonl is "
+                                   f"the run's record: plots and resume read it)")
 
 
 def _check_train(train: dict, given: dict, out: _Collector) -> None:
@@ -252,9 +306,23 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
         out.add("train", "per_layer", "expected false with parallel = 'ddp' (per-layer updates "
                                       "run inside backward, before DDP's all-reduce has averaged "
                                       "the gradient); use parallel = 'fsdp2'")
+    if "warmup" in given:
+        if "warmup_steps" in given:
+            out.add("train", "warmup", "expected warmup (a fraction of the steps) or "
+                                       "warmup_steps, not both")
+        train["warmup_steps"] = round(train["warmup"] * train["steps"])
+    train["warmup"] = None  # resolved into warmup_steps (the saved spec has the integer)
     if train["warmup_steps"] >= train["steps"] and "warmup_steps" in given:
-        out.add("train", "warmup_steps", f"expected fewer than [train].steps {train['steps']}, "
-                                         f"got {train['warmup_steps']}")
+        if ("train", "steps") in out.overridden and ("train", "warmup_steps") not in out.overridden:
+            clamped = train["steps"] // 10
+            out.notices.append(Issue(out.place("train", "warmup_steps"),
+                f"{train['warmup_steps']} >= --set train.steps {train['steps']}: warmup "
+                f"clamped to {clamped} steps (10 %); [train].warmup = 0.1 scales with any run"))
+            train["warmup_steps"] = clamped
+        else:
+            out.add("train", "warmup_steps", f"expected fewer than [train].steps {train['steps']}, "
+                                             f"got {train['warmup_steps']} (or set [train].warmup "
+                                             f"= 0.1, a fraction of the steps)")
     if train["device"] == "cuda" and not torch.cuda.is_available():
         out.add("train", "device", "expected a device this machine has, got 'cuda' "
                                    "(torch sees no CUDA GPU; use 'cpu' or 'auto')")

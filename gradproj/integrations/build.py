@@ -1,0 +1,117 @@
+"""Build a LowRankOptimizer for any model from a `Resolved` choice (no transformers needed).
+
+Parameter groups, as HF's Trainer and LLaMA-Factory form them:
+  1. the targeted weights (see `targets.py`), projected, with `weight_decay`;
+  2. every other parameter HF decays (not a bias, not a norm), full rank, `weight_decay`;
+  3. biases and norms, full rank, weight decay 0.
+HF's own GaLore/APOLLO path drops `weight_decay` altogether (its groups carry none and
+galore-torch defaults to 0); LLaMA-Factory applies it as above, and so do we.
+A preset with `quantize_weights` (q-galore) first turns exactly the targeted `nn.Linear`
+layers into INT8 `QuantLinear`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import nn
+
+from ..optimizers import LowRankOptimizer
+from ..optimizers.presets import MODEL_KEYS, preset_options
+from ..quant.linear import QuantLinear, is_quantized
+from .hf_options import LLAMAFACTORY_ALL, Resolved
+from .targets import llamafactory_all_linear, target_parameter_names
+
+# transformers' Trainer.get_decay_parameter_names: no decay for LayerNorm modules, biases, norms
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decays(name: str, module: nn.Module | None) -> bool:
+    if isinstance(module, nn.LayerNorm):
+        return False
+    return not any(re.search(p, name.lower()) for p in NO_DECAY_PATTERNS)
+
+
+def resolve_target_names(model: nn.Module, targets) -> list[str]:
+    if targets == LLAMAFACTORY_ALL:
+        targets = llamafactory_all_linear(model)
+    return target_parameter_names(model, targets)
+
+
+def lowrank_groups(model: nn.Module, target_names: Sequence[str], weight_decay: float) -> list[dict]:
+    """The three groups above (empty ones left out); INT8 weights count as trainable."""
+    wanted = set(target_names)
+    owners = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            owners[f"{module_name}.{pname}" if module_name else pname] = module
+    low, decay, plain = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad and not is_quantized(p):
+            continue
+        if name in wanted:
+            low.append(p)
+        elif decays(name, owners.get(name)):
+            decay.append(p)
+        else:
+            plain.append(p)
+    groups = [{"params": low, "lowrank": True, "weight_decay": weight_decay},
+              {"params": decay, "lowrank": False, "weight_decay": weight_decay},
+              {"params": plain, "lowrank": False, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def quantize_named(model: nn.Module, names: Sequence[str], group_size: int) -> None:
+    """INT8 QuantLinear for exactly the nn.Linear layers owning `names` (q-galore)."""
+    for module_name in [n.rsplit(".", 1)[0] for n in names]:
+        module = model.get_submodule(module_name)
+        if type(module) is nn.Linear:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    QuantLinear.from_linear(module, group_size))
+
+
+def build_by_names(model: nn.Module, preset: str | None, names: Sequence[str],
+                   **overrides) -> LowRankOptimizer:
+    """`build_optimizer` with the projected weights given by parameter name: two groups,
+    [projected, everything else], the options applying to both (run-spec semantics)."""
+    options = preset_options(preset) if preset else {}
+    options.update(overrides)
+    quantize = options.pop("quantize_weights", False)
+    group_size = options.pop("weight_group_size", 256)
+    if quantize:
+        quantize_named(model, names, group_size)
+    wanted = set(names)
+    low, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad or is_quantized(p):
+            (low if name in wanted else rest).append(p)
+    groups = [{"params": low, "lowrank": True}, {"params": rest, "lowrank": False}]
+    return LowRankOptimizer([g for g in groups if g["params"]], **options)
+
+
+def prepare_model(model: nn.Module, choice: Resolved) -> None:
+    """Convert the targeted Linear layers to INT8 when the choice asks for it (q-galore);
+    idempotent. A Trainer calls it before loading a checkpoint, whose weights are INT8."""
+    options = {**preset_options(choice.preset), **choice.options}
+    if options.get("quantize_weights", False):
+        quantize_named(model, resolve_target_names(model, choice.targets),
+                       options.get("weight_group_size", 256))
+
+
+def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,
+                        betas: tuple[float, float] | None = None,
+                        eps: float | None = None) -> LowRankOptimizer:
+    """The optimizer for `model`: `choice`'s preset and options, HF-style target matching."""
+    options = preset_options(choice.preset)
+    options.update(choice.options)
+    if choice.adam_from_args and options.get("rule", "adamw") == "adamw":
+        if betas is not None:
+            options["betas"] = tuple(betas)
+        if eps is not None:
+            options["eps"] = eps
+    for key in MODEL_KEYS:
+        options.pop(key, None)
+    prepare_model(model, choice)  # exactly the targeted nn.Linear layers become INT8
+    names = resolve_target_names(model, choice.targets)
+    return LowRankOptimizer(lowrank_groups(model, names, weight_decay), lr=lr, **options)

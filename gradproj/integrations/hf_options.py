@@ -1,0 +1,266 @@
+"""The names users already type, mapped onto gradproj presets and options.
+
+Three vocabularies, each mirroring what its framework does today:
+
+* Hugging Face `TrainingArguments(optim=..., optim_args="k=v,...")`: `galore_adamw`,
+  `galore_adamw_8bit`, `galore_adafactor`, `apollo_adamw`, each also `*_layerwise`
+  (per-layer mode). HF's defaults are kept (APOLLO through HF: rank 128, not the paper's
+  256) and, as HF does, only APOLLO takes `adam_beta1/2` and `adam_epsilon` (GaLore keeps
+  galore-torch's ε = 1e-6).
+* `optim_args` keys of galore-torch (`rank`, `update_proj_gap`, `scale`, `proj_type`) and
+  APOLLO (`proj` random|svd, `scale_type` channel|tensor), plus gradproj's own option
+  names (`preset=fira`, `projector=randomized`, `state_format=q8`, `seed=3`, ...).
+* LLaMA-Factory's `use_galore`, `galore_target`, `galore_rank`, `galore_update_interval`,
+  `galore_scale`, `galore_proj_type`, `galore_layerwise` and the `apollo_*` equivalents,
+  with LLaMA-Factory's defaults (rank 16, GaLore scale 2.0, APOLLO scale 32) and its
+  `optim` → GaLore class choice (adamw_torch, adamw_8bit, adafactor).
+
+Anything else is refused with one line naming the key and the close matches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..train.checks import did_you_mean
+from ..optimizers import LowRankOptimizer
+from ..optimizers.options import GENERIC_DEFAULTS
+from ..optimizers.presets import MODEL_KEYS
+from ..registry import PRESETS, RESIDUALS, RULES
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What to build: a preset, the options over it, per-layer or not, and the targets."""
+    preset: str
+    options: dict = field(default_factory=dict)
+    per_layer: bool = False
+    targets: Any = None           # names/regexes, "all-linear", or LLAMAFACTORY_ALL
+    adam_from_args: bool = False  # take betas/eps from the TrainingArguments (APOLLO, LLaMA-Factory)
+
+
+LLAMAFACTORY_ALL = "llamafactory:all"  # every linear layer but the output head
+
+# HF optim name -> (preset, overrides of it that HF's handler applies)
+HF_OPTIMS: dict[str, tuple[str, dict]] = {
+    "galore_adamw": ("galore", {}),
+    "galore_adamw_8bit": ("galore8bit", {}),
+    "galore_adafactor": ("galore", {"rule": "adafactor"}),
+    "apollo_adamw": ("apollo", {"rank": 128}),  # HF's `rank` default for APOLLO
+}
+LAYERWISE = "_layerwise"
+
+# optim_args keys of galore-torch / APOLLO -> (our option, how to read the string)
+_PROJ = {"random": "gaussian", "svd": "svd"}
+FOREIGN_KEYS: dict[str, tuple[str, Any]] = {
+    "rank": ("rank", int),
+    "update_proj_gap": ("update_gap", int),
+    "scale": ("scale", float),
+    "proj_type": ("proj_type", str),
+    "proj": ("projector", _PROJ),
+    "scale_type": ("scale_type", str),
+}
+# set through TrainingArguments, not optim_args; internal group keys
+_NOT_IN_OPTIM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+_INTERNAL = {"lowrank", "projector_options", "params"}
+_MODEL_DEFAULTS = {"quantize_weights": False, "weight_group_size": 256}  # INT8 weights (q-galore)
+
+
+class OptionError(ValueError):
+    """One line naming the option that is wrong."""
+
+
+def parse_optim_args(text: str | Mapping | None) -> dict[str, str]:
+    """HF's parser: spaces dropped, `k=v` pairs split on commas; a dict passes through."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, Mapping):
+        return {str(k): v for k, v in text.items()}
+    pairs = {}
+    for piece in str(text).replace(" ", "").split(","):
+        if not piece:
+            continue
+        key, sep, value = piece.partition("=")
+        if not sep or not key:
+            raise OptionError(f"optim_args: expected key=value pairs separated by commas, "
+                              f"got {piece!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _as(kind, key: str, value: Any, source: str) -> Any:
+    """Read an optim_args string (or an already typed value) as `kind`."""
+    if isinstance(kind, dict):
+        if value not in kind:
+            raise OptionError(f"{source}: {key}={value!r} is not one of {', '.join(kind)}")
+        return kind[value]
+    if not isinstance(value, str):
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not ok:
+            raise OptionError(f"{source}: {key}={value!r} is not {_NAMES[kind]}")
+        return value
+    try:
+        if kind is bool:
+            low = value.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        return kind(value)
+    except ValueError:
+        raise OptionError(f"{source}: {key}={value!r} is not {_NAMES[kind]}") from None
+
+
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _own_keys(preset: str, options: dict) -> dict[str, Any]:
+    """Our option names settable from a string, with the default that fixes their type."""
+    base = {**GENERIC_DEFAULTS, **PRESETS.get(preset), **options}
+    known = {**GENERIC_DEFAULTS, **_MODEL_DEFAULTS}
+    for registry, name in ((RULES, base["rule"]), (RESIDUALS, base["residual"])):
+        if name in registry:
+            known.update(registry.get(name).defaults)
+    known.update(PRESETS.get(preset))
+    return {k: v for k, v in known.items() if k not in _INTERNAL and k not in _NOT_IN_OPTIM_ARGS
+            and isinstance(v, (bool, int, float, str))}
+
+
+def apply_optim_args(preset: str, options: dict, args: Mapping[str, Any],
+                     source: str = "optim_args") -> tuple[str, dict]:
+    """(preset, options) with `args` applied: foreign keys renamed, ours type-converted."""
+    options = dict(options)
+    if "preset" in args:
+        preset = str(args["preset"])
+        if preset not in PRESETS:
+            raise OptionError(f"{source}: preset={preset!r} is not a gradproj preset "
+                              f"({', '.join(PRESETS.names())}){did_you_mean(preset, PRESETS.names())}")
+    for key, value in args.items():
+        if key == "preset":
+            continue
+        if key in _NOT_IN_OPTIM_ARGS:
+            raise OptionError(f"{source}: {key!r} is set through TrainingArguments."
+                              f"{_NOT_IN_OPTIM_ARGS[key]}, not optim_args")
+        if key in FOREIGN_KEYS:
+            ours, kind = FOREIGN_KEYS[key]
+            options[ours] = _as(kind, key, value, source)
+            continue
+        own = _own_keys(preset, options)
+        if key not in own:
+            names = sorted(set(FOREIGN_KEYS) | set(own) | {"preset"})
+            raise OptionError(f"{source}: unknown key {key!r}{did_you_mean(key, names)} "
+                              f"(galore-torch/APOLLO keys: {', '.join(FOREIGN_KEYS)}; or any "
+                              f"gradproj option, e.g. preset, projector, state_format)")
+        default = own[key]
+        options[key] = _as(type(default), key, value, source)
+    return preset, options
+
+
+def check(preset: str, options: dict, source: str) -> None:
+    """The optimizer's own validation on a 4×4 dummy weight, as the run spec does."""
+    merged = {**PRESETS.get(preset), **options}
+    for key in MODEL_KEYS:
+        merged.pop(key, None)
+    try:
+        LowRankOptimizer([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "lowrank": True}],
+                         **merged)
+    except (ValueError, TypeError) as exc:
+        raise OptionError(f"{source}: {exc}") from None
+
+
+def from_hf(optim: str, optim_args: str | Mapping | None = None,
+            optim_target_modules: Any = None) -> Resolved:
+    """TrainingArguments' `optim`, `optim_args`, `optim_target_modules` -> what to build."""
+    optim = str(getattr(optim, "value", optim))  # OptimizerNames is a str enum
+    args = parse_optim_args(optim_args)
+    per_layer = optim.endswith(LAYERWISE)
+    base = optim[: -len(LAYERWISE)] if per_layer else optim
+    if "preset" in args:  # ours wins, without the HF name's own overrides; *_layerwise stays
+        preset, options = str(args["preset"]), {}
+        per_layer = per_layer and base in HF_OPTIMS
+    elif base in HF_OPTIMS:
+        preset, options = HF_OPTIMS[base]
+    else:
+        names = sorted(HF_OPTIMS) + sorted(n + LAYERWISE for n in HF_OPTIMS)
+        raise OptionError(f"optim {optim!r} is not a low-rank optimizer gradproj maps; expected "
+                          f"one of {', '.join(names)}, or optim_args='preset=NAME,...' with a "
+                          f"gradproj preset ({', '.join(PRESETS.names())})")
+    if optim_target_modules is None:
+        raise OptionError(f"optim_target_modules: {optim!r} needs the modules to project, e.g. "
+                          f"['attn', 'mlp'] or 'all-linear' (as HF's Trainer requires)")
+    preset, options = apply_optim_args(preset, options, args)
+    check(preset, options, "optim_args")
+    return Resolved(preset, options, per_layer, optim_target_modules,
+                    adam_from_args=base == "apollo_adamw" and "preset" not in args)
+
+
+# -- LLaMA-Factory -------------------------------------------------------------------
+# key -> (our option or a meta key, type); defaults are LLaMA-Factory's
+LLAMAFACTORY_KEYS: dict[str, dict[str, tuple[str, Any, Any]]] = {
+    "galore": {
+        "galore_target": ("targets", str, "all"),
+        "galore_rank": ("rank", int, 16),
+        "galore_update_interval": ("update_gap", int, 200),
+        "galore_scale": ("scale", float, 2.0),
+        "galore_proj_type": ("proj_type", str, "std"),
+        "galore_layerwise": ("per_layer", bool, False),
+    },
+    "apollo": {
+        "apollo_target": ("targets", str, "all"),
+        "apollo_rank": ("rank", int, 16),
+        "apollo_update_interval": ("update_gap", int, 200),
+        "apollo_scale": ("scale", float, 32.0),
+        "apollo_proj": ("projector", _PROJ, "random"),
+        "apollo_proj_type": ("proj_type", str, "std"),
+        "apollo_scale_type": ("scale_type", str, "channel"),
+        "apollo_layerwise": ("per_layer", bool, False),
+        "apollo_scale_front": ("scale_front", bool, False),
+    },
+}
+# LLaMA-Factory's GaLore class by TrainingArguments.optim
+LLAMAFACTORY_GALORE_OPTIM = {"adamw_torch": "galore", "adamw_8bit": "galore8bit",
+                             "adamw_bnb_8bit": "galore8bit", "paged_adamw_8bit": "galore8bit",
+                             "adafactor": "galore+adafactor"}
+
+
+def from_llamafactory(cfg: Mapping[str, Any], optim: str = "adamw_torch") -> Resolved:
+    """LLaMA-Factory's finetuning arguments (its YAML keys) -> what to build."""
+    source = "LLaMA-Factory"
+    use = [m for m in ("galore", "apollo") if cfg.get(f"use_{m}")]
+    if len(use) != 1:
+        raise OptionError(f"{source}: expected exactly one of use_galore, use_apollo to be true, "
+                          f"got {', '.join(f'use_{m}' for m in use) or 'neither'}")
+    method = use[0]
+    table = LLAMAFACTORY_KEYS[method]
+    for key in cfg:
+        other = "apollo" if method == "galore" else "galore"
+        if key.startswith(f"{method}_") and key not in table:
+            raise OptionError(f"{source}: unknown key {key!r}{did_you_mean(key, table)}")
+        if key.startswith(f"{other}_") and key not in LLAMAFACTORY_KEYS[other]:
+            raise OptionError(f"{source}: unknown key {key!r}"
+                              f"{did_you_mean(key, LLAMAFACTORY_KEYS[other])}")
+    values = {ours: _as(kind, key, cfg.get(key, default), source)
+              for key, (ours, kind, default) in table.items()}
+    if values.pop("scale_front", False):
+        raise OptionError(f"{source}: apollo_scale_front = true is not supported (gradproj's "
+                          f"APOLLO applies the norm-growth limiter before the √scale factor, "
+                          f"APOLLO's default)")
+    per_layer = values.pop("per_layer")
+    target = values.pop("targets")
+    targets = (LLAMAFACTORY_ALL if target.strip() == "all"
+               else [t.strip() for t in target.split(",") if t.strip()])
+    if method == "galore":
+        optim = str(getattr(optim, "value", optim))
+        if optim not in LLAMAFACTORY_GALORE_OPTIM:
+            raise OptionError(f"{source}: GaLore with optim {optim!r} is not supported "
+                              f"(LLaMA-Factory accepts {', '.join(LLAMAFACTORY_GALORE_OPTIM)})")
+        preset = LLAMAFACTORY_GALORE_OPTIM[optim]
+        if preset == "galore+adafactor":
+            preset, values["rule"] = "galore", "adafactor"
+    else:
+        preset = "apollo"
+    check(preset, values, source)
+    return Resolved(preset, values, per_layer, targets, adam_from_args=True)
