@@ -13,7 +13,8 @@ the IEEE-rounded `div_rn`/`sqrt_rn` (Triton's default `/` and `sqrt` are approxi
 NVIDIA), so the kernel matches the reference to a few fp32 ulps.
 
 `fused_adamw(grad, state, group, fmt)` is what the `adamw` rule calls: it picks the dense,
-8-bit or 4-bit kernel for the state's layout when dispatch runs Triton, else returns None.
+8-bit or 4-bit kernel for the state's layout when dispatch runs Triton; on CPU q8/q4 codes
+take the C step of `cpu_adam.py`; else it returns None (the rule's own math runs).
 """
 import math
 
@@ -82,8 +83,9 @@ def fused_adamw(grad, state, group, fmt):
     kernel covers: dense fp32/bf16/fp16 moments (formats fp32, bf16, and the small-tensor
     fallback of q8/q4), or q8/q4 codes.
     """
-    if not use_triton(grad):
-        return None
+    if not use_triton(grad):  # CPU: q8/q4 codes take the C step (cpu_adam.py), else None
+        from .cpu_adam import fused_adamw_cpu
+        return fused_adamw_cpu(grad, state, group, fmt)
     name = getattr(fmt, "registry_name", None)
     beta1, beta2 = group["betas"]
     step_size = adam_step_size(beta1, beta2, state["step"], group.get("correct_bias", True))
