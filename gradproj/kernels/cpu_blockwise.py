@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -135,36 +136,38 @@ static inline int len_of(int64_t n, int64_t b, int64_t block) {
     return (int)(rest < block ? rest : block);
 }
 
-void gp_q8_quantize(const float* x, int64_t n, int64_t b0, int64_t b1, const codebook* cb,
+/* Exported functions: (n values in all, blocks [b0, b1), the float arrays, starting at
+   block b0's first value, then the rest); codes and absmax are the whole tensor's. */
+void gp_q8_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const codebook* cb,
                     uint8_t* codes, float* absmax) {
     for (int64_t b = b0; b < b1; b++)
-        q8_block(x + b * 256, len_of(n, b, 256), cb, codes + b * 256, absmax + b);
+        q8_block(x + (b - b0) * 256, len_of(n, b, 256), cb, codes + b * 256, absmax + b);
 }
 
-void gp_q4_quantize(const float* x, int64_t n, int64_t b0, int64_t b1, const float* mids,
+void gp_q4_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const float* mids,
                     uint8_t* codes, float* absmax) {
     for (int64_t b = b0; b < b1; b++)
-        q4_block(x + b * 128, len_of(n, b, 128), mids, codes + b * 64, absmax + b);
+        q4_block(x + (b - b0) * 128, len_of(n, b, 128), mids, codes + b * 64, absmax + b);
 }
 
 /* out = (code[c] * absmax) * scale; scale 1 leaves the product unchanged */
-void gp_q8_dequantize(const uint8_t* codes, const float* absmax, int64_t n, int64_t b0,
-                      int64_t b1, const float* code, float scale, float* out) {
+void gp_q8_dequantize(int64_t n, int64_t b0, int64_t b1, float* out, const uint8_t* codes,
+                      const float* absmax, const float* code, float scale) {
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 256);
         const uint8_t* c = codes + b * 256;
-        float* o = out + b * 256;
+        float* o = out + (b - b0) * 256;
         float a = absmax[b];
         for (int i = 0; i < len; i++) o[i] = (code[c[i]] * a) * scale;
     }
 }
 
-void gp_q4_dequantize(const uint8_t* codes, const float* absmax, int64_t n, int64_t b0,
-                      int64_t b1, const float* code, float scale, float* out) {
+void gp_q4_dequantize(int64_t n, int64_t b0, int64_t b1, float* out, const uint8_t* codes,
+                      const float* absmax, const float* code, float scale) {
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 128);
         const uint8_t* c = codes + b * 64;
-        float* o = out + b * 128;
+        float* o = out + (b - b0) * 128;
         float a = absmax[b];
         if (len == 128) {
             for (int j = 0; j < 64; j++) {
@@ -187,28 +190,26 @@ static inline void direction(const float* m, const float* root, int len, float e
     for (int i = 0; i < len; i++) d[i] = (m[i] / (root[i] + eps)) * step_size;
 }
 
-void gp_adam_q8_finish(const float* m, const float* v, const float* root, int64_t n,
-                       int64_t b0, int64_t b1,
-                       float eps, float step_size, const codebook* m_cb, const codebook* v_cb,
-                       float* d, uint8_t* m_codes, float* m_absmax, uint8_t* v_codes,
-                       float* v_absmax) {
+void gp_adam_q8_finish(int64_t n, int64_t b0, int64_t b1, const float* m, const float* v,
+                       const float* root, float* d, float eps, float step_size,
+                       const codebook* m_cb, const codebook* v_cb, uint8_t* m_codes,
+                       float* m_absmax, uint8_t* v_codes, float* v_absmax) {
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 256);
-        int64_t o = b * 256;
+        int64_t o = (b - b0) * 256;
         direction(m + o, root + o, len, eps, step_size, d + o);
-        q8_block(m + o, len, m_cb, m_codes + o, m_absmax + b);
-        q8_block(v + o, len, v_cb, v_codes + o, v_absmax + b);
+        q8_block(m + o, len, m_cb, m_codes + b * 256, m_absmax + b);
+        q8_block(v + o, len, v_cb, v_codes + b * 256, v_absmax + b);
     }
 }
 
-void gp_adam_q4_finish(const float* m, const float* v, const float* root, int64_t n,
-                       int64_t b0, int64_t b1,
-                       float eps, float step_size, const float* m_mids, const float* v_mids,
-                       float* d, uint8_t* m_codes, float* m_absmax, uint8_t* v_codes,
-                       float* v_absmax) {
+void gp_adam_q4_finish(int64_t n, int64_t b0, int64_t b1, const float* m, const float* v,
+                       const float* root, float* d, float eps, float step_size,
+                       const float* m_mids, const float* v_mids, uint8_t* m_codes,
+                       float* m_absmax, uint8_t* v_codes, float* v_absmax) {
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 128);
-        int64_t o = b * 128;
+        int64_t o = (b - b0) * 128;
         direction(m + o, root + o, len, eps, step_size, d + o);
         q4_block(m + o, len, m_mids, m_codes + b * 64, m_absmax + b);
         q4_block(v + o, len, v_mids, v_codes + b * 64, v_absmax + b);
@@ -217,9 +218,9 @@ void gp_adam_q4_finish(const float* m, const float* v, const float* root, int64_
 """
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_QUANT = (None, [_P, _I, _I, _I, _P, _P, _P])
-_DEQUANT = (None, [_P, _P, _I, _I, _I, _P, _F, _P])
-_FINISH = (None, [_P, _P, _P, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _P, _P])
+_QUANT = (None, [_I, _I, _I, _P, _P, _P, _P])
+_DEQUANT = (None, [_I, _I, _I, _P, _P, _P, _P, _F])
+_FINISH = (None, [_I, _I, _I, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, _P])
 SIGNATURES = {"gp_q8_quantize": _QUANT, "gp_q4_quantize": _QUANT,
               "gp_q8_dequantize": _DEQUANT, "gp_q4_dequantize": _DEQUANT,
               "gp_adam_q8_finish": _FINISH, "gp_adam_q4_finish": _FINISH}
@@ -271,8 +272,8 @@ def codebook(bits: int, signed: bool, mantissa_bits: int = MANTISSA_BITS):
     return struct, (first, padded)  # the tensors must outlive the struct's pointers
 
 
-CHUNK_ELEMENTS = 1 << 18  # a thread gets at least this many values (~0.1 ms of work)
-_POOL: list = []
+CHUNK_ELEMENTS = 1 << 18  # a thread gets at least this many values (~0.5 ms of work)
+_POOL: dict = {}  # pid -> ThreadPoolExecutor: a forked child must not reuse its parent's
 
 
 def library():
@@ -285,24 +286,34 @@ def active(*tensors: torch.Tensor) -> bool:
     return mode() == "auto" and all(t.device.type == "cpu" for t in tensors) and library() is not None
 
 
-def _fits(t: torch.Tensor, dtype: torch.dtype, numel: int) -> bool:
-    return t.dtype == dtype and t.is_contiguous() and t.numel() == numel
+def fits(codes: torch.Tensor, absmax: torch.Tensor, bits: int, numel: int) -> bool:
+    """Whether codes/absmax have the contiguous uint8/fp32 layout of a `numel`-value moment."""
+    blocks = -(-numel // BLOCKS[bits])
+    return (codes.dtype == torch.uint8 and codes.is_contiguous()
+            and codes.numel() == (numel if bits == 8 else blocks * BLOCKS[bits] // 2)
+            and absmax.dtype == torch.float32 and absmax.is_contiguous()
+            and absmax.numel() == blocks)
 
 
-def run_blocks(fn, numel: int, block: int, *args) -> None:
-    """fn(..., n, b0, b1, ...) over all blocks: `args` = (before, after) the block range."""
-    before, after = args
-    blocks = -(-numel // block)
+def run_blocks(fn, numel: int, block: int, b0: int, b1: int, floats: tuple, rest: tuple) -> None:
+    """fn(numel, b0, b1, *floats, *rest) over blocks [b0, b1): `floats` are the addresses
+    of fp32 arrays starting at block b0's first value. With several torch threads and
+    enough work the range is split over a thread pool (each part's float addresses
+    advanced to its first block); blocks are independent, so the result is the same."""
     threads = torch.get_num_threads()
-    chunks = min(threads, max(1, numel // CHUNK_ELEMENTS))
+    chunks = min(threads, max(1, (b1 - b0) * block // CHUNK_ELEMENTS))
     if chunks <= 1:
-        fn(*before, numel, 0, blocks, *after)
+        fn(numel, b0, b1, *floats, *rest)
         return
-    if not _POOL or _POOL[0]._max_workers < chunks:
-        _POOL[:] = [ThreadPoolExecutor(max_workers=chunks, thread_name_prefix="gradproj-cpu")]
-    step = -(-blocks // chunks)
-    jobs = [_POOL[0].submit(fn, *before, numel, b, min(b + step, blocks), *after)
-            for b in range(0, blocks, step)]
+    pool = _POOL.get(os.getpid())
+    if pool is None or pool._max_workers < chunks:
+        _POOL.clear()
+        pool = _POOL[os.getpid()] = ThreadPoolExecutor(max_workers=chunks,
+                                                       thread_name_prefix="gradproj-cpu")
+    step = -(-(b1 - b0) // chunks)
+    jobs = [pool.submit(fn, numel, b, min(b + step, b1),
+                        *(p + (b - b0) * block * 4 for p in floats), *rest)
+            for b in range(b0, b1, step)]
     for job in jobs:
         job.result()
 
@@ -325,8 +336,8 @@ def quantize(x: torch.Tensor, bits: int, signed: bool):
         codes = torch.empty(blocks * (block // 2), dtype=torch.uint8)
     absmax = torch.empty(blocks, dtype=torch.float32)
     fn = lib.gp_q8_quantize if bits == 8 else lib.gp_q4_quantize
-    run_blocks(fn, n, block, (flat.data_ptr(),), (book, codes.data_ptr(),
-                                                   absmax.data_ptr()))
+    run_blocks(fn, n, block, 0, blocks, (flat.data_ptr(),),
+               (book, codes.data_ptr(), absmax.data_ptr()))
     return codes, absmax
 
 
@@ -335,18 +346,19 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
     """fp32 `shape` tensor (code[c] · absmax) · scale, or None where the C path does not
     apply (see `active`; or codes/absmax not the contiguous uint8/fp32 layout `shape` needs:
     the reference then runs and reports the problem itself)."""
-    if not active(codes, absmax):
-        return None
-    lib = library()
-    block = BLOCKS[bits]
     n = math.prod(shape)
-    blocks = -(-n // block)
-    if not (_fits(codes, torch.uint8, n if bits == 8 else blocks * (block // 2))
-            and _fits(absmax, torch.float32, blocks)):
+    if not (active(codes, absmax) and fits(codes, absmax, bits, n)):
         return None
-    code, _ = tables(bits, signed, "cpu")
     out = torch.empty(shape, dtype=torch.float32)
-    fn = lib.gp_q8_dequantize if bits == 8 else lib.gp_q4_dequantize
-    run_blocks(fn, n, block, (codes.data_ptr(), absmax.data_ptr()),
-               (code.data_ptr(), scale, out.data_ptr()))
+    dequantize_into(out, codes, absmax, bits, signed, n, 0, -(-n // BLOCKS[bits]), scale)
     return out
+
+
+def dequantize_into(out: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, bits: int,
+                    signed: bool, numel: int, b0: int, b1: int, scale: float) -> None:
+    """Blocks [b0, b1) of a `numel`-value moment into the fp32 buffer `out` (from its start);
+    the caller has checked the layout (`dequantize` does)."""
+    code, _ = tables(bits, signed, "cpu")
+    fn = library().gp_q8_dequantize if bits == 8 else library().gp_q4_dequantize
+    run_blocks(fn, numel, BLOCKS[bits], b0, b1, (out.data_ptr(),),
+               (codes.data_ptr(), absmax.data_ptr(), code.data_ptr(), scale))
