@@ -7,19 +7,22 @@ them (the two C passes are `cpu_blockwise.py`'s):
   1. C:        M = (code[c]·absmax)·β1,  V = (code[c]·absmax)·β2
                (the reference's dequantize, then `mul_(β)`: two roundings, as there)
   2. PyTorch:  M.add_(G, alpha=1−β1);  V.addcmul_(G, G, value=1−β2);  R = V.sqrt()
-               These stay ATen ops: their vectorised body and scalar tail round
-               differently (addcmul's body fuses a multiply-add, its tail does not; the
-               body's sqrt is 1 ulp off IEEE on 0.6 % of values, the tail's is IEEE),
-               so only the same op over the same ranges rounds as the reference does.
+               These stay ATen ops: ATen fuses their multiply-adds (14 % of addcmul's
+               results differ from product-then-add when V ~ (1−β2)·G²) and its float
+               sqrt is not IEEE's (1 ulp off on 0.6 % of values), and how it rounds
+               may depend on the CPU's vector width; the same op on the same values is
+               the one way to round as the reference on every machine.
   3. C:        N = (M / (R + ε))·step_size from the fp32 moments (what the reference
                returns), then both moments requantized in place (absmax, nearest code).
 
-Slicing keeps step 2's ranges: on one thread ATen runs an op as one loop, vector body from
-its start, tail at its end; slices start at multiples of 256 values (a multiple of any
-vector width) and only the last one is short, so every element falls in the body or the
-tail exactly as in the whole-tensor op. With several threads ATen splits each op at
-ceil(n/threads) boundaries, so there the whole tensor is one slice (and the C passes are
-split over a thread pool instead). Step 3's add, divide and multiply are single IEEE
+Slicing keeps each element where the whole-tensor op has it: on one thread ATen runs an
+op as one loop, vector body from its start, scalar tail at its end; slices start at
+multiples of 256 values (a multiple of any vector width) and only the last one is short,
+so every element falls in the body or the tail as in the whole-tensor op. With several
+threads ATen splits an op at ceil(n/threads), so there the whole tensor is one slice and
+the C passes are split over a thread pool instead. (On this machine's build ATen's tails
+round as its bodies and the slices would match under threads too, but that is not
+something to rely on.) Step 3's add, divide and multiply are single IEEE
 operations in ATen too, and the C has no multiply-add to contract and no fast-math, so N,
 the codes and the absmax are bit-identical to the reference's
 (tests/kernels/test_kernels_cpu_blockwise.py).
@@ -52,7 +55,7 @@ def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1,
     block = cpu_blockwise.BLOCKS[bits]
     out = torch.empty(grad.shape, dtype=torch.float32)
     if torch.get_num_threads() == 1 and grad.dtype == torch.float32 and grad.is_contiguous():
-        chunk = SLICE
+        chunk = max(block, SLICE // 256 * 256)  # slices must start on a block boundary
         g = grad.reshape(-1)
     else:  # ATen splits each op over threads: only whole-tensor ops round as the reference
         chunk = n
