@@ -11,16 +11,20 @@ The library is compiled with `cc -O3 -march=native -ffp-contract=off -fno-math-e
 (`-march=native` is dropped if the compiler refuses it): no `-ffast-math`, so every IEEE
 operation rounds as written and NaN behaves as in PyTorch; no contraction of a·b + c into
 an FMA; `-fno-math-errno` only lets `sqrtf` vectorise. It is cached under
-`$GRADPROJ_CACHE_DIR` (default `$XDG_CACHE_HOME/gradproj` or `~/.cache/gradproj`), named
-by a hash of source, compiler and flags; concurrent processes compile to private temp
-files and rename atomically. Without a working compiler `load` returns None (once per
+`$GRADPROJ_CACHE_DIR` (default `$XDG_CACHE_HOME/gradproj` or `~/.cache/gradproj`; the
+system temp dir if that is not writable), named by a hash of source, compiler, flags and
+the CPU's feature flags (a home directory shared by machines of different CPUs must not
+hand one a library built for another's instructions); concurrent processes compile to
+private temp files and rename atomically. Without a working compiler `load` returns None (once per
 process; the reason is in `load_error(name)`), and callers keep the PyTorch reference.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +42,19 @@ def cache_dir() -> Path:
         return Path(root)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "gradproj"
+
+
+@functools.lru_cache(maxsize=None)
+def _machine() -> str:
+    """The CPU's identity as far as -march=native is concerned: its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("flags", "Features"):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
 
 
 def _compiler() -> str | None:
@@ -72,15 +89,23 @@ def _build(name: str, source: str) -> Path:
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     errors = []
+    user = getattr(os, "getuid", lambda: "user")()
+    roots = [cache_dir(), Path(tempfile.gettempdir()) / f"gradproj-{user}"]
     for flags in (FLAGS + NATIVE, FLAGS):
-        key = hashlib.sha256("\0".join((source, cc, *flags)).encode()).hexdigest()[:16]
-        out = cache_dir() / f"{name}-{key}.so"
-        if out.exists():
-            return out
-        error = _compile(cc, source, out, flags)
-        if error is None:
-            return out
-        errors.append(error)
+        key = hashlib.sha256("\0".join((source, cc, *flags, _machine())).encode()).hexdigest()[:16]
+        for root in roots:
+            out = root / f"{name}-{key}.so"
+            if out.exists():
+                return out
+            try:
+                error = _compile(cc, source, out, flags)
+            except OSError as exc:  # an unwritable cache: try the next place
+                errors.append(f"{root}: {exc}")
+                continue
+            if error is None:
+                return out
+            errors.append(error)
+            break  # the compiler refused the flags: the next flags, not the next place
     raise OSError(f"{cc} failed: {errors[-1]}")
 
 

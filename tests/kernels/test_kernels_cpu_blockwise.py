@@ -266,3 +266,9 @@ def test_build_failures_are_reported_not_raised(tmp_path, monkeypatch):
                           {"gp_one": (ctypes.c_int, [])})
     assert lib is not None and lib.gp_one() == 1
     assert list(tmp_path.glob("gp_test_ok-*.so"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("GRADPROJ_CACHE_DIR", str(blocked / "cache"))  # cannot be created
+    lib = cpu_native.load("gp_test_tmp", "int gp_two(void) { return 2; }",
+                          {"gp_two": (ctypes.c_int, [])})
+    assert lib is not None and lib.gp_two() == 2  # built in the system temp dir instead
