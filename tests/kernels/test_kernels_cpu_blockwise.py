@@ -3,6 +3,7 @@ references, bit for bit: the same codes, absmax, dequantized values and Adam dir
 the same optimizer trajectory as GRADPROJ_KERNELS=reference. No interpreter, no GPU."""
 import math
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -269,6 +270,8 @@ def test_build_failures_are_reported_not_raised(tmp_path, monkeypatch):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     monkeypatch.setenv("GRADPROJ_CACHE_DIR", str(blocked / "cache"))  # cannot be created
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     lib = cpu_native.load("gp_test_tmp", "int gp_two(void) { return 2; }",
                           {"gp_two": (ctypes.c_int, [])})
     assert lib is not None and lib.gp_two() == 2  # built in the system temp dir instead
+    assert list((tmp_path / "tmp").glob("gradproj-*/gp_test_tmp-*.so"))
