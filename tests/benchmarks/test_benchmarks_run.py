@@ -1,8 +1,8 @@
 """The benchmark scripts run end to end in their smallest mode, so they cannot rot.
 
 Nothing here times anything or checks a figure: the scripts' numbers are benchmarks
-(benchmarks/README.md), not tests. Both run in-process on the tiny model (~30 s total
-on 2 shared CPU cores).
+(benchmarks/README.md), not tests. They run in-process, step_time and convergence on the
+tiny model, kernels.py --cpu on a 64×64 weight (~35 s total on 2 shared CPU cores).
 """
 import importlib.util
 import sys
@@ -44,3 +44,17 @@ def test_convergence_smallest(tmp_path, capsys):
     assert "| AdamW |" in table and "| GaLore (svd) |" in table
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert (tmp_path / "results.json").is_file()
+
+
+def test_kernels_cpu_smallest(capsys, monkeypatch):
+    kernels = load("kernels")
+    monkeypatch.setenv("GRADPROJ_KERNELS", "auto")
+    threads = kernels.torch.get_num_threads()
+    try:  # 64x64 = 4096 values: the smallest weight whose q8/q4 moments are quantized
+        kernels.main(["--cpu", "--size", "64x64", "--rounds", "2", "--steps", "1"])
+    finally:
+        kernels.torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| torch AdamW (foreach), fp32 | " in out and "| 1.00 |" in out
+    assert "q8: C path and reference states and weights after the same steps: bit-identical" in out
+    assert "q4: C path and reference states and weights after the same steps: bit-identical" in out
