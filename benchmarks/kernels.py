@@ -225,7 +225,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for --cpu")
     parser.add_argument("--steps", type=int, default=3, help="steps per optimizer per round (--cpu)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                        help="--cpu: process CPU time (default; robust to a loaded machine) or wall")
+                        help="--cpu: process CPU time (default: robust to a loaded machine) "
+                             "or wall time")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.cpu or not (cuda or args.interpret):

@@ -30,6 +30,7 @@ the codes and the absmax are bit-identical to the reference's
 from __future__ import annotations
 
 import ctypes
+
 import torch
 
 from . import cpu_blockwise

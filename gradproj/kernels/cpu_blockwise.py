@@ -283,7 +283,8 @@ def library():
 
 def active(*tensors: torch.Tensor) -> bool:
     """Whether the C path runs: GRADPROJ_KERNELS=auto, every tensor on CPU, library built."""
-    return mode() == "auto" and all(t.device.type == "cpu" for t in tensors) and library() is not None
+    return (mode() == "auto" and all(t.device.type == "cpu" for t in tensors)
+            and library() is not None)
 
 
 def fits(codes: torch.Tensor, absmax: torch.Tensor, bits: int, numel: int) -> bool:

@@ -63,8 +63,9 @@ def test_search_at_every_midpoint_and_its_neighbours(bits, signed):
     codes themselves, ±1, ±0 and values just inside ±1."""
     code, mids = tables(bits, signed, "cpu")
     inf = torch.tensor(float("inf"))
-    values = torch.cat([torch.ones(1), mids, torch.nextafter(mids, inf), torch.nextafter(mids, -inf),
-                        code, torch.tensor([-1.0, 0.0, -0.0, 1 - 2 ** -24, -1 + 2 ** -24])])
+    values = torch.cat([torch.ones(1), mids, torch.nextafter(mids, inf),
+                        torch.nextafter(mids, -inf), code,
+                        torch.tensor([-1.0, 0.0, -0.0, 1 - 2 ** -24, -1 + 2 ** -24])])
     check_codec(values, bits, signed)
     # and the rule itself, independently of the reference: midpoint i (between codes i and
     # i+1) is a tie and gets code i, one ulp above it gets code i+1
@@ -138,7 +139,8 @@ def test_fused_adam_step_matches_reference(n, bits, step, slice_values, transpos
     gradient (the whole-tensor path)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (n // 4, 4) if transposed and n >= 8 else (n,)
-    grad = torch.randn(shape[::-1], generator=gen).t() if len(shape) == 2 else torch.randn(shape, generator=gen)
+    grad = torch.randn(shape[::-1], generator=gen)
+    grad = grad.t() if len(shape) == 2 else grad
     grad = grad * 10.0 ** torch.randint(-6, 1, (1,), generator=gen).item()
     grad[(0,) * grad.dim()] = 0.0  # a zero gradient: V only decays
     state = _quantized(shape, gen, bits)
