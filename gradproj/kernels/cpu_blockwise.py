@@ -15,12 +15,15 @@ reference). Per block, exactly the reference's operations:
     code   = #{midpoints m : !(m ≥ s)}          torch.bucketize's lower_bound predicate:
                                                 ties go to the lower code, NaN to the last
 
-That count is found without a search loop. q4: all 15 midpoints are compared at once (a
-vectorised count). q8: floats sharing their sign, exponent and top 6 mantissa bits form a
-bucket, an interval [lo, hi]; a 32 KiB table built from `torch.bucketize` itself gives
-first = #{m < lo}, and since no bucket holds more than 2 of the 255 midpoints,
-code = first + [mids[first] < s] + [mids[first+1] < s] (see `codebook`): two comparisons
-instead of bucketize's eight, the same count by construction.
+That count is found without bucketize's per-element loop. q4: all 15 midpoints are
+compared at once (a vectorised count). q8 with AVX-512 (where `-march=native` has it): the
+8-level binary search over the 255 midpoints for 16 values at once, each level's candidate
+midpoints picked from registers by permutes. q8 elsewhere (the portable build): floats
+sharing their sign, exponent and top 6 mantissa bits form a bucket, an interval [lo, hi];
+a 32 KiB table built from `torch.bucketize` itself gives first = #{m < lo}, and since no
+bucket holds more than 2 of the 255 midpoints,
+code = first + [mids[first] < s] + [mids[first+1] < s] (see `codebook`): the same count
+by construction. Both builds are tested against the reference on every machine.
 Every step is one IEEE operation rounded as written (no FMA contraction, no fast-math), so
 codes and absmax are bit-identical to the reference; the q4 tail block is zero-padded (and
 its padding codes stored) as `q4_quantize_ref` does. Dequantization is code[c] · absmax,
@@ -131,17 +134,139 @@ static inline void q4_block(const float* restrict x, int len, const float* restr
     for (int j = 0; j < 64; j++) codes[j] = (uint8_t)(pos[2 * j] | (pos[2 * j + 1] << 4));
 }
 
+#if defined(__AVX512F__) && !defined(GP_PORTABLE)
+/* AVX-512 (compiled where -march=native has it): the q8 search as a binary search with
+   all 16 lanes at once, each level's candidate midpoints picked by register permutes
+   (no memory gathers), and q8 dequantization the same way from the 256 codes in 16
+   registers. Same comparisons (!(m >= s), NaN counts), same roundings as above: 1M values
+   quantize in ~1.1 ms and dequantize in ~0.43 ms here, against ~2.4 and ~1.3 ms. */
+#include <immintrin.h>
+#define GP_AVX512 1
+
+/* the 255 midpoints regrouped by binary-search level: level L (7..0) probes
+   mids[j * 2^(L+1) + 2^L - 1], j < 2^(7-L); each level's candidates padded to 16 floats */
+typedef struct { __m512 l7, l6, l5, l4, l3, l2[2], l1[4], l0[8]; } levels8;
+
+static void build_levels(const float* mids, levels8* lv) {
+    float buf[16];
+    __m512* dst[] = {&lv->l7, &lv->l6, &lv->l5, &lv->l4, &lv->l3};
+    for (int L = 7; L >= 3; L--) {
+        int count = 1 << (7 - L);
+        for (int j = 0; j < 16; j++) buf[j] = mids[(j % count) * (2 << L) + (1 << L) - 1];
+        *dst[7 - L] = _mm512_loadu_ps(buf);
+    }
+    __m512* big[] = {lv->l2, lv->l1, lv->l0};
+    for (int L = 2; L >= 0; L--) {
+        int count = 1 << (7 - L);
+        for (int r = 0; r < count / 16; r++) {
+            for (int j = 0; j < 16; j++) buf[j] = mids[(r * 16 + j) * (2 << L) + (1 << L) - 1];
+            big[2 - L][r] = _mm512_loadu_ps(buf);
+        }
+    }
+}
+
+static inline __m512 pick32(__m512 lo, __m512 hi, __m512i j) { return _mm512_permutex2var_ps(lo, j, hi); }
+
+static inline __m512i search8(const levels8* lv, __m512 s) {
+    __m512i pos = _mm512_setzero_si512();
+    __mmask16 k;
+    k = _mm512_cmp_ps_mask(lv->l7, s, _CMP_NGE_UQ);
+    pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(128));
+    const __m512* small[] = {&lv->l6, &lv->l5, &lv->l4, &lv->l3};
+    for (int L = 6; L >= 3; L--) {
+        __m512i j = _mm512_srli_epi32(pos, L + 1);
+        __m512 probe = _mm512_permutexvar_ps(j, *small[6 - L]);
+        k = _mm512_cmp_ps_mask(probe, s, _CMP_NGE_UQ);
+        pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(1 << L));
+    }
+    { /* level 2: 32 candidates */
+        __m512i j = _mm512_srli_epi32(pos, 3);
+        __m512 probe = pick32(lv->l2[0], lv->l2[1], j);
+        k = _mm512_cmp_ps_mask(probe, s, _CMP_NGE_UQ);
+        pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(4));
+    }
+    { /* level 1: 64 candidates */
+        __m512i j = _mm512_srli_epi32(pos, 2);
+        __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+        __m512 probe = _mm512_mask_blend_ps(b5, pick32(lv->l1[0], lv->l1[1], j), pick32(lv->l1[2], lv->l1[3], j));
+        k = _mm512_cmp_ps_mask(probe, s, _CMP_NGE_UQ);
+        pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(2));
+    }
+    { /* level 0: 128 candidates */
+        __m512i j = _mm512_srli_epi32(pos, 1);
+        __mmask16 b5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+        __mmask16 b6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+        __m512 a = _mm512_mask_blend_ps(b5, pick32(lv->l0[0], lv->l0[1], j), pick32(lv->l0[2], lv->l0[3], j));
+        __m512 b = _mm512_mask_blend_ps(b5, pick32(lv->l0[4], lv->l0[5], j), pick32(lv->l0[6], lv->l0[7], j));
+        __m512 probe = _mm512_mask_blend_ps(b6, a, b);
+        k = _mm512_cmp_ps_mask(probe, s, _CMP_NGE_UQ);
+        pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(1));
+    }
+    return pos;
+}
+
+static inline void q8_block_v(const float* restrict x, int len, const levels8* lv,
+                              uint8_t* restrict codes, float* absmax) {
+    const __m512 one = _mm512_set1_ps(1.0f), neg = _mm512_set1_ps(-1.0f);
+    float a = block_absmax(x, len);
+    __m512 inv = _mm512_set1_ps(inverse(a));
+    *absmax = a;
+    for (int i = 0; i < len; i += 16) {
+        __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv);
+        s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, neg, _CMP_LT_OQ), s, neg);
+        s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, one, _CMP_GT_OQ), s, one);
+        _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, search8(lv, s));
+    }
+}
+
+static inline void q8_dequant_v(const uint8_t* restrict c, int len, const __m512* t, float a,
+                                float scale, float* restrict o) {
+    __m512 va = _mm512_set1_ps(a), sc = _mm512_set1_ps(scale);
+    for (int i = 0; i < len; i += 16) {
+        __mmask16 m = len - i >= 16 ? 0xffff : (__mmask16)((1u << (len - i)) - 1);
+        __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, c + i));
+        __mmask16 b5 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(32));
+        __mmask16 b6 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(64));
+        __mmask16 b7 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(128));
+        __m512 q[4];
+        for (int r = 0; r < 4; r++)
+            q[r] = _mm512_mask_blend_ps(b5, pick32(t[4 * r], t[4 * r + 1], k),
+                                        pick32(t[4 * r + 2], t[4 * r + 3], k));
+        __m512 value = _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, q[0], q[1]),
+                                            _mm512_mask_blend_ps(b6, q[2], q[3]));
+        _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(_mm512_mul_ps(value, va), sc));
+    }
+}
+#endif
+
 static inline int len_of(int64_t n, int64_t b, int64_t block) {
     int64_t rest = n - b * block;
     return (int)(rest < block ? rest : block);
+}
+
+/* 1 when this build runs the AVX-512 code */
+int gp_avx512(void) {
+#ifdef GP_AVX512
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* Exported functions: (n values in all, blocks [b0, b1), the float arrays, starting at
    block b0's first value, then the rest); codes and absmax are the whole tensor's. */
 void gp_q8_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const codebook* cb,
                     uint8_t* codes, float* absmax) {
+#ifdef GP_AVX512
+    levels8 lv;
+    build_levels(cb->mids, &lv);
+    for (int64_t b = b0; b < b1; b++)
+        q8_block_v(x + (b - b0) * 256, len_of(n, b, 256), &lv, codes + b * 256, absmax + b);
+#else
     for (int64_t b = b0; b < b1; b++)
         q8_block(x + (b - b0) * 256, len_of(n, b, 256), cb, codes + b * 256, absmax + b);
+#endif
 }
 
 void gp_q4_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const float* mids,
@@ -153,6 +278,14 @@ void gp_q4_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const flo
 /* out = (code[c] * absmax) * scale; scale 1 leaves the product unchanged */
 void gp_q8_dequantize(int64_t n, int64_t b0, int64_t b1, float* out, const uint8_t* codes,
                       const float* absmax, const float* code, float scale) {
+#ifdef GP_AVX512
+    __m512 t[16];
+    for (int r = 0; r < 16; r++) t[r] = _mm512_loadu_ps(code + 16 * r);
+    for (int64_t b = b0; b < b1; b++)
+        q8_dequant_v(codes + b * 256, len_of(n, b, 256), t, absmax[b], scale,
+                     out + (b - b0) * 256);
+    return;
+#endif
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 256);
         const uint8_t* c = codes + b * 256;
@@ -194,12 +327,22 @@ void gp_adam_q8_finish(int64_t n, int64_t b0, int64_t b1, const float* m, const 
                        const float* root, float* d, float eps, float step_size,
                        const codebook* m_cb, const codebook* v_cb, uint8_t* m_codes,
                        float* m_absmax, uint8_t* v_codes, float* v_absmax) {
+#ifdef GP_AVX512
+    levels8 m_lv, v_lv;
+    build_levels(m_cb->mids, &m_lv);
+    build_levels(v_cb->mids, &v_lv);
+#endif
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 256);
         int64_t o = (b - b0) * 256;
         direction(m + o, root + o, len, eps, step_size, d + o);
+#ifdef GP_AVX512
+        q8_block_v(m + o, len, &m_lv, m_codes + b * 256, m_absmax + b);
+        q8_block_v(v + o, len, &v_lv, v_codes + b * 256, v_absmax + b);
+#else
         q8_block(m + o, len, m_cb, m_codes + b * 256, m_absmax + b);
         q8_block(v + o, len, v_cb, v_codes + b * 256, v_absmax + b);
+#endif
     }
 }
 
@@ -223,7 +366,8 @@ _DEQUANT = (None, [_I, _I, _I, _P, _P, _P, _P, _F])
 _FINISH = (None, [_I, _I, _I, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, _P])
 SIGNATURES = {"gp_q8_quantize": _QUANT, "gp_q4_quantize": _QUANT,
               "gp_q8_dequantize": _DEQUANT, "gp_q4_dequantize": _DEQUANT,
-              "gp_adam_q8_finish": _FINISH, "gp_adam_q4_finish": _FINISH}
+              "gp_adam_q8_finish": _FINISH, "gp_adam_q4_finish": _FINISH,
+              "gp_avx512": (ctypes.c_int, [])}
 BLOCKS = {8: 256, 4: 128}
 # the bucket key keeps sign, exponent and this many mantissa bits: 2^15 one-byte entries
 # (32 KiB, fits L1), and at most 2 of the 8-bit maps' midpoints fall in one bucket. Measured
@@ -279,6 +423,12 @@ _POOL: dict = {}  # pid -> ThreadPoolExecutor: a forked child must not reuse its
 def library():
     """The compiled kernels, or None (no compiler; see `cpu_native.load_error`)."""
     return load("cpu_blockwise", SOURCE, SIGNATURES)
+
+
+def portable_library():
+    """The same kernels without their AVX-512 code: what a CPU without AVX-512 runs (the
+    tests check both against the reference on any machine)."""
+    return load("cpu_blockwise_portable", "#define GP_PORTABLE 1\n" + SOURCE, SIGNATURES)
 
 
 def active(*tensors: torch.Tensor) -> bool:

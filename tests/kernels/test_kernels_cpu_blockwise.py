@@ -1,6 +1,7 @@
 """CPU lane: the C q8/q4 codecs and fused AdamW step (kernels/cpu_*.py) against the PyTorch
 references, bit for bit: the same codes, absmax, dequantized values and Adam direction, and
 the same optimizer trajectory as GRADPROJ_KERNELS=reference. No interpreter, no GPU."""
+import contextlib
 import math
 import shutil
 import tempfile
@@ -23,15 +24,41 @@ CODECS = {8: (q8.q8_quantize_ref, lambda c, a, s, shape: q8.q8_dequantize_ref(c,
 MAPS = [(8, True), (8, False), (4, True), (4, False)]
 
 
+VARIANTS = ["native", "portable"]  # -march=native (AVX-512 code where the CPU has it), and without
+
+
 @pytest.fixture(autouse=True)
 def _auto(monkeypatch):
     monkeypatch.setenv("GRADPROJ_KERNELS", "auto")
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Run the C path from the native or the portable build."""
+    native = cpu_blockwise.library
+    lib = native() if name == "native" else cpu_blockwise.portable_library()
+    cpu_blockwise.library = lambda: lib
+    try:
+        yield
+    finally:
+        cpu_blockwise.library = native
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
 
 
 def test_library_builds():
     # a machine with a compiler must get the C path; a silent fallback would make every
     # comparison below one of the reference with itself
     assert cpu_blockwise.library() is not None, cpu_native.load_error("cpu_blockwise")
+    assert cpu_blockwise.portable_library().gp_avx512() == 0
+    # where the CPU has AVX-512 the native build must run (and so test) that code
+    assert cpu_blockwise.library().gp_avx512() == int(_cpu_has_avx512f())
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -56,8 +83,9 @@ def check_codec(x: torch.Tensor, bits: int, signed: bool):
     assert same(out, dequant_ref(*ref, signed, shape))
 
 
+@pytest.mark.parametrize("build", VARIANTS)
 @pytest.mark.parametrize("bits,signed", MAPS)
-def test_search_at_every_midpoint_and_its_neighbours(bits, signed):
+def test_search_at_every_midpoint_and_its_neighbours(bits, signed, build):
     """With 1.0 in the block the scale is 1, so each midpoint m is searched exactly, with
     its float neighbours: ties go to the lower code, one ulp above to the upper; plus the
     codes themselves, ±1, ±0 and values just inside ±1."""
@@ -66,20 +94,24 @@ def test_search_at_every_midpoint_and_its_neighbours(bits, signed):
     values = torch.cat([torch.ones(1), mids, torch.nextafter(mids, inf),
                         torch.nextafter(mids, -inf), code,
                         torch.tensor([-1.0, 0.0, -0.0, 1 - 2 ** -24, -1 + 2 ** -24])])
-    check_codec(values, bits, signed)
+    with variant(build):
+        check_codec(values, bits, signed)
     # and the rule itself, independently of the reference: midpoint i (between codes i and
     # i+1) is a tie and gets code i, one ulp above it gets code i+1
     for probe, expected in ((mids, 0), (torch.nextafter(mids, inf), 1)):
-        codes, _ = cpu_blockwise.quantize(torch.cat([torch.ones(1), probe]), bits, signed)
+        with variant(build):
+            codes, _ = cpu_blockwise.quantize(torch.cat([torch.ones(1), probe]), bits, signed)
         if bits == 4:
             codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(-1)
         assert torch.equal(codes[1:len(mids) + 1].long(), torch.arange(len(mids)) + expected)
 
 
+@pytest.mark.parametrize("build", VARIANTS)
 @pytest.mark.parametrize("signed", [True, False])
-def test_every_bucket_of_the_q8_table(signed):
+def test_every_bucket_of_the_q8_table(signed, build):
     """Both ends (lowest and highest float) of each of the 2^15 buckets of the q8 table, at
-    scale 1: the table lookup plus two comparisons is bucketize everywhere in [−1, 1]."""
+    scale 1: the table lookup plus two comparisons (portable build) and the permute binary
+    search (AVX-512) are bucketize everywhere in [−1, 1]."""
     bits = 8
     shift = 23 - cpu_blockwise.MANTISSA_BITS
     keys = torch.arange(1 << (32 - shift), dtype=torch.int64)
@@ -88,7 +120,8 @@ def test_every_bucket_of_the_q8_table(signed):
     ends = ends[ends.abs() <= 1]  # the scaled value is clamped into [−1, 1]
     blocks = ends[: ends.numel() // 255 * 255].reshape(-1, 255)
     x = torch.cat([torch.ones(blocks.shape[0], 1), blocks], dim=1)  # absmax 1 in every block
-    check_codec(x, bits, signed)
+    with variant(build):
+        check_codec(x, bits, signed)
 
 
 def values(draw, n: int, signed: bool) -> torch.Tensor:
@@ -114,13 +147,14 @@ sizes = st.one_of(st.sampled_from([1, 127, 128, 129, 255, 256, 257, MIN_QUANTIZE
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(st.data(), sizes, st.sampled_from(MAPS), st.booleans())
-def test_codec_matches_reference(data, n, bits_signed, as_matrix):
+@given(st.data(), sizes, st.sampled_from(MAPS), st.booleans(), st.sampled_from(VARIANTS))
+def test_codec_matches_reference(data, n, bits_signed, as_matrix, build):
     bits, signed = bits_signed
     x = values(data.draw, n, signed)
     if as_matrix and n % 8 == 0:
         x = x.reshape(8, -1).t()  # non-contiguous input: the reference's reshape copies it
-    check_codec(x, bits, signed)
+    with variant(build):
+        check_codec(x, bits, signed)
 
 
 def _quantized(shape, gen, bits, v_scale=1e-4):
@@ -132,8 +166,9 @@ def _quantized(shape, gen, bits, v_scale=1e-4):
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.integers(1, 3 * 4096), st.sampled_from([8, 4]), st.integers(1, 1000),
-       st.sampled_from([256, 768, cpu_adam.SLICE]), st.booleans(), st.integers(0, 2 ** 31))
-def test_fused_adam_step_matches_reference(n, bits, step, slice_values, transposed, seed):
+       st.sampled_from([256, 768, cpu_adam.SLICE]), st.booleans(), st.integers(0, 2 ** 31),
+       st.sampled_from(VARIANTS))
+def test_fused_adam_step_matches_reference(n, bits, step, slice_values, transposed, seed, build):
     """One step from random q8/q4 moments: direction, codes and absmax as the reference's,
     in slices of 256 or 768 values (a short last one) or one, and for a non-contiguous
     gradient (the whole-tensor path)."""
@@ -149,7 +184,8 @@ def test_fused_adam_step_matches_reference(n, bits, step, slice_values, transpos
     ref_step = adam_q8.adam_q8_step_ref if bits == 8 else adam_q4.adam_q4_step_ref
     default, cpu_adam.SLICE = cpu_adam.SLICE, slice_values
     try:
-        direction = cpu_adam.adam_blockwise_step(bits, grad, *ours, *hyper)
+        with variant(build):
+            direction = cpu_adam.adam_blockwise_step(bits, grad, *ours, *hyper)
     finally:
         cpu_adam.SLICE = default
     assert direction is not None
