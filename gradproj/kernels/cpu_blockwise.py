@@ -238,6 +238,62 @@ static inline void q8_dequant_v(const uint8_t* restrict c, int len, const __m512
         _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(_mm512_mul_ps(value, va), sc));
     }
 }
+
+/* q4: the 4-level search of the 15 midpoints, every level's candidates in one register */
+typedef struct { __m512 l[4]; } levels4;
+
+static void build_levels4(const float* mids, levels4* lv) {
+    float buf[16];
+    for (int L = 3; L >= 0; L--) {
+        int count = 1 << (3 - L);
+        for (int j = 0; j < 16; j++) buf[j] = mids[(j % count) * (2 << L) + (1 << L) - 1];
+        lv->l[3 - L] = _mm512_loadu_ps(buf);
+    }
+}
+
+static inline void q4_block_v(const float* restrict x, int len, const levels4* lv,
+                              uint8_t* restrict codes, float* absmax) {
+    const __m512 one = _mm512_set1_ps(1.0f), neg = _mm512_set1_ps(-1.0f);
+    float pad[128];
+    if (len < 128) {  /* the reference zero-pads the last block and stores those codes */
+        memset(pad, 0, sizeof pad);
+        memcpy(pad, x, (size_t)len * 4);
+        x = pad;
+    }
+    float a = block_absmax(x, 128);
+    __m512 inv = _mm512_set1_ps(inverse(a));
+    *absmax = a;
+    for (int i = 0; i < 128; i += 16) {
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(x + i), inv);
+        s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, neg, _CMP_LT_OQ), s, neg);
+        s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, one, _CMP_GT_OQ), s, one);
+        __m512i pos = _mm512_setzero_si512();
+        for (int L = 3; L >= 0; L--) {
+            __m512 probe = _mm512_permutexvar_ps(_mm512_srli_epi32(pos, L + 1), lv->l[3 - L]);
+            __mmask16 k = _mm512_cmp_ps_mask(probe, s, _CMP_NGE_UQ);
+            pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(1 << L));
+        }
+        /* each 64-bit lane holds an even value's code (low half) and the next one's (high):
+           byte = even | odd << 4 */
+        __m512i packed = _mm512_or_si512(pos, _mm512_srli_epi64(pos, 28));
+        _mm_storel_epi64((__m128i*)(codes + i / 2), _mm512_cvtepi64_epi8(packed));
+    }
+}
+
+static inline void q4_dequant_v(const uint8_t* restrict c, __m512 table, float a, float scale,
+                                float* restrict o) {  /* a whole block of 128 */
+    __m512 va = _mm512_set1_ps(a), sc = _mm512_set1_ps(scale);
+    const __m128i low = _mm_set1_epi8(15);
+    for (int j = 0; j < 64; j += 16) {
+        __m128i bytes = _mm_loadu_si128((const __m128i*)(c + j));
+        __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+        __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+        __m512 v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(first), table);
+        __m512 v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(second), table);
+        _mm512_storeu_ps(o + 2 * j, _mm512_mul_ps(_mm512_mul_ps(v0, va), sc));
+        _mm512_storeu_ps(o + 2 * j + 16, _mm512_mul_ps(_mm512_mul_ps(v1, va), sc));
+    }
+}
 #endif
 
 static inline int len_of(int64_t n, int64_t b, int64_t block) {
@@ -271,8 +327,15 @@ void gp_q8_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const cod
 
 void gp_q4_quantize(int64_t n, int64_t b0, int64_t b1, const float* x, const float* mids,
                     uint8_t* codes, float* absmax) {
+#ifdef GP_AVX512
+    levels4 lv;
+    build_levels4(mids, &lv);
+    for (int64_t b = b0; b < b1; b++)
+        q4_block_v(x + (b - b0) * 128, len_of(n, b, 128), &lv, codes + b * 64, absmax + b);
+#else
     for (int64_t b = b0; b < b1; b++)
         q4_block(x + (b - b0) * 128, len_of(n, b, 128), mids, codes + b * 64, absmax + b);
+#endif
 }
 
 /* out = (code[c] * absmax) * scale; scale 1 leaves the product unchanged */
@@ -302,6 +365,12 @@ void gp_q4_dequantize(int64_t n, int64_t b0, int64_t b1, float* out, const uint8
         const uint8_t* c = codes + b * 64;
         float* o = out + (b - b0) * 128;
         float a = absmax[b];
+#ifdef GP_AVX512
+        if (len == 128) {
+            q4_dequant_v(c, _mm512_loadu_ps(code), a, scale, o);
+            continue;
+        }
+#endif
         if (len == 128) {
             for (int j = 0; j < 64; j++) {
                 o[2 * j] = (code[c[j] & 15] * a) * scale;
@@ -350,12 +419,22 @@ void gp_adam_q4_finish(int64_t n, int64_t b0, int64_t b1, const float* m, const 
                        const float* root, float* d, float eps, float step_size,
                        const float* m_mids, const float* v_mids, uint8_t* m_codes,
                        float* m_absmax, uint8_t* v_codes, float* v_absmax) {
+#ifdef GP_AVX512
+    levels4 m_lv, v_lv;
+    build_levels4(m_mids, &m_lv);
+    build_levels4(v_mids, &v_lv);
+#endif
     for (int64_t b = b0; b < b1; b++) {
         int len = len_of(n, b, 128);
         int64_t o = (b - b0) * 128;
         direction(m + o, root + o, len, eps, step_size, d + o);
+#ifdef GP_AVX512
+        q4_block_v(m + o, len, &m_lv, m_codes + b * 64, m_absmax + b);
+        q4_block_v(v + o, len, &v_lv, v_codes + b * 64, v_absmax + b);
+#else
         q4_block(m + o, len, m_mids, m_codes + b * 64, m_absmax + b);
         q4_block(v + o, len, v_mids, v_codes + b * 64, v_absmax + b);
+#endif
     }
 }
 """
