@@ -5,7 +5,7 @@ search at ~90 ns an element (1M elements: 90 ms on one thread), so the blockwise
 cannot be fast as a chain of tensor ops. A few dozen lines of plain C, compiled once per
 machine with the system compiler, do a block of 256 values in L1 cache in one pass.
 
-    lib = load("cpu_blockwise", SOURCE, SIGNATURES)   # ctypes.CDLL, or None
+    lib = load("cpu_blockwise", source_text, SIGNATURES)   # ctypes.CDLL, or None
 
 The library is compiled with `cc -O3 -march=native -ffp-contract=off -fno-math-errno`
 (`-march=native` is dropped if the compiler refuses it): no `-ffast-math`, so every IEEE
