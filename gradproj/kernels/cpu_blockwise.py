@@ -3,8 +3,8 @@
 The reference quantizer is `scale_ref` + `torch.bucketize` over the map's midpoints; on CPU
 `bucketize` alone takes ~90 ns an element (90 ms for 1M values on one thread), the rest of
 the chain ~10 passes over memory. Here each block of 256 (q8) or 128 (q4) values is done
-in one pass while it sits in L1, by a few lines of C (`cpu_blockwise.c`; `cpu_native.py`
-compiles it once per machine; without a compiler every function here returns None and callers run the
+in one pass while it sits in L1, in C (`cpu_blockwise.c`; `cpu_native.py` compiles it
+once per machine; without a compiler every function here returns None and callers run the
 reference). Per block, exactly the reference's operations:
 
     absmax = max |x|            integer max of the sign-cleared float bits: for non-negative

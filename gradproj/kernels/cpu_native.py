@@ -2,8 +2,8 @@
 
 PyTorch's CPU ops are one pass over memory each, and `torch.bucketize` is a scalar binary
 search at ~90 ns an element (1M elements: 90 ms on one thread), so the blockwise codecs
-cannot be fast as a chain of tensor ops. A few dozen lines of plain C, compiled once per
-machine with the system compiler, do a block of 256 values in L1 cache in one pass.
+cannot be fast as a chain of tensor ops. A small C library, compiled once per machine
+with the system compiler, does a block of 256 values in L1 cache in one pass.
 
     lib = load("cpu_blockwise", source_text, SIGNATURES)   # ctypes.CDLL, or None
 
