@@ -60,7 +60,8 @@ BLOCKS = {8: 256, 4: 128}
 # the bucket key keeps sign, exponent and this many mantissa bits: 2^15 one-byte entries
 # (32 KiB, fits L1), and at most 2 of the 8-bit maps' midpoints fall in one bucket. Measured
 # on 1M values, one thread, min of 40: 7 bits (64 KiB, 1 probe) 2.9 ms, 6 bits 3.0 ms — the
-# same within noise; the 8-probe binary search 10.8 ms; gcc's gather-vectorised loop 2x slower.
+# same within noise; the 8-probe binary search 10.8 ms; gcc's gather-vectorised loop 2x slower
+# (the portable build: with AVX-512 the search uses only the midpoints, by register permutes).
 MANTISSA_BITS = 6
 PROBES = 2  # the C search's comparisons after the table lookup
 

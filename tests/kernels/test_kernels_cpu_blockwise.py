@@ -1,6 +1,8 @@
-"""CPU lane: the C q8/q4 codecs and fused AdamW step (kernels/cpu_*.py) against the PyTorch
-references, bit for bit: the same codes, absmax, dequantized values and Adam direction, and
-the same optimizer trajectory as GRADPROJ_KERNELS=reference. No interpreter, no GPU."""
+"""CPU lane: the C q8/q4 codecs and fused AdamW step (kernels/cpu_*.py, cpu_blockwise.c)
+against the PyTorch references, bit for bit: the same codes, absmax, dequantized values and
+Adam direction, and the same optimizer trajectory as GRADPROJ_KERNELS=reference; for the
+native build (AVX-512 code where the CPU has it) and the portable one. No interpreter, no
+GPU."""
 import contextlib
 import math
 import shutil
