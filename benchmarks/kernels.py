@@ -9,14 +9,27 @@ clock and bus width torch reports, or --peak-gbs); the fused back-projection GEM
 TFLOP/s (2·m·n·r) and GB/s of its W traffic. The reference column is the PyTorch chain of
 `rules/adamw.py` / `formats` / `LowRankOptimizer` on the same tensors.
 
-On CPU it proves the script runs: the references in PyTorch against the kernels under the
-Triton interpreter (re-executing itself with TRITON_INTERPRET=1), on a small size; those
-timings say nothing about GPU speed.
+On CPU (or with --cpu) it times one full-rank AdamW step of a 1024×1024 weight per
+optimizer, one thread by default: torch.optim.AdamW(foreach) on fp32 states against
+gradproj's `adamw` with fp32, q8 and q4 states (q8/q4 on the C path of
+`kernels/cpu_blockwise.py`, and under GRADPROJ_KERNELS=reference), and bitsandbytes'
+AdamW8bit when installed. Rounds interleave the optimizers in rotating order; each figure is
+the median per-round ratio to torch AdamW, so it holds on a loaded machine. Every optimizer
+takes the same steps on the same gradient, so the C-path and reference q8/q4 states must end
+bit-identical, which the script checks and prints.
+
+    python benchmarks/kernels.py --cpu --threads 1 --rounds 7
+
+--interpret instead proves the Triton kernels run on CPU: the references in PyTorch against
+the kernels under the Triton interpreter (re-executing itself with TRITON_INTERPRET=1), on a
+small size; those timings say nothing about GPU speed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -103,14 +116,123 @@ def run(args) -> None:
               f"{gbs:8.1f} {frac} {tflops}")
 
 
+# -- CPU: one full-rank AdamW step ------------------------------------------------------
+@contextlib.contextmanager
+def kernels_mode(value: str | None):
+    old = os.environ.get("GRADPROJ_KERNELS")
+    if value is not None:
+        os.environ["GRADPROJ_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GRADPROJ_KERNELS", None)
+        else:
+            os.environ["GRADPROJ_KERNELS"] = old
+
+
+def cpu_contenders(lr: float):
+    """name -> (build(param) -> optimizer, GRADPROJ_KERNELS value while it steps)."""
+    import gradproj as gp
+
+    def ours(state_format):
+        return lambda p: gp.LowRankOptimizer([p], rule="adamw", lr=lr, weight_decay=0.0,
+                                             state_format=state_format)
+
+    def bnb(p):
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit([p], lr=lr, weight_decay=0.0)
+
+    return {
+        "torch AdamW (foreach), fp32": (lambda p: torch.optim.AdamW([p], lr=lr, weight_decay=0.0,
+                                                                    foreach=True), None),
+        "gradproj adamw, fp32": (ours("fp32"), None),
+        "gradproj adamw, q8 (C path)": (ours("q8"), "auto"),
+        "gradproj adamw, q4 (C path)": (ours("q4"), "auto"),
+        "gradproj adamw, q8 (reference)": (ours("q8"), "reference"),
+        "gradproj adamw, q4 (reference)": (ours("q4"), "reference"),
+        "bitsandbytes AdamW8bit (CPU)": (bnb, None),
+    }
+
+
+def _states_equal(a, b) -> bool:
+    sa, sb = next(iter(a.state.values())), next(iter(b.state.values()))
+    return sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+
+
+def run_cpu(args) -> None:
+    from gradproj.kernels import cpu_blockwise, cpu_native
+
+    torch.set_num_threads(args.threads)
+    m, n = (int(v) for v in args.size.split("x"))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(m, n, generator=gen) * 0.02
+    grad = torch.randn(m, n, generator=gen) * 1e-3
+    lib = cpu_blockwise.library()
+    print(f"cpu, {torch.get_num_threads()} thread(s); one full-rank AdamW step of a {m}x{n} "
+          f"weight; {args.rounds} rounds x {args.steps} steps, {args.clock} time; C library: "
+          f"{'built' if lib is not None else cpu_native.load_error('cpu_blockwise')}")
+    opts, modes, params = {}, {}, {}
+    for name, (build, mode) in cpu_contenders(1e-3).items():
+        p = torch.nn.Parameter(weight.clone())
+        p.grad = grad.clone()
+        try:
+            with kernels_mode(mode):
+                opt = build(p)
+                opt.step()  # allocates the state
+        except Exception as exc:  # noqa: BLE001 - an optional peer that fails is reported
+            print(f"   skipped {name}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+            continue
+        opts[name], modes[name], params[name] = opt, mode, p
+    names = list(opts)
+    times = {name: [] for name in names}
+    # CPU time of the process: on a shared machine, time spent descheduled is not the
+    # optimizer's (all of its threads are counted, so it is no wall time with --threads > 1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for r in range(args.rounds):  # rotate the order so no one always runs first
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with kernels_mode(modes[name]):
+                start = clock()
+                for _ in range(args.steps):
+                    opts[name].step()
+                times[name].append((clock() - start) / args.steps)
+    base = times[names[0]]
+    print(f"\n| optimizer | ms per step | × torch AdamW (foreach) |\n|---|---|---|")
+    for name in names:
+        ratio = statistics.median(t / b for t, b in zip(times[name], base))
+        print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ratio:.2f} |")
+    for fmt in ("q8", "q4"):
+        fast, ref = f"gradproj adamw, {fmt} (C path)", f"gradproj adamw, {fmt} (reference)"
+        if fast in opts and ref in opts:
+            same = _states_equal(opts[fast], opts[ref]) and torch.equal(params[fast], params[ref])
+            print(f"{fmt}: C path and reference states and weights after the same steps: "
+                  f"{'bit-identical' if same else 'DIFFERENT'}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default=None, help="weight m x n (default 4096x4096 on CUDA, 256x128 on CPU)")
     parser.add_argument("--rank", type=int, default=None, help="projection rank r (default 512 on CUDA, 32 on CPU)")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions")
     parser.add_argument("--peak-gbs", type=float, default=None, help="override peak bandwidth")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU AdamW-step table (the default without CUDA)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="without CUDA: run the Triton kernels under the interpreter instead")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --cpu")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for --cpu")
+    parser.add_argument("--steps", type=int, default=3, help="steps per optimizer per round (--cpu)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="--cpu: process CPU time (default: robust to a loaded machine) "
+                             "or wall time")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.cpu or not (cuda or args.interpret):
+        args.size = args.size or "1024x1024"
+        run_cpu(args)
+        return
     args.size = args.size or ("4096x4096" if cuda else "256x128")
     args.rank = args.rank or (512 if cuda else 32)
     args.repeat = args.repeat or (20 if cuda else 2)

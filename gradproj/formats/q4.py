@@ -7,8 +7,9 @@ Under a key prefix `key` a moment of n ≥ 4096 values is stored as
                             shape through checkpoints as a tensor (state stays tensors
                             and plain scalars, so `torch.load(weights_only=True)` works)
     state[f"{key}.signed"]  bool: dynamic map (first moments) or linear map (second)
-Smaller moments keep fp32 (see `blockwise.py`). The fused 4-bit Adam step of
-`kernels/adam_q4.py` updates these tensors in place.
+Smaller moments keep fp32 (see `blockwise.py`). The codec is `kernels/q4.py` (Triton on
+CUDA, its C twin `kernels/cpu_blockwise.py` on CPU); the fused 4-bit Adam step of
+`kernels/adam_q4.py` (on CPU `kernels/cpu_adam.py`) updates these tensors in place.
 """
 from __future__ import annotations
 

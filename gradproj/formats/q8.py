@@ -5,8 +5,10 @@ Under a key prefix `key` a moment of n ≥ 4096 values is stored as
     state[f"{key}.absmax"]  fp32 [ceil(n/256)]               (one scale per block)
     state[f"{key}.signed"]  bool: signed map (first moments) or unsigned (second moments)
 Smaller moments keep fp32 (see `blockwise.py`). Quantization runs through `kernels/q8.py`
-(Triton on CUDA, the PyTorch reference on CPU); the fused 8-bit Adam step of
-`kernels/adam_q8.py` updates these tensors in place.
+(Triton on CUDA; on CPU its C twin `kernels/cpu_blockwise.py`, the same codes as the
+PyTorch reference, which runs under GRADPROJ_KERNELS=reference or without a C compiler);
+the fused 8-bit Adam step of `kernels/adam_q8.py` (on CPU `kernels/cpu_adam.py`) updates
+these tensors in place.
 """
 from __future__ import annotations
 

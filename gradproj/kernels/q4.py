@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from . import cpu_blockwise
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 from .qmaps import _nearest_code, nearest_code_ref, scale_ref, tables
 
@@ -98,8 +99,9 @@ def _launch_shape(numel: int) -> tuple[int, int]:
 
 def q4_quantize(x: torch.Tensor, signed: bool = True):
     """Quantize to blockwise 4-bit: (codes uint8 [blocks·64], absmax fp32 [blocks])."""
-    if not use_triton(x):
-        return q4_quantize_ref(x, signed)
+    if not use_triton(x):  # CPU: the C twin (cpu_blockwise.py) when it builds, same codes
+        fast = cpu_blockwise.quantize(x, 4, signed)
+        return fast if fast is not None else q4_quantize_ref(x, signed)
     x = x.contiguous()
     _, mids = tables(4, signed, x.device)
     blocks, rows = _launch_shape(x.numel())
@@ -119,7 +121,8 @@ def q4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool,
         raise ValueError(f"q4 codes hold {codes.numel()} bytes, shape {tuple(shape)} needs "
                          f"{-(-numel // BLOCK) * HALF}")
     if not use_triton(codes, absmax):
-        return q4_dequantize_ref(codes, absmax, signed, shape)
+        fast = cpu_blockwise.dequantize(codes, absmax, 4, signed, tuple(shape))
+        return fast if fast is not None else q4_dequantize_ref(codes, absmax, signed, shape)
     code, _ = tables(4, signed, codes.device)
     out = torch.empty(shape, dtype=torch.float32, device=codes.device)
     blocks, rows = _launch_shape(numel)

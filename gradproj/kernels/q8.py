@@ -10,6 +10,7 @@ unsigned for second ones; `qmaps.py`). 1 + 4/256 = 1.015625 bytes per element.
 """
 import torch
 
+from . import cpu_blockwise
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 from .qmaps import _nearest_code, _scale_rows, nearest_code_ref, scale_ref, tables
 
@@ -77,8 +78,9 @@ def _rows(numel: int) -> tuple[int, int]:
 
 def q8_quantize(x: torch.Tensor, signed: bool = True):
     """Quantize to blockwise 8-bit: (codes uint8 of x's shape, absmax fp32 [blocks])."""
-    if not use_triton(x):
-        return q8_quantize_ref(x, signed)
+    if not use_triton(x):  # CPU: the C twin (cpu_blockwise.py) when it builds, same codes
+        fast = cpu_blockwise.quantize(x, 8, signed)
+        return fast if fast is not None else q8_quantize_ref(x, signed)
     x = x.contiguous()
     _, mids = tables(8, signed, x.device)
     blocks, rows = _rows(x.numel())
@@ -93,7 +95,8 @@ def q8_quantize(x: torch.Tensor, signed: bool = True):
 def q8_dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool = True):
     """Dequantize blockwise 8-bit codes to fp32 (codes' shape)."""
     if not use_triton(codes, absmax):
-        return q8_dequantize_ref(codes, absmax, signed)
+        fast = cpu_blockwise.dequantize(codes, absmax, 8, signed, tuple(codes.shape))
+        return fast if fast is not None else q8_dequantize_ref(codes, absmax, signed)
     code, _ = tables(8, signed, codes.device)
     codes = codes.contiguous()
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)

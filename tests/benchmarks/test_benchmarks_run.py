@@ -2,8 +2,9 @@
 
 Nothing here times anything or checks a figure: the scripts' numbers are benchmarks
 (benchmarks/README.md), not tests. They run in-process on the tiny model (~30 s total
-on 2 shared CPU cores), overhead.py on its two tiny-tensor lists cut to 4 layers (~3 s); its test checks the
-one kind of figure that does not depend on the load, ATen op counts.
+on 2 shared CPU cores), overhead.py on its two tiny-tensor lists cut to 4 layers (~3 s)
+— its test checks the one kind of figure that does not depend on the load, ATen op
+counts — and kernels.py --cpu on a 64×64 weight.
 """
 import importlib.util
 import json
@@ -77,3 +78,17 @@ def test_overhead_smallest(tmp_path, capsys):
     # Not asserted for q-galore: its INT8 groups of 256 pad a 64x171 weight (more ops).
     for name in ("torch AdamW (foreach)", "gradproj galore", "gradproj galore, randomized"):
         assert rows["24layer"][name]["ops"] == rows["1b"][name]["ops"], name
+
+
+def test_kernels_cpu_smallest(capsys, monkeypatch):
+    kernels = load("kernels")
+    monkeypatch.setenv("GRADPROJ_KERNELS", "auto")
+    threads = kernels.torch.get_num_threads()
+    try:  # 64x64 = 4096 values: the smallest weight whose q8/q4 moments are quantized
+        kernels.main(["--cpu", "--size", "64x64", "--rounds", "2", "--steps", "1"])
+    finally:
+        kernels.torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| torch AdamW (foreach), fp32 | " in out and "| 1.00 |" in out
+    assert "q8: C path and reference states and weights after the same steps: bit-identical" in out
+    assert "q4: C path and reference states and weights after the same steps: bit-identical" in out

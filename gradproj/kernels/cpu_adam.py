@@ -1,0 +1,94 @@
+"""Fused AdamW step on q8/q4 moments on CPU, bit-identical to `rules/adamw.py` + the codecs.
+
+The reference path (`fmt.read` → `rules/adamw.py` → `fmt.write`) is ~20 passes over memory
+per step. This is five, over slices of 64K values whose fp32 moments stay in L2 between
+them (the two C passes are `cpu_blockwise.py`'s):
+
+  1. C:        M = (code[c]·absmax)·β1,  V = (code[c]·absmax)·β2
+               (the reference's dequantize, then `mul_(β)`: two roundings, as there)
+  2. PyTorch:  M.add_(G, alpha=1−β1);  V.addcmul_(G, G, value=1−β2);  R = V.sqrt()
+               These stay ATen ops: ATen fuses their multiply-adds (14 % of addcmul's
+               results differ from product-then-add when V ~ (1−β2)·G²) and its float
+               sqrt is not IEEE's (1 ulp off on 0.6 % of values), and how it rounds
+               may depend on the CPU's vector width; the same op on the same values is
+               the one way to round as the reference on every machine.
+  3. C:        N = (M / (R + ε))·step_size from the fp32 moments (what the reference
+               returns), then both moments requantized in place (absmax, nearest code).
+
+Slicing keeps each element where the whole-tensor op has it: on one thread ATen runs an
+op as one loop, vector body from its start, scalar tail at its end; slices start at
+multiples of 256 values (a multiple of any vector width) and only the last one is short,
+so every element falls in the body or the tail as in the whole-tensor op. With several
+threads ATen splits an op at ceil(n/threads), so there the whole tensor is one slice and
+the C passes are split over a thread pool instead. (On this machine's build ATen's tails
+round as its bodies and the slices would match under threads too, but that is not
+something to rely on.) Step 3's add, divide and multiply are single IEEE
+operations in ATen too, and the C has no multiply-add to contract and no fast-math, so N,
+the codes and the absmax are bit-identical to the reference's
+(tests/kernels/test_kernels_cpu_blockwise.py).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import cpu_blockwise
+from .qmaps import tables
+
+# values per slice on one thread (a multiple of 256): the slices of M, V, √V and G
+# (4 × 256 KiB) stay in L2 between the five passes, and the fp32 temporaries are 3 × 256 KiB
+# instead of 3 × the moment (at 16M values 3 × 64 MiB, freshly page-faulted every step)
+SLICE = 1 << 16
+
+
+def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
+                        step_size):
+    """The fp32 direction with codes/absmax updated in place, or None where the C path does
+    not apply (GRADPROJ_KERNELS≠auto, not CPU, no compiler, or a layout that is not the
+    format's: the caller's reference then runs and reports any problem itself)."""
+    n = grad.numel()
+    if not (cpu_blockwise.active(grad, m_codes, v_codes, m_absmax, v_absmax)
+            and cpu_blockwise.fits(m_codes, m_absmax, bits, n)
+            and cpu_blockwise.fits(v_codes, v_absmax, bits, n)):
+        return None
+    block = cpu_blockwise.BLOCKS[bits]
+    out = torch.empty(grad.shape, dtype=torch.float32)
+    if torch.get_num_threads() == 1 and grad.dtype == torch.float32 and grad.is_contiguous():
+        chunk = max(block, SLICE // 256 * 256)  # slices must start on a block boundary
+        g = grad.reshape(-1)
+    else:  # ATen splits each op over threads: only whole-tensor ops round as the reference
+        chunk = n
+        g = grad
+    m_buf = torch.empty(min(chunk, n), dtype=torch.float32)
+    v_buf, r_buf = torch.empty_like(m_buf), torch.empty_like(m_buf)
+    state = (m_codes, m_absmax, v_codes, v_absmax)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        shape = g.shape if chunk == n else (stop - start,)
+        sliced = g if chunk == n else g[start:stop]
+        m, v, root = (t[:stop - start].view(shape) for t in (m_buf, v_buf, r_buf))
+        _slice_step(bits, sliced, m, v, root, out.view(-1)[start:stop], state, n,
+                    start // block, -(-stop // block), beta1, beta2, eps, step_size)
+    return out
+
+
+def _slice_step(bits, g, m, v, root, out, state, n, b0, b1, beta1, beta2, eps, step_size):
+    m_codes, m_absmax, v_codes, v_absmax = state
+    cpu_blockwise.dequantize_into(m, m_codes, m_absmax, bits, True, n, b0, b1, beta1)
+    cpu_blockwise.dequantize_into(v, v_codes, v_absmax, bits, False, n, b0, b1, beta2)
+    m.add_(g, alpha=1.0 - beta1)
+    v.addcmul_(g, g, value=1.0 - beta2)
+    torch.sqrt(v, out=root)
+    if bits == 8:
+        fn = cpu_blockwise.library().gp_adam_q8_finish
+        m_map = ctypes.byref(cpu_blockwise.codebook(8, True)[0])
+        v_map = ctypes.byref(cpu_blockwise.codebook(8, False)[0])
+    else:
+        fn = cpu_blockwise.library().gp_adam_q4_finish
+        m_map, v_map = tables(4, True, "cpu")[1].data_ptr(), tables(4, False, "cpu")[1].data_ptr()
+    cpu_blockwise.run_blocks(
+        fn, n, cpu_blockwise.BLOCKS[bits], b0, b1,
+        (m.data_ptr(), v.data_ptr(), root.data_ptr(), out.data_ptr()),
+        (eps, step_size, m_map, v_map, m_codes.data_ptr(), m_absmax.data_ptr(),
+         v_codes.data_ptr(), v_absmax.data_ptr()))
