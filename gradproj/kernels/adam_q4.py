@@ -7,7 +7,7 @@ direction uses the fp32 moments before requantization.
 """
 import torch
 
-from .cpu_adam import adam_blockwise_step
+from . import cpu_adam
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 from .q4 import BLOCK, HALF, _scale_pairs, q4_dequantize_ref, q4_quantize_ref
 from .qmaps import _nearest_code, tables
@@ -84,8 +84,8 @@ def adam_q4_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, 
             raise ValueError(f"{name}: q4 state must hold {blocks} blocks of {BLOCK} "
                              f"({blocks * HALF} code bytes) for {grad.numel()} values")
     if not use_triton(grad, m_codes, v_codes):  # CPU: three passes, same bits (cpu_adam.py)
-        fast = adam_blockwise_step(4, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2,
-                                   eps, step_size)
+        fast = cpu_adam.adam_blockwise_step(4, grad, m_codes, m_absmax, v_codes, v_absmax,
+                                            beta1, beta2, eps, step_size)
         if fast is not None:
             return fast
         return adam_q4_step_ref(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,

@@ -9,7 +9,7 @@ does), and requantization is `q8.py`'s (absmax of the new block, nearest code).
 import torch
 
 from .adam import _check
-from .cpu_adam import adam_blockwise_step
+from . import cpu_adam
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 from .q8 import BLOCK, q8_dequantize_ref, q8_quantize_ref
 from .qmaps import _nearest_code, _scale_rows, tables
@@ -59,8 +59,8 @@ def adam_q8_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, 
     if m_absmax.numel() != blocks or v_absmax.numel() != blocks:
         raise ValueError(f"absmax must hold {blocks} blocks of {BLOCK} for {grad.numel()} values")
     if not use_triton(grad, m_codes, v_codes):  # CPU: three passes, same bits (cpu_adam.py)
-        fast = adam_blockwise_step(8, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2,
-                                   eps, step_size)
+        fast = cpu_adam.adam_blockwise_step(8, grad, m_codes, m_absmax, v_codes, v_absmax,
+                                            beta1, beta2, eps, step_size)
         if fast is not None:
             return fast
         return adam_q8_step_ref(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
