@@ -5,8 +5,9 @@ device, INT8 or dense); with the group's plugins that fixes the side and the low
 shape, so everything a step computes for them has one shape and can be stacked along a
 new leading dimension: k gradients become one k×m×n tensor, k projections one batched
 matmul, k Adam updates one elementwise pass. A LLaMA block has 3–4 such shapes, so a
-32-layer model steps in a handful of buckets, and the number of ops a step dispatches
-does not grow with the number of layers.
+32-layer model steps in a handful of buckets (each holding at most `bucket_cap_mb` of
+gradients), and the number of ops a step dispatches does not grow with the number of
+layers.
 
 `StackedState` (`gradproj/stacked_state.py`) presents the k per-parameter state dicts of a
 bucket as one mapping of stacked tensors; each parameter's entry stays a view of the stack,
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant.linear import is_quantized
 from ..stacked_state import StackedState
 
 
@@ -40,6 +42,22 @@ def cap_bytes(cap_mb: float | str, p: torch.Tensor) -> float:
     if p.device.type == "cpu" and 4 * p.numel() >= CPU_STACK_MAX_BYTES:
         return 0
     return AUTO_CAP_MB * 2 ** 20
+
+
+def partition(params: list[torch.Tensor], low_rank, side, cap_mb) -> list["Bucket"]:
+    """`params` in buckets of one layout, in order of first appearance, each holding at most
+    `cap_bytes` of fp32 gradients; `low_rank(p)` and `side(p)` are the optimizer's."""
+    open_buckets: dict[tuple, Bucket] = {}
+    buckets = []
+    for p in params:
+        projected = low_rank(p)
+        layout = (projected, tuple(p.shape), p.dtype, p.device, is_quantized(p))
+        bucket = open_buckets.get(layout)
+        if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap_bytes(cap_mb, p):
+            bucket = open_buckets[layout] = Bucket([], projected, side(p) if projected else None)
+            buckets.append(bucket)
+        bucket.params.append(p)
+    return buckets
 
 
 @dataclass

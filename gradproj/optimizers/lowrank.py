@@ -32,7 +32,7 @@ from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..rules.base import rule_step
 from ..seeds import param_seed
 from ..stacked_state import StackedState
-from .buckets import Bucket, cap_bytes
+from .buckets import Bucket, partition
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 from .refresh import refresh_subspace
 
@@ -172,18 +172,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         cached = self._bucket_cache.get(key)
         if cached is not None:
             return cached
-        open_buckets: dict[tuple, Bucket] = {}
-        buckets = []
-        for p in params:
-            low_rank = self.is_low_rank(p, group)
-            layout = (low_rank, tuple(p.shape), p.dtype, p.device, is_quantized(p))
-            bucket = open_buckets.get(layout)
-            cap = cap_bytes(group["bucket_cap_mb"], p)
-            if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap:
-                bucket = open_buckets[layout] = Bucket([], low_rank,
-                                                       self.side(p, group) if low_rank else None)
-                buckets.append(bucket)
-            bucket.params.append(p)
+        buckets = partition(params, lambda p: self.is_low_rank(p, group),
+                            lambda p: self.side(p, group), group["bucket_cap_mb"])
         if len(self._bucket_cache) > 64:  # parameter sets that vary step to step
             self._bucket_cache.clear()
         self._bucket_cache[key] = buckets
