@@ -10,7 +10,7 @@ one apart at a midpoint within 2u), the bound its binary search is derived for."
 import pytest
 import torch
 from kernel_helpers import (U, adam_direction_bound, adam_moment_bounds, assert_within,
-                            codes_agree)
+                            codes_agree, storage_rounding)
 
 from gradproj.kernels import adam, adam_q8, backproj, int4, int8_sr, lion, q4, q8
 from gradproj.kernels.qmaps import tables
@@ -32,7 +32,7 @@ def test_adam_cuda(n, storage):
     err_m, err_v = adam_moment_bounds(g, m0.float(), v0.float(), 0.9, 0.999)
     mf, vf = m0.float() * 0.9 + 0.1 * g, v0.float() * 0.999 + 0.001 * g * g
     assert_within(d, dr, adam_direction_bound(mf, vf, err_m, err_v, 1e-6, 0.7), "direction")
-    assert_within(m.cpu().float(), mr.float(), err_m + 2 * U[storage] * mf.abs().double(), "m")
+    assert_within(m.cpu().float(), mr.float(), err_m + 2 * storage_rounding(mf, storage), "m")
 
 
 @pytest.mark.parametrize("n", SIZES)
