@@ -111,17 +111,26 @@ def test_adabelief_matches_the_authors_update():
 
 @pytest.mark.parametrize("momentum,dampening,nesterov,wd",
                          [(0.9, 0.0, False, 0.0), (0.9, 0.0, True, 0.0), (0.8, 0.3, False, 0.0),
-                          (0.0, 0.0, False, 0.0)])
+                          (0.0, 0.0, False, 0.0), (0.9, 0.0, False, 0.1), (0.9, 0.0, True, 0.05),
+                          (0.0, 0.0, False, 0.1)])
 def test_sgdm_matches_torch_sgd(momentum, dampening, nesterov, wd):
+    """torch.optim.SGD's direction; weight decay is the optimizer's decoupled one, applied
+    after the step (W ← W − lr·d, then W ← W − lr·wd·W), not SGD's L2 term in the gradient."""
     w0, grads, lr = torch.randn(5, 3), fixed_grads((5, 3), steps=5), 0.05
     ref = torch.nn.Parameter(w0.clone())
     sgd = torch.optim.SGD([ref], lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
     for g in grads:
         ref.grad = g.clone()
         sgd.step()
+        with torch.no_grad():
+            ref.mul_(1 - lr * wd)
     got, _ = run_full_rank(w0, grads, rule="sgdm", lr=lr, momentum=momentum,
-                           dampening=dampening, nesterov=nesterov)
+                           dampening=dampening, nesterov=nesterov, weight_decay=wd)
     torch.testing.assert_close(got, ref.detach(), **TOL)
+    if wd:  # the decay is really applied: without it the weights differ by ≈ lr·wd·|W| per step
+        plain, _ = run_full_rank(w0, grads, rule="sgdm", lr=lr, momentum=momentum,
+                                 dampening=dampening, nesterov=nesterov)
+        assert (plain - got).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rule,options,name", [

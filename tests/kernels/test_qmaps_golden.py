@@ -132,6 +132,45 @@ def test_quantized_storage_starts_at_bitsandbytes_min_8bit_size():
         assert fmt.nbytes((64, 64)) == 4096 // block * per_block
         stored = sum(t.numel() * t.element_size() for t in large.values() if torch.is_tensor(t))
         assert stored == fmt.nbytes((64, 64))
+        # a short last block costs a whole scale: 4097 values = 17 blocks of 256 / 33 of 128
+        odd = {}
+        fmt.zeros(odd, "v", (4097,), torch.device("cpu"), signed=True)
+        expected = 4097 + 4 * 17 if name == "q8" else 33 * (64 + 4)
+        assert fmt.nbytes((4097,)) == expected
+        assert sum(t.numel() * t.element_size() for t in odd.values() if torch.is_tensor(t)) == expected
+
+
+@pytest.mark.parametrize("name,signed", [("q8", True), ("q8", False), ("q4", True), ("q4", False)])
+def test_fresh_storage_holds_the_code_of_zero(name, signed):
+    """zeros() fills the codes with the code nearest to 0 in the packages' maps (bnb: the
+    0.0 entry; torchao's unsigned 4-bit map has no 0, its nearest is 1/16), and reads 0."""
+    golden = f32(MAPS[{("q8", True): "bnb_dynamic_signed", ("q8", False): "bnb_dynamic_unsigned",
+                       ("q4", True): "torchao_4bit_signed", ("q4", False): "torchao_4bit_unsigned"}[name, signed]])
+    zero = int(golden.abs().argmin())
+    fmt = STATE_FORMATS.create(name)
+    state = {}
+    fmt.zeros(state, "m", (64, 80), torch.device("cpu"), signed=signed)
+    expected = zero if name == "q8" else zero | (zero << 4)
+    assert torch.all(state["m.codes"] == expected)
+    assert torch.equal(fmt.read(state, "m"), torch.zeros(64, 80))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_value_exactly_between_two_codes_takes_the_lower_one(bits, signed):
+    """qmaps.py's documented tie rule (bitsandbytes' CPU reference: ties to the lower code;
+    torchao rounds them up). Block absmax 1, so x/absmax is each midpoint exactly."""
+    code, mids = tables(bits, signed, "cpu")
+    block = 256 if bits == 8 else 128
+    x = torch.cat([torch.ones(1), mids])[:block]
+    x = torch.cat([x, x.new_zeros(block - x.numel())])
+    quantize = q8.q8_quantize if bits == 8 else q4.q4_quantize
+    codes, absmax = quantize(x, signed)
+    assert absmax.tolist() == [1.0]
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(-1)
+    k = min(mids.numel(), block - 1)
+    assert torch.equal(codes[1:k + 1].long(), torch.arange(k))
 
 
 def test_golden_file_records_how_it_was_made():
