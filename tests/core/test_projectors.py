@@ -79,6 +79,20 @@ def test_int4_codec_within_half_a_step(rows, cols, group, shift, seed):
     assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
 
 
+def test_int4_partial_group_scales_from_its_own_values():
+    """The last group of 300 values (group 256) holds 44: its scale and minimum are those
+    of the 44 values alone — padding repeats the last value, so it never widens [min, max]
+    (zeros would, for a one-signed group: here every value is > 0)."""
+    x = torch.rand(300, generator=torch.Generator().manual_seed(4)) + 2.0
+    codes, scale, minimum = int4_quantize_ref(x, 256)
+    tail = x[256:]
+    assert minimum[1].item() == tail.min().item()
+    assert scale[1].item() == ((tail.max() - tail.min()) / 15.0).item()
+    assert scale[0].item() == ((x[:256].max() - x[:256].min()) / 15.0).item()
+    y = int4_dequantize_ref(codes, scale, minimum, x.shape)
+    assert ((y - x).abs() <= scale.repeat_interleave(256)[:300] / 2 * (1 + 1e-5)).all()
+
+
 def test_int4_projector_reconstructs_basis_within_quantization_bound():
     grad = gradient_like(64, 96, 3)
     exact, packed = {}, {}
