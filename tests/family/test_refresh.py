@@ -1,4 +1,6 @@
 """Refresh policies: sign-invariant similarity, adaptive gap, moments keep | reset | rotate."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -147,3 +149,68 @@ def test_bad_refresh_option_names_the_option(options, name):
     w = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ValueError, match=name):
         gp.LowRankOptimizer([w], **options)
+
+
+def test_similarity_is_the_mean_cosine_of_the_principal_angles():
+    """span{e1, e2} vs span{e1, cos a·e2 + sin a·e3}: principal angles 0 and a, so the
+    similarity is (1 + cos a)/2 — not the smallest cosine, not the largest."""
+    eye = torch.eye(6)
+    for a in (0.0, 0.7, math.pi / 2):
+        old = eye[:, :2]
+        new = torch.stack([eye[:, 0], math.cos(a) * eye[:, 1] + math.sin(a) * eye[:, 2]], dim=1)
+        assert subspace_similarity(old, new) == pytest.approx((1 + math.cos(a)) / 2, abs=1e-6)
+
+
+def rotating_stream(steps, cos_two_steps, m=16, n=24):
+    """Rank-1 gradients u(s)·vᵀ whose u turns by φ per step, cos 2φ = `cos_two_steps`: with
+    a gap of 2 each refresh's basis has similarity |cos 2φ| to the previous one."""
+    phi = math.acos(cos_two_steps) / 2
+    e1, e2 = torch.eye(m)[:, 0], torch.eye(m)[:, 1]
+    v = torch.linspace(1.0, 2.0, n)
+    return [torch.outer(math.cos(phi * s) * e1 + math.sin(phi * s) * e2, v) for s in range(steps)]
+
+
+def refresh_steps(grads, **options):
+    w = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 1, "update_gap": 2}], lr=1e-3, **options)
+    steps, count = [], 0
+    for s, g in enumerate(grads):
+        w.grad = g
+        opt.step()
+        if opt.state[w]["refreshes"] != count:
+            count = opt.state[w]["refreshes"]
+            steps.append(s)
+    return steps, opt.state[w]
+
+
+def test_adaptive_schedule_with_qgalores_defaults():
+    """Q-GaLore's defaults (window 5, threshold 0.4, cap 8·T), similarity 0.45 per refresh:
+    the gap stays T = 2 until 5 similarities are in the window (refreshes at 2..10), then
+    doubles at every refresh whose window mean is ≥ 0.4, up to 16; the refresh is due at
+    exactly step + gap."""
+    steps, state = refresh_steps(rotating_stream(40, 0.45), refresh="adaptive")
+    assert steps[:7] == [0, 2, 4, 6, 8, 10, 14], steps
+    assert state["update_gap"] >= 8
+    for gap in range(1, 5):  # between refreshes the gap is honoured exactly
+        assert steps[gap] - steps[gap - 1] == 2
+    # threshold just above the similarity: never doubles
+    steps, state = refresh_steps(rotating_stream(40, 0.45), refresh="adaptive", refresh_threshold=0.46)
+    assert steps == list(range(0, 40, 2)) and state["update_gap"] == 2
+
+
+def test_every_refresh_of_a_seeded_projector_draws_a_new_basis():
+    """The refresh passes seed·1_000_003 + step: each refresh of a random projector is a
+    new draw, reproducible from the seed — even for the same gradient every step."""
+    g = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 2, "update_gap": 1}], projector="gaussian")
+    side = opt.side(w, opt.param_groups[0])
+    seeds, bases = [], []
+    for _ in range(3):
+        w.grad = g.clone()
+        opt.step()
+        state = opt.state[w]
+        seeds.append(state["proj_seed"])
+        bases.append(opt.plugins(opt.param_groups[0])[1].load_basis(state, side, (16, 24)))
+    assert seeds == [state["seed"] * 1_000_003 + t for t in range(3)]
+    assert not torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
