@@ -1,6 +1,6 @@
 """Mutation pass: plant one-line bugs one at a time and run the test modules that guard the file.
 
-    python tests/tools/mutate.py [--only SUBSTRING] [--jobs-timeout 600]
+    python tests/tools/mutate.py [--only SUBSTRING,SUBSTRING...] [--timeout 600]
 
 Each mutation in MUTATIONS (tests/tools/mutations.py) is (file, old text, new text): `old`
 must occur exactly once in the file. The worktree is copied to a scratch folder (never
@@ -46,7 +46,8 @@ def main() -> int:
     results = defaultdict(lambda: [0, 0])
     survivors = []
     for path, old, new in MUTATIONS:
-        if args.only and args.only not in path and args.only not in old:
+        only = [o for o in args.only.split(",") if o]
+        if only and not any(o in path or o in old for o in only):
             continue
         target = wt / path
         original = target.read_text()
