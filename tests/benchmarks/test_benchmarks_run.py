@@ -76,3 +76,14 @@ def test_convergence_sweep_runs_full_length_until_the_best_lr_is_inside(monkeypa
     assert {seed for name, lr, seed, _ in calls if name == "GaLore (svd)" and lr == 1e-1} == {0, 1}
     assert galore["spread"] == pytest.approx(0.005)
     assert "| GaLore (svd) |" in (tmp_path / "results.md").read_text()
+
+
+def test_convergence_adamw_is_galore_without_projection(tmp_path):
+    """AdamW's run spec is GaLore's with no projected targets: its embeddings, head and
+    norms get exactly the options they get in the GaLore runs (preset, ε, betas, wd)."""
+    convergence = load("convergence")
+    args = convergence.argparse.Namespace(eval_batches=8, threads=1)
+    adamw = convergence.spec_dict("AdamW", 1e-3, 0, 2000, tmp_path, args)
+    galore = convergence.spec_dict("GaLore (svd)", 1e-3, 0, 2000, tmp_path, args)
+    assert adamw["optimizer"]["lowrank"].pop("targets") == ["(none)"]
+    assert adamw == galore
