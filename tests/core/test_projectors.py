@@ -153,9 +153,47 @@ def test_nonfinite_gradient_does_not_crash_the_fit():
     ((64, 32), "std", "right"), ((32, 64), "std", "left"),
     ((64, 32), "reverse_std", "left"), ((32, 64), "reverse_std", "right"),
     ((64, 32), "left", "left"), ((64, 32), "full", "full"),
+    ((32, 32), "std", "right"), ((32, 32), "reverse_std", "left"),  # galore-torch: m >= n is right
 ])
 def test_side_semantics_follow_galore_torch(shape, proj_type, expected):
     assert resolve_side(proj_type, shape) == expected
+
+
+def test_auto_side_tie_keeps_the_std_side():
+    assert resolve_side("auto", (32, 32), cost=lambda side: 100) == "right"
+    assert resolve_side("auto", (32, 64), cost=lambda side: 100) == "left"
+    assert resolve_side("auto", (64, 32), cost={"left": 99, "right": 100}.get) == "left"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_svd_basis_spans_the_top_singular_vectors(side):
+    """GaLore's basis: the top-r left (or right) singular vectors, so the projection keeps
+    exactly the top r squared singular values of the gradient's energy."""
+    grad = gradient_like(40, 56, 9)
+    r = 5
+    state = {}
+    projector = gp.PROJECTORS.create("svd")
+    projector.fit(grad, state, rank=r, side=side, seed=0, dtype=torch.float32)
+    p = projector.load_basis(state, side, (40, 56)).double()
+    u, s, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+    top = u[:, :r] if side == "left" else vh[:r].T
+    assert (p @ p.T - top @ top.T).abs().max() <= 1e-4
+    energy = projector.project(grad, state, side).double().square().sum()
+    assert abs(energy / s[:r].square().sum() - 1) <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_int4_basis_bytes_are_what_it_stores(side):
+    """300 x 40 weight, rank 16: 4800 / 640 basis values per side, group 256 (so a wrong
+    row count in the formula shows): bytes stored == basis_nbytes."""
+    grad = gradient_like(300, 40, 2)
+    projector = gp.PROJECTORS.create("int4", inner="svd", group_size=256)
+    state = {}
+    projector.fit(grad, state, rank=16, side=side, seed=0, dtype=torch.float32)
+    stored = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    assert stored == projector.basis_nbytes((300, 40), 16, side, torch.float32)
+    per_side = {"left": 19 * (128 + 8), "right": 3 * (128 + 8)}  # ceil(4800/256), ceil(640/256) groups
+    assert stored == sum(per_side[s] for s in (("left", "right") if side == "full" else (side,)))
 
 
 def test_auto_side_minimises_state_plus_basis_bytes():

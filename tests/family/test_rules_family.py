@@ -25,17 +25,32 @@ def run_full_rank(w0, grads, **options):
     return w.detach(), opt.state[w]
 
 
-def test_lion_is_sign_of_interpolated_momentum():
+@pytest.mark.parametrize("state_format", ["fp32", "q8"])
+def test_lion_is_sign_of_interpolated_momentum(state_format):
+    # fp32 states take the fused lion_update (its reference on CPU); a q8 moment this small
+    # (30 < 4096 values) is stored fp32 by the format and takes the rule's own PyTorch path
     w0, grads, lr, (b1, b2) = torch.randn(6, 5), fixed_grads((6, 5)), 1e-3, (0.9, 0.99)
     w, m = w0.clone(), torch.zeros_like(w0)
     for g in grads:  # Chen et al. 2023, Alg. 2 (wd 0, the default)
         c = b1 * m + (1 - b1) * g
         w = w - lr * torch.sign(c)
         m = b2 * m + (1 - b2) * g
-    got, state = run_full_rank(w0, grads, rule="lion", lr=lr)
+    got, state = run_full_rank(w0, grads, rule="lion", lr=lr, state_format=state_format)
     torch.testing.assert_close(got, w, **TOL)
     torch.testing.assert_close(state["exp_avg"], m, **TOL)
     assert gp.RULES.get("lion").defaults["betas"] == (0.9, 0.99)
+
+
+def test_adamw_defaults_are_galore_torchs():
+    """galore-torch's AdamW: betas (0.9, 0.999), ε 1e-6 outside the root, bias correction on.
+    ε matters where √V is small: gradients of 1e-7 move by lr·N with N ≈ 0.1, not ≈ 1."""
+    assert gp.RULES.get("adamw").defaults == {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
+    w0, g = torch.zeros(4, 3), torch.full((4, 3), 1e-7)
+    default, _ = run_full_rank(w0, [g], rule="adamw", lr=1.0)
+    # t = 1: M = 0.1·g, V = 0.001·g², c = √0.001/0.1; N = c·M/(√V + ε)
+    m, v = 0.1 * 1e-7, 0.001 * 1e-14
+    n = (0.001 ** 0.5 / 0.1) * m / (v ** 0.5 + 1e-6)
+    torch.testing.assert_close(default, torch.full((4, 3), -n), rtol=1e-5, atol=0)
 
 
 def test_lion_update_has_unit_magnitude_per_entry():
