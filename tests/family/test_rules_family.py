@@ -60,8 +60,8 @@ def test_lion_update_has_unit_magnitude_per_entry():
     assert torch.equal(got.abs(), torch.full((4, 3), 0.5))
 
 
-def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0):
-    rows, cols = torch.zeros(w.shape[0]), torch.zeros(w.shape[1])
+def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0, beta1=0.0):
+    rows, cols, m = torch.zeros(w.shape[0]), torch.zeros(w.shape[1]), torch.zeros(w.shape)
     for t, g in enumerate(grads, 1):  # Shazeer & Stern 2018, Alg. 4 + update clipping
         beta2t = 1 - t ** decay
         sq = g * g + eps1
@@ -70,8 +70,53 @@ def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0):
         v_hat = torch.outer(rows, cols) / rows.mean()
         u = g / v_hat.sqrt()
         u = u / max(1.0, (u.pow(2).mean().sqrt() / clip).item())
+        if beta1:  # optional first moment of the clipped update
+            m = beta1 * m + (1 - beta1) * u
+            u = m
         w = w - lr * u
     return w, rows, cols
+
+
+@pytest.mark.parametrize("clip,beta1", [(1e3, 0.0), (1.0, 0.9), (1e3, 0.9)])
+def test_adafactor_unclipped_and_with_first_moment(clip, beta1):
+    """Clipping at RMS 1 hides the scale of V̂ (the clipped update has RMS 1 whatever V̂'s
+    scale): with clip_threshold 1e3 the factored V̂ = R·Cᵀ/mean(R) itself is checked; β1
+    adds the first moment of the clipped update."""
+    w0, grads = torch.randn(7, 5), fixed_grads((7, 5))
+    ref, _, _ = adafactor_reference(w0, grads, lr=1e-2, clip=clip, beta1=beta1)
+    got, state = run_full_rank(w0, grads, rule="adafactor", lr=1e-2, clip_threshold=clip, beta1=beta1)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("step,rho", [(1, 1e-2), (120, 1e-2), (40_000, 1 / 200)])
+def test_adafactor_relative_step_is_min_of_1e_2_and_inverse_sqrt_t(step, rho):
+    """ρₜ = min(1e-2, 1/√t) through the per-tensor Rule API, at t = 1, 120 (1/t would
+    already be below 1e-2) and 40 000 (1/√t = 0.005)."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create("fp32")
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for relative in (False, True):
+        group = {**rule.defaults, "relative_step": relative}
+        state = {"step": step}
+        rule.init_state(state, (6, 4), torch.device("cpu"), fmt)
+        out[relative] = rule.update(g, state, group, fmt)
+    torch.testing.assert_close(out[True], rho * out[False], rtol=1e-6, atol=0)
+
+
+def test_adafactor_rotates_factored_moments_by_squared_maps():
+    """rotate_moments(A, B): row means by A∘A, column means by (B∘B)ᵀ, first moment A·M·B."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create("fp32")
+    gen = torch.Generator().manual_seed(2)
+    group = {**rule.defaults, "beta1": 0.9}
+    state = {"step": 1}
+    rule.init_state(state, (4, 6), torch.device("cpu"), fmt)
+    rule.update(torch.randn(4, 6, generator=gen), state, group, fmt)
+    row, col, m = state["exp_avg_sq_row"].clone(), state["exp_avg_sq_col"].clone(), state["exp_avg"].clone()
+    a, b = torch.randn(4, 4, generator=gen), torch.randn(6, 6, generator=gen)
+    rule.rotate_moments(state, fmt, a, b)
+    torch.testing.assert_close(state["exp_avg_sq_row"], (a * a) @ row, **TOL)
+    torch.testing.assert_close(state["exp_avg_sq_col"], col @ (b * b), **TOL)
+    torch.testing.assert_close(state["exp_avg"], a @ m @ b, **TOL)
 
 
 def test_adafactor_factored_second_moment():
