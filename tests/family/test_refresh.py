@@ -214,3 +214,36 @@ def test_every_refresh_of_a_seeded_projector_draws_a_new_basis():
         bases.append(opt.plugins(opt.param_groups[0])[1].load_basis(state, side, (16, 24)))
     assert seeds == [state["seed"] * 1_000_003 + t for t in range(3)]
     assert not torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+
+
+def test_reset_restarts_the_moments_and_their_bias_correction():
+    """moments = "reset" (FRUGAL): at the refresh of step 2 the moments are zeroed and the
+    rule counts t from 1 again, so that step is exactly a first Adam step in the new basis:
+    M = (1−β1)·R, V = (1−β2)·R², N = √(1−β2)/(1−β1)·M/(√V + ε); the step after it is t = 2."""
+    shape, r, lr, alpha, (b1, b2), eps = (10, 16), 3, 1e-2, 0.25, (0.9, 0.999), 1e-6
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=gen) for _ in range(4)]
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": r, "update_gap": 2}], lr=lr, scale=alpha,
+                              moments="reset")
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    before = w.detach().clone()
+    w.grad = grads[2].clone()
+    opt.step()
+    state = opt.state[w]
+    assert state["moments_origin"] == 2 and state["refreshes"] == 2
+    p = torch.linalg.svd(grads[2], full_matrices=False)[0][:, :r]  # side left (m < n)
+    low = p.T @ grads[2]
+    m, v = (1 - b1) * low, (1 - b2) * low * low
+    n = (1 - b2) ** 0.5 / (1 - b1) * m / (v.sqrt() + eps)
+    torch.testing.assert_close(state["exp_avg"], m, **TOL)
+    torch.testing.assert_close(w.detach() - before, -lr * alpha * (p @ n), **TOL)
+    w.grad = grads[3].clone()
+    opt.step()  # t = 2 from the reset
+    low3 = p.T @ grads[3]
+    m2, v2 = b1 * m + (1 - b1) * low3, b2 * v + (1 - b2) * low3 * low3
+    n2 = (1 - b2 ** 2) ** 0.5 / (1 - b1 ** 2) * m2 / (v2.sqrt() + eps)
+    after = before - lr * alpha * (p @ n) - lr * alpha * (p @ n2)
+    torch.testing.assert_close(w.detach(), after, **TOL)
