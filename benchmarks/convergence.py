@@ -2,7 +2,7 @@
 
     python benchmarks/convergence.py                   # full: 2000 steps, every lr a full run
     python benchmarks/convergence.py --jobs 16         # the same, 16 runs at a time
-    python benchmarks/convergence.py --quick           # smoke: 40 steps, one lr, 2 seeds (~3 min)
+    python benchmarks/convergence.py --quick           # smoke: 40 steps, one lr, 2 seeds (~8 min here)
     python benchmarks/convergence.py --methods adamw,galore --out runs/conv
 
 Each method is a run spec that differs from the others only in its `[optimizer]` tables
@@ -24,10 +24,10 @@ own `Trainer` on the tiny byte-level model (0.86M parameters), 2000 steps × 204
   and code path they take in the GaLore runs, and every other weight takes the same
   full-rank AdamW. Only the projection differs.
 
-Cost: one 2000-step run of the tiny model takes about 5-6 min on one thread of this 2-core
-VM (measured, see benchmarks/README.md); the full benchmark is ≈ 9 methods × (3 lrs + ~1
-extension + 1 seed) ≈ 45 runs ≈ 4-5 CPU-hours: `--jobs N` runs N at a time, one thread
-each (each phase's runs are independent).
+Cost: one 2000-step run of the tiny model takes 8.6 CPU-minutes (measured on this 2-core VM:
+514 s of CPU, 24 min of wall time at load 4); the full benchmark is ≈ 9 methods × (3 lrs +
+~1 extension + 1 seed) ≈ 45 runs ≈ 6.5 CPU-hours: `--jobs N` runs N at a time, one
+thread each (each phase's runs are independent).
 
 Writes, under --out: `results.md` (per method the lr sweep, final eval loss per seed,
 mean ± spread, vs AdamW, optimizer-state memory, step time relative to AdamW's, the
