@@ -6,6 +6,7 @@ script's docstring); it needs neither package at test time. Where the packages a
 installed (the `dev` extra lists them) the last tests compare with them directly as well.
 """
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,26 @@ def test_a_value_exactly_between_two_codes_takes_the_lower_one(bits, signed):
         codes = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(-1)
     k = min(mids.numel(), block - 1)
     assert torch.equal(codes[1:k + 1].long(), torch.arange(k))
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "q8", "q4"])
+@pytest.mark.parametrize("shape", [(7, 9), (64, 80)])
+def test_every_format_reads_back_fp32_of_the_moments_shape(name, shape):
+    """read() is the rule's working copy: fp32 and the moment's shape for every format
+    (a bf16 read would make the rule's arithmetic bf16), within the format's rounding."""
+    fmt = STATE_FORMATS.create(name)
+    state = {}
+    fmt.zeros(state, "m", shape, torch.device("cpu"), signed=True)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    fmt.write(state, "m", x)
+    y = fmt.read(state, "m")
+    assert y.dtype == torch.float32 and tuple(y.shape) == shape
+    quantized = name in ("q8", "q4") and math.prod(shape) >= 4096
+    bound = {"fp32": 0.0, "bf16": 2.0 ** -8}.get(name, 0.0) * x.abs().max().item()
+    if quantized:  # half the widest gap between neighbouring codes, times absmax
+        code = tables(8 if name == "q8" else 4, True, "cpu")[0]
+        bound = code.diff().max().item() / 2 * x.abs().max().item()
+    assert (y - x).abs().max().item() <= bound * (1 + 1e-6)
 
 
 def test_golden_file_records_how_it_was_made():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from mutations import GUARDS, MUTATIONS  # noqa: E402
+from mutations import EXTRA, GUARDS, MUTATIONS  # noqa: E402
 
 
 def guards_of(path: str) -> list[str]:
@@ -36,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="")
     parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--extra", action="store_true", help="the second set (mutations.EXTRA)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gradproj-mut-"))
     shutil.copytree(ROOT, scratch / "wt", ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv",
@@ -45,7 +46,7 @@ def main() -> int:
            "HYPOTHESIS_STORAGE_DIRECTORY": str(scratch / "hyp")}
     results = defaultdict(lambda: [0, 0])
     survivors = []
-    for path, old, new in MUTATIONS:
+    for path, old, new in (EXTRA if args.extra else MUTATIONS):
         only = [o for o in args.only.split(",") if o]
         if only and not any(o in path or o in old for o in only):
             continue

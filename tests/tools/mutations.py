@@ -154,3 +154,30 @@ MUTATIONS = [
     ("gradproj/train/data.py", "probs = (counts + 1.0) / (counts.sum() + self.vocab_size)", "probs = (counts + 1.0) / counts.sum()"),
     ("gradproj/train/data.py", "(self.seed * 1_000_003 + step) * 1_009 + micro", "(self.seed * 1_000_003 + step) * 1_009"),
 ]
+
+# A second set, written after the tests above were strengthened (run with --extra): bugs
+# the first set did not name, to check the suites did not just learn the first list.
+GUARDS += [
+    ("gradproj/kernels/adam.py", ["tests/kernels/test_kernels_dispatch.py", "tests/kernels/test_kernels_interpreter_lane.py"]),
+]
+EXTRA = [
+    ("gradproj/formats/base.py", "    def read(self, state, key):\n        return state[key].float()", "    def read(self, state, key):\n        return state[key]"),
+    ("gradproj/kernels/qmaps.py", "data += [0.0, 1.0]", "data += [0.0, 0.99]"),
+    ("gradproj/kernels/q8.py", "return codes.reshape(-1)[:x.numel()].reshape(x.shape), absmax", "return codes.reshape(-1)[:x.numel()].reshape(x.shape), absmax * 1.0001"),
+    ("gradproj/kernels/adam.py", "return m.div(v.sqrt().add_(eps)).mul_(step_size)", "return m.div(v.sqrt().add_(eps)).div_(step_size)"),
+    ("gradproj/kernels/int8_sr.py", "scale = torch.where(scale > 0, scale, torch.ones_like(scale))\n    y", "scale = torch.where(scale > 0, scale, torch.zeros_like(scale))\n    y"),
+    ("gradproj/quant/linear.py", 'w.add_(update.reshape(w.shape).float(), alpha=-group["lr"])', 'w.add_(update.reshape(w.shape).float(), alpha=group["lr"])'),
+    ("gradproj/rules/adafactor.py", "fmt.zeros(state, ROW, tuple(shape[:-1]), device, signed=False)", "fmt.zeros(state, ROW, tuple(shape[:-1]), device, signed=True)"),
+    ("gradproj/rules/adabelief.py", "exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)", "exp_avg.mul_(beta2).add_(grad, alpha=1.0 - beta2)"),
+    ("gradproj/rules/sgdm.py", 'return grad.add(buf, alpha=momentum) if group["nesterov"] else buf.clone()', 'return grad.add(buf) if group["nesterov"] else buf.clone()'),
+    ("gradproj/residuals/frugal.py", 'return back(direction).mul_(group["scale"]).add_(outside.sign_(), alpha=group["free_lr_scale"])', 'return back(direction).add_(outside.sign_(), alpha=group["free_lr_scale"])'),
+    ("gradproj/residuals/fira.py", "    if not gamma:\n        return update", "    if gamma:\n        return update"),
+    ("gradproj/residuals/apollo.py", "c = folded_step_scale(state, group)", "c = 1.0"),
+    ("gradproj/optimizers/refresh.py", "sims = torch.roll(sims, -1)", "sims = torch.roll(sims, 1)"),
+    ("gradproj/optimizers/refresh.py", 'if first or group["moments"] == "keep":', 'if group["moments"] == "keep":'),
+    ("gradproj/projectors/gaussian.py", "return self.draw(rows, state[\"rank\"], self._side_seed(state[SEED_KEY], side),", "return self.draw(rows, state[\"rank\"], self._side_seed(state[SEED_KEY] + 1, side),"),
+    ("gradproj/projectors/base.py", '    return {"left": (rank, n), "right": (m, rank), "full": (rank, rank)}[side]', '    return {"left": (rank, n), "right": (m, rank), "full": (rank, n)}[side]'),
+    ("gradproj/memory/accounting.py", "            out.state_scales += scales", "            out.states += scales"),
+    ("gradproj/train/data.py", 'chunks.append(record[key].encode("utf-8") + b"\\n")', 'chunks.append(record[key].encode("utf-8"))'),
+    ("gradproj/train/data.py", "tr, ev = tokens, np.memmap(eval_path, dtype=np_dtype, mode=\"r\")", "tr, ev = tokens, tokens"),
+]
