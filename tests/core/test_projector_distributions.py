@@ -135,3 +135,17 @@ def test_optimizer_refresh_draws_a_new_seeded_basis():
         bases.append(gp.PROJECTORS.create("gaussian").load_basis(opt.state[w], side, (64, 32)).clone())
     assert torch.equal(bases[0], bases[1]) and torch.equal(bases[2], bases[3])
     assert not torch.equal(bases[1], bases[2])
+
+
+@pytest.mark.parametrize("name", ["gaussian", "sparse", "svd", "randomized"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fit_side_is_the_basis_fit_stores(name, side):
+    """`fit_side(grad, rank, side, seed)` and `fit` + `load_basis` give one basis: what a
+    caller that asks for one side (the distributed range finder, INT4 wrapping) gets is
+    what the optimizer projects with."""
+    grad = torch.randn(48, 40, generator=torch.Generator().manual_seed(1))
+    projector = gp.PROJECTORS.create(name)
+    state = {}
+    projector.fit(grad, state, rank=6, side=side, seed=21, dtype=torch.float32)
+    stored = projector.load_basis(state, side, (48, 40))
+    torch.testing.assert_close(projector.fit_side(grad, 6, side, 21), stored, rtol=0, atol=1e-6)

@@ -28,6 +28,16 @@ def test_round_to_nearest_within_half_a_step_and_sr_within_one():
     assert int8_nbytes(x.numel()) == x.numel() + 4 * scale.numel()
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_all_zero_group_has_scale_one_and_zero_codes(seed):
+    """A group of zeros stores scale 1 (not 0: x/0 would be NaN) and codes 0, both roundings."""
+    x = torch.cat([torch.zeros(256), torch.linspace(-1, 1, 256)])
+    codes, scale = int8_quantize(x, 256, seed)
+    assert scale[0].item() == 1.0 and torch.all(codes[:256] == 0)
+    assert scale[1].item() == pytest.approx(1 / 127)
+    assert torch.equal(int8_dequantize(codes, scale, 256)[:256], torch.zeros(256))
+
+
 def test_stochastic_rounding_is_unbiased():
     # a value 0.3 of a step above a code: SR goes up 30 % of the time, mean error → 0
     scale = 0.01

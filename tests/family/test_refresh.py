@@ -247,3 +247,15 @@ def test_reset_restarts_the_moments_and_their_bias_correction():
     n2 = (1 - b2 ** 2) ** 0.5 / (1 - b1 ** 2) * m2 / (v2.sqrt() + eps)
     after = before - lr * alpha * (p @ n) - lr * alpha * (p @ n2)
     torch.testing.assert_close(w.detach(), after, **TOL)
+
+
+def test_similarity_window_holds_the_last_refreshes_oldest_first():
+    """On the rotating stream (similarity |cos 2φ| = 0.45 at gap 2, |cos 4φ| = 0.595 at
+    gap 4, |cos 8φ| = 0.292 at gap 8) the window after the refresh at step 22 holds the
+    last five similarities in the order they came."""
+    _, state = refresh_steps(rotating_stream(23, 0.45), refresh="adaptive")
+    c2 = 0.45
+    c4 = abs(2 * c2 ** 2 - 1)
+    c8 = abs(2 * c4 ** 2 - 1)
+    expected = torch.tensor([c2, c2, c2, c4, c8])
+    torch.testing.assert_close(state["similarities"], expected, rtol=0, atol=1e-4)

@@ -145,8 +145,8 @@ def test_fira_residual_is_orthogonal_to_the_subspace():
     assert project(fira_part, p, side).abs().max() <= 64 * EPS * g.abs().max()
 
 
-@pytest.mark.parametrize("kappa", [1.0, 0.1])
-def test_frugal_split_and_moment_reset(kappa):
+@pytest.mark.parametrize("kappa,alpha", [(1.0, 1.0), (0.1, 1.0), (1.0, 0.5)])
+def test_frugal_split_and_moment_reset(kappa, alpha):
     shape, r, lr, gap = (10, 14), 3, 1e-2, 2
     w0, grads = torch.randn(shape), grads_for(shape, seed=1)
     w, adam = w0.clone(), None
@@ -154,9 +154,9 @@ def test_frugal_split_and_moment_reset(kappa):
         if t % gap == 0:  # refresh: new basis, moments and bias correction reset
             p, adam = svd_basis(g, r, "left"), Adam(eps=1e-8)
         low = project(g, p, "left")
-        w = w - lr * (back(adam(low), p, "left") + kappa * torch.sign(g - back(low, p, "left")))
+        w = w - lr * (alpha * back(adam(low), p, "left") + kappa * torch.sign(g - back(low, p, "left")))
     options = gp.preset_options("frugal")
-    options.update(rank=r, update_gap=gap, free_lr_scale=kappa, lr=lr)
+    options.update(rank=r, update_gap=gap, free_lr_scale=kappa, lr=lr, scale=alpha)
     got, _, state = run(w0, grads, {}, **{**options, "lowrank": True})
     torch.testing.assert_close(got, w, **TOL)
     assert state["refreshes"] == 3 and state["moments_origin"] == 4

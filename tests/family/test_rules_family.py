@@ -215,3 +215,14 @@ def test_lion_magnitude_is_lr_not_gradient_scale():
     small, _ = run_full_rank(w0, [torch.full((3, 3), 1e-6)], rule="lion", lr=0.1)
     large, _ = run_full_rank(w0, [torch.full((3, 3), 1e6)], rule="lion", lr=0.1)
     assert torch.equal(small, large) and math.isclose(small[0, 0].item(), -0.1, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("fmt_name", ["q8", "q4"])
+def test_adafactor_second_moments_use_the_unsigned_maps(fmt_name):
+    """Row/column means of G² are ≥ 0: quantized, they take the unsigned map (bitsandbytes'
+    and torchao's second-moment maps); a signed map would spend half its codes on
+    negatives. 4096 x 2 gradient: the 4096-long row moment is quantized."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create(fmt_name)
+    state = {"step": 0}
+    rule.init_state(state, (4096, 2), torch.device("cpu"), fmt)
+    assert state["exp_avg_sq_row.signed"] is False and "exp_avg_sq_row.codes" in state
