@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,13 +168,26 @@ class CheckpointManager:
             self._discard(self.root / f"step-{step}")
 
     # -- reading -----------------------------------------------------------------
-    def is_complete(self, folder: Path) -> bool:
+    def damage(self, folder: Path) -> str | None:
+        """Why `folder` is not a complete checkpoint, in a few words; None when it is."""
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            return all((folder / name).stat().st_size == size
-                       for name, size in meta["files"].items())
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+            files = json.loads((folder / "meta.json").read_text())["files"]
+            sizes = {str(name): int(size) for name, size in files.items()}
+        except FileNotFoundError:
+            return "meta.json is missing" if folder.is_dir() else "the folder is missing"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"meta.json is unreadable ({type(exc).__name__})"
+        for name, size in sizes.items():
+            try:
+                actual = (folder / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if actual != size:
+                return f"{name} is {actual} bytes, meta.json lists {size}"
+        return None
+
+    def is_complete(self, folder: Path) -> bool:
+        return self.damage(folder) is None
 
     def complete_steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -182,15 +196,27 @@ class CheckpointManager:
         return sorted(s for s in steps if self.is_complete(self.root / f"step-{s}"))
 
     def latest(self) -> Path | None:
-        """The folder `latest` names if it is complete, else the newest complete one."""
+        """The folder `latest` names if it is complete, else the newest complete one.
+
+        Skipping the folder `latest` names prints one line to stderr (rank 0 only) saying
+        which and why, so a resume from an older step is never silent."""
         try:
-            named = self.root / (self.root / "latest").read_text().strip()
-            if STEP_DIR.match(named.name) and self.is_complete(named):
+            name = (self.root / "latest").read_text().strip()
+        except OSError:  # no pointer yet: nothing was skipped
+            name = None
+        why = None
+        if name is not None:
+            named = self.root / name
+            why = self.damage(named) if STEP_DIR.match(named.name) else "not a step-N folder"
+            if why is None:
                 return named
-        except OSError:
-            pass
         steps = self.complete_steps()
-        return self.root / f"step-{steps[-1]}" if steps else None
+        found = self.root / f"step-{steps[-1]}" if steps else None
+        if why is not None and os.environ.get("RANK", "0") == "0":
+            instead = f"using {found.name}" if found else "no other complete checkpoint"
+            print(f"checkpoint: skipping the latest one, {self.root / name} ({why}); {instead}",
+                  file=sys.stderr, flush=True)
+        return found
 
     def load(self, model: torch.nn.Module, opt: torch.optim.Optimizer, scheduler: Any,
              folder: Path | None = None) -> Loaded:

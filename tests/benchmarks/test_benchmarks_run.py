@@ -8,6 +8,7 @@ counts — and kernels.py --cpu on a 64×64 weight.
 """
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -42,11 +43,52 @@ def test_convergence_smallest(tmp_path, capsys):
     if "galore" not in convergence.gp.PRESETS:
         pytest.skip("the galore preset is not registered")
     convergence.main(["--quick", "--steps", "3", "--eval-batches", "1", "--out", str(tmp_path),
-                      "--methods", "adamw,galore (svd)"])
+                      "--methods", "adamw,galore (svd)", "--timing-rounds", "2"])
     table = (tmp_path / "results.md").read_text()
     assert "| AdamW |" in table and "| GaLore (svd) |" in table
     assert (tmp_path / "loss.png").stat().st_size > 0
-    assert (tmp_path / "results.json").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]["AdamW"]["seeds"]) == {"0", "1"}  # two seeds, spread reported
+
+
+def test_convergence_sweep_runs_full_length_until_the_best_lr_is_inside(monkeypatch, tmp_path):
+    """The sweep logic with a stand-in for training (eval loss = distance in decades from
+    a per-method optimum): every run is full length, the grid grows past an edge until the
+    best lr is strictly inside it, and the best lr is re-run at the second seed."""
+    convergence = load("convergence")
+    optimum = {"AdamW": 3e-3, "GaLore (svd)": 1e-1}  # 1e-1: two half-decades past 3e-2
+    calls = []
+
+    def fake_train(job):
+        name, lr, seed, steps, out, args = job
+        calls.append((name, lr, seed, steps))
+        loss = 1.0 + abs(math.log10(lr / optimum[name])) + 0.01 * seed
+        return {"method": name, "lr": lr, "seed": seed, "steps": steps, "eval_loss": loss,
+                "wall_s": 0.0, "state_mib": 1.0, "run_dir": str(tmp_path / "none")}
+
+    monkeypatch.setattr(convergence, "train", fake_train)
+    monkeypatch.setattr(convergence, "plot", lambda methods, path: None)
+    convergence.main(["--out", str(tmp_path), "--methods", "adamw,galore (svd)", "--timing-rounds", "0"])
+    assert {steps for *_, steps in calls} == {convergence.STEPS} and convergence.STEPS >= 2000
+    results = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert results["AdamW"]["lr"] == 3e-3 and not results["AdamW"]["lr_at_edge"]
+    galore = results["GaLore (svd)"]
+    assert galore["lr"] == 1e-1 and not galore["lr_at_edge"]
+    assert list(galore["sweep"]) == ["0.003", "0.01", "0.03", "0.1", "0.3"]  # grown twice
+    assert {seed for name, lr, seed, _ in calls if name == "GaLore (svd)" and lr == 1e-1} == {0, 1}
+    assert galore["spread"] == pytest.approx(0.005)
+    assert "| GaLore (svd) |" in (tmp_path / "results.md").read_text()
+
+
+def test_convergence_adamw_is_galore_without_projection(tmp_path):
+    """AdamW's run spec is GaLore's with no projected targets: its embeddings, head and
+    norms get exactly the options they get in the GaLore runs (preset, ε, betas, wd)."""
+    convergence = load("convergence")
+    args = convergence.argparse.Namespace(eval_batches=8, threads=1)
+    adamw = convergence.spec_dict("AdamW", 1e-3, 0, 2000, tmp_path, args)
+    galore = convergence.spec_dict("GaLore (svd)", 1e-3, 0, 2000, tmp_path, args)
+    assert adamw["optimizer"]["lowrank"].pop("targets") == ["(none)"]
+    assert adamw == galore
 
 
 def test_overhead_smallest(tmp_path, capsys):

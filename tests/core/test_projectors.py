@@ -51,12 +51,13 @@ def captured_energy(grad, projector, rank, side):
 
 
 @settings(max_examples=20, deadline=None)
-@given(m=st.integers(32, 160), n=st.integers(32, 160), seed=st.integers(0, 10_000),
-       decay=st.floats(0.5, 0.97))
-def test_randomized_captures_95_percent_of_svd_energy(m, n, seed, decay):
+@given(m=st.integers(32, 160), n=st.integers(32, 160), decay=st.floats(0.5, 0.97))
+def test_randomized_captures_95_percent_of_svd_energy(m, n, decay):
     """Default q = 1 power iteration where the spectrum decays by <= 0.9 per singular value
     (worst seen: 99.4 %); near-flat spectra (up to 0.97) need q = 3 (worst seen: 98.2 %,
-    while q = 1 drops to 88 %)."""
+    while q = 1 drops to 88 %). Hypothesis draws the shape and spectrum; the gradient's
+    seed is a function of the shape, so a failing draw fails on every run."""
+    seed = 1000 * m + n
     grad = gradient_like(m, n, seed, decay)
     rank = max(1, min(m, n) // 8)
     side = resolve_side("std", (m, n))
@@ -64,6 +65,21 @@ def test_randomized_captures_95_percent_of_svd_energy(m, n, seed, decay):
     exact = captured_energy(grad, gp.PROJECTORS.create("svd"), rank, side)
     approx = captured_energy(grad, gp.PROJECTORS.create("randomized", **options), rank, side)
     assert approx >= 0.95 * exact
+
+
+@pytest.mark.parametrize("m,n,seed,decay", [(64, 96, 1, 0.9), (128, 80, 2, 0.85), (160, 160, 3, 0.9),
+                                             (48, 150, 4, 0.8)])
+def test_randomized_range_finder_is_near_exact_on_fixed_draws(m, n, seed, decay):
+    """Fixed gradients and seed: the range finder (p = 8, q = 1, final rotation by the small
+    SVD) captures ≥ 99.9 % of the SVD's energy in the top-r subspace (measured 99.96 %
+    at worst). Dropping the oversampling, the power iteration or the rotation falls to
+    95-98 % on at least one of these draws."""
+    grad = gradient_like(m, n, seed, decay)
+    rank = min(m, n) // 8
+    side = resolve_side("std", (m, n))
+    exact = captured_energy(grad, gp.PROJECTORS.create("svd"), rank, side)
+    approx = captured_energy(grad, gp.PROJECTORS.create("randomized"), rank, side)
+    assert approx >= 0.999 * exact, approx / exact
 
 
 @settings(max_examples=30, deadline=None)
@@ -77,6 +93,20 @@ def test_int4_codec_within_half_a_step(rows, cols, group, shift, seed):
     y = int4_dequantize_ref(codes, scale, minimum, x.shape)
     step = scale.repeat_interleave(group)[: x.numel()].view_as(x)
     assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+def test_int4_partial_group_scales_from_its_own_values():
+    """The last group of 300 values (group 256) holds 44: its scale and minimum are those
+    of the 44 values alone — padding repeats the last value, so it never widens [min, max]
+    (zeros would, for a one-signed group: here every value is > 0)."""
+    x = torch.rand(300, generator=torch.Generator().manual_seed(4)) + 2.0
+    codes, scale, minimum = int4_quantize_ref(x, 256)
+    tail = x[256:]
+    assert minimum[1].item() == tail.min().item()
+    assert scale[1].item() == ((tail.max() - tail.min()) / 15.0).item()
+    assert scale[0].item() == ((x[:256].max() - x[:256].min()) / 15.0).item()
+    y = int4_dequantize_ref(codes, scale, minimum, x.shape)
+    assert ((y - x).abs() <= scale.repeat_interleave(256)[:300] / 2 * (1 + 1e-5)).all()
 
 
 def test_int4_projector_reconstructs_basis_within_quantization_bound():
@@ -123,9 +153,47 @@ def test_nonfinite_gradient_does_not_crash_the_fit():
     ((64, 32), "std", "right"), ((32, 64), "std", "left"),
     ((64, 32), "reverse_std", "left"), ((32, 64), "reverse_std", "right"),
     ((64, 32), "left", "left"), ((64, 32), "full", "full"),
+    ((32, 32), "std", "right"), ((32, 32), "reverse_std", "left"),  # galore-torch: m >= n is right
 ])
 def test_side_semantics_follow_galore_torch(shape, proj_type, expected):
     assert resolve_side(proj_type, shape) == expected
+
+
+def test_auto_side_tie_keeps_the_std_side():
+    assert resolve_side("auto", (32, 32), cost=lambda side: 100) == "right"
+    assert resolve_side("auto", (32, 64), cost=lambda side: 100) == "left"
+    assert resolve_side("auto", (64, 32), cost={"left": 99, "right": 100}.get) == "left"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_svd_basis_spans_the_top_singular_vectors(side):
+    """GaLore's basis: the top-r left (or right) singular vectors, so the projection keeps
+    exactly the top r squared singular values of the gradient's energy."""
+    grad = gradient_like(40, 56, 9)
+    r = 5
+    state = {}
+    projector = gp.PROJECTORS.create("svd")
+    projector.fit(grad, state, rank=r, side=side, seed=0, dtype=torch.float32)
+    p = projector.load_basis(state, side, (40, 56)).double()
+    u, s, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+    top = u[:, :r] if side == "left" else vh[:r].T
+    assert (p @ p.T - top @ top.T).abs().max() <= 1e-4
+    energy = projector.project(grad, state, side).double().square().sum()
+    assert abs(energy / s[:r].square().sum() - 1) <= 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right", "full"])
+def test_int4_basis_bytes_are_what_it_stores(side):
+    """300 x 40 weight, rank 16: 4800 / 640 basis values per side, group 256 (so a wrong
+    row count in the formula shows): bytes stored == basis_nbytes."""
+    grad = gradient_like(300, 40, 2)
+    projector = gp.PROJECTORS.create("int4", inner="svd", group_size=256)
+    state = {}
+    projector.fit(grad, state, rank=16, side=side, seed=0, dtype=torch.float32)
+    stored = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    assert stored == projector.basis_nbytes((300, 40), 16, side, torch.float32)
+    per_side = {"left": 19 * (128 + 8), "right": 3 * (128 + 8)}  # ceil(4800/256), ceil(640/256) groups
+    assert stored == sum(per_side[s] for s in (("left", "right") if side == "full" else (side,)))
 
 
 def test_auto_side_minimises_state_plus_basis_bytes():

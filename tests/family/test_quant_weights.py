@@ -28,6 +28,16 @@ def test_round_to_nearest_within_half_a_step_and_sr_within_one():
     assert int8_nbytes(x.numel()) == x.numel() + 4 * scale.numel()
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_all_zero_group_has_scale_one_and_zero_codes(seed):
+    """A group of zeros stores scale 1 (not 0: x/0 would be NaN) and codes 0, both roundings."""
+    x = torch.cat([torch.zeros(256), torch.linspace(-1, 1, 256)])
+    codes, scale = int8_quantize(x, 256, seed)
+    assert scale[0].item() == 1.0 and torch.all(codes[:256] == 0)
+    assert scale[1].item() == pytest.approx(1 / 127)
+    assert torch.equal(int8_dequantize(codes, scale, 256)[:256], torch.zeros(256))
+
+
 def test_stochastic_rounding_is_unbiased():
     # a value 0.3 of a step above a code: SR goes up 30 % of the time, mean error → 0
     scale = 0.01
@@ -38,6 +48,57 @@ def test_stochastic_rounding_is_unbiased():
     # 200 draws × 255 elements of a Bernoulli(0.3)·step: std of the mean ≈ step·0.46/226
     assert abs(mean_err) < 4 * scale * 0.46 / 226
     assert ((draws[:, 1:] - x[1:]).abs() <= scale * (1 + 1e-5)).all()
+
+
+def test_stochastic_rounding_draws_fresh_noise_at_every_step():
+    """Through the optimizer: every weight sits exactly half a step from two codes at every
+    step (grid weights, update lr·g = step/2, element 0 of each group pins absmax so the
+    step stays 2⁻⁷), so each rounds up or down with probability 1/2. Fresh noise per step
+    (sr_seed(seed, step)) makes consecutive steps' up/down patterns agree on half the
+    elements; a seed that ignored the step would repeat the pattern (agreement 1).
+    1020 elements × 11 step pairs: the agreement's std is 0.5/√11220 = 0.0047; 5σ bound."""
+    from gradproj.quant.linear import sr_seed
+
+    layer = QuantLinear(256, 4, bias=False)
+    step = 2.0 ** -7
+    w = torch.zeros(4, 256)
+    w[:, 0] = 127 * step  # absmax → scale = absmax / 127 = 2⁻⁷ exactly
+    layer.set_weight(w)
+    assert torch.all(layer.weight_scale == step)
+    opt = gp.LowRankOptimizer([layer.weight], lr=1.0, rule="sgdm", momentum=0.0)
+    grad = torch.full((4, 256), step / 2)
+    grad[:, 0] = 0.0
+    moved, codes = [], layer.weight.detach().clone()
+    for _ in range(12):
+        layer.weight.grad = grad.clone()
+        opt.step()
+        assert torch.all(layer.weight_scale == step)
+        new = layer.weight.detach().clone()
+        delta = (codes.int() - new.int())[:, 1:]  # 0 (rounded up) or 1 (rounded down)
+        assert set(delta.unique().tolist()) <= {0, 1}
+        moved.append(delta.reshape(-1).bool())
+        codes = new
+    agree = torch.stack([(a == b).float().mean() for a, b in zip(moved, moved[1:])]).mean().item()
+    assert abs(agree - 0.5) <= 5 * 0.5 / (1020 * 11) ** 0.5, agree
+    rate = torch.stack(moved).float().mean().item()  # unbiased: half of them move each step
+    assert abs(rate - 0.5) <= 5 * 0.5 / (1020 * 12) ** 0.5, rate
+    seeds = [sr_seed(opt.state[layer.weight]["seed"], t) for t in range(1, 13)]
+    assert len(set(seeds)) == 12
+
+
+def test_rounding_noise_of_consecutive_seeds_is_uncorrelated():
+    """The u ∈ [0, 1) behind SR for two consecutive steps' seeds: uniform (mean 1/2,
+    variance 1/12) and uncorrelated, 5σ bounds over 65536 elements."""
+    from gradproj.kernels.int8_sr import sr_uniform_ref
+    from gradproj.quant.linear import sr_seed
+
+    n = 65536
+    a, b = (sr_uniform_ref(n, sr_seed(3, t)).double() for t in (41, 42))
+    for u in (a, b):
+        assert abs(u.mean().item() - 0.5) <= 5 * (1 / 12 / n) ** 0.5
+        assert abs(u.var().item() - 1 / 12) <= 5 * (1 / 180 / n) ** 0.5  # (μ4 − σ⁴)/n = (1/80 − 1/144)/n
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(corr) <= 5 / n ** 0.5
 
 
 def make_model(seed=0, dtype=torch.float32):

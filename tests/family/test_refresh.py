@@ -1,4 +1,6 @@
 """Refresh policies: sign-invariant similarity, adaptive gap, moments keep | reset | rotate."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -147,3 +149,113 @@ def test_bad_refresh_option_names_the_option(options, name):
     w = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ValueError, match=name):
         gp.LowRankOptimizer([w], **options)
+
+
+def test_similarity_is_the_mean_cosine_of_the_principal_angles():
+    """span{e1, e2} vs span{e1, cos a·e2 + sin a·e3}: principal angles 0 and a, so the
+    similarity is (1 + cos a)/2 — not the smallest cosine, not the largest."""
+    eye = torch.eye(6)
+    for a in (0.0, 0.7, math.pi / 2):
+        old = eye[:, :2]
+        new = torch.stack([eye[:, 0], math.cos(a) * eye[:, 1] + math.sin(a) * eye[:, 2]], dim=1)
+        assert subspace_similarity(old, new) == pytest.approx((1 + math.cos(a)) / 2, abs=1e-6)
+
+
+def rotating_stream(steps, cos_two_steps, m=16, n=24):
+    """Rank-1 gradients u(s)·vᵀ whose u turns by φ per step, cos 2φ = `cos_two_steps`: with
+    a gap of 2 each refresh's basis has similarity |cos 2φ| to the previous one."""
+    phi = math.acos(cos_two_steps) / 2
+    e1, e2 = torch.eye(m)[:, 0], torch.eye(m)[:, 1]
+    v = torch.linspace(1.0, 2.0, n)
+    return [torch.outer(math.cos(phi * s) * e1 + math.sin(phi * s) * e2, v) for s in range(steps)]
+
+
+def refresh_steps(grads, **options):
+    w = torch.nn.Parameter(torch.zeros(grads[0].shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 1, "update_gap": 2}], lr=1e-3, **options)
+    steps, count = [], 0
+    for s, g in enumerate(grads):
+        w.grad = g
+        opt.step()
+        if opt.state[w]["refreshes"] != count:
+            count = opt.state[w]["refreshes"]
+            steps.append(s)
+    return steps, opt.state[w]
+
+
+def test_adaptive_schedule_with_qgalores_defaults():
+    """Q-GaLore's defaults (window 5, threshold 0.4, cap 8·T), similarity 0.45 per refresh:
+    the gap stays T = 2 until 5 similarities are in the window (refreshes at 2..10), then
+    doubles at every refresh whose window mean is ≥ 0.4, up to 16; the refresh is due at
+    exactly step + gap."""
+    steps, state = refresh_steps(rotating_stream(40, 0.45), refresh="adaptive")
+    assert steps[:7] == [0, 2, 4, 6, 8, 10, 14], steps
+    assert state["update_gap"] >= 8
+    for gap in range(1, 5):  # between refreshes the gap is honoured exactly
+        assert steps[gap] - steps[gap - 1] == 2
+    # threshold just above the similarity: never doubles
+    steps, state = refresh_steps(rotating_stream(40, 0.45), refresh="adaptive", refresh_threshold=0.46)
+    assert steps == list(range(0, 40, 2)) and state["update_gap"] == 2
+
+
+def test_every_refresh_of_a_seeded_projector_draws_a_new_basis():
+    """The refresh passes seed·1_000_003 + step: each refresh of a random projector is a
+    new draw, reproducible from the seed — even for the same gradient every step."""
+    g = torch.randn(16, 24, generator=torch.Generator().manual_seed(0))
+    w = torch.nn.Parameter(torch.zeros(16, 24))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 2, "update_gap": 1}], projector="gaussian")
+    side = opt.side(w, opt.param_groups[0])
+    seeds, bases = [], []
+    for _ in range(3):
+        w.grad = g.clone()
+        opt.step()
+        state = opt.state[w]
+        seeds.append(state["proj_seed"])
+        bases.append(opt.plugins(opt.param_groups[0])[1].load_basis(state, side, (16, 24)))
+    assert seeds == [state["seed"] * 1_000_003 + t for t in range(3)]
+    assert not torch.equal(bases[0], bases[1]) and not torch.equal(bases[1], bases[2])
+
+
+def test_reset_restarts_the_moments_and_their_bias_correction():
+    """moments = "reset" (FRUGAL): at the refresh of step 2 the moments are zeroed and the
+    rule counts t from 1 again, so that step is exactly a first Adam step in the new basis:
+    M = (1−β1)·R, V = (1−β2)·R², N = √(1−β2)/(1−β1)·M/(√V + ε); the step after it is t = 2."""
+    shape, r, lr, alpha, (b1, b2), eps = (10, 16), 3, 1e-2, 0.25, (0.9, 0.999), 1e-6
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=gen) for _ in range(4)]
+    w = torch.nn.Parameter(torch.zeros(shape))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": r, "update_gap": 2}], lr=lr, scale=alpha,
+                              moments="reset")
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    before = w.detach().clone()
+    w.grad = grads[2].clone()
+    opt.step()
+    state = opt.state[w]
+    assert state["moments_origin"] == 2 and state["refreshes"] == 2
+    p = torch.linalg.svd(grads[2], full_matrices=False)[0][:, :r]  # side left (m < n)
+    low = p.T @ grads[2]
+    m, v = (1 - b1) * low, (1 - b2) * low * low
+    n = (1 - b2) ** 0.5 / (1 - b1) * m / (v.sqrt() + eps)
+    torch.testing.assert_close(state["exp_avg"], m, **TOL)
+    torch.testing.assert_close(w.detach() - before, -lr * alpha * (p @ n), **TOL)
+    w.grad = grads[3].clone()
+    opt.step()  # t = 2 from the reset
+    low3 = p.T @ grads[3]
+    m2, v2 = b1 * m + (1 - b1) * low3, b2 * v + (1 - b2) * low3 * low3
+    n2 = (1 - b2 ** 2) ** 0.5 / (1 - b1 ** 2) * m2 / (v2.sqrt() + eps)
+    after = before - lr * alpha * (p @ n) - lr * alpha * (p @ n2)
+    torch.testing.assert_close(w.detach(), after, **TOL)
+
+
+def test_similarity_window_holds_the_last_refreshes_oldest_first():
+    """On the rotating stream (similarity |cos 2φ| = 0.45 at gap 2, |cos 4φ| = 0.595 at
+    gap 4, |cos 8φ| = 0.292 at gap 8) the window after the refresh at step 22 holds the
+    last five similarities in the order they came."""
+    _, state = refresh_steps(rotating_stream(23, 0.45), refresh="adaptive")
+    c2 = 0.45
+    c4 = abs(2 * c2 ** 2 - 1)
+    c8 = abs(2 * c4 ** 2 - 1)
+    expected = torch.tensor([c2, c2, c2, c4, c8])
+    torch.testing.assert_close(state["similarities"], expected, rtol=0, atol=1e-4)

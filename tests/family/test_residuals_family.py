@@ -102,6 +102,39 @@ def test_fira_scaling_per_channel_and_limiter(shape, side, alpha):
     torch.testing.assert_close(state["limited_norm"], torch.as_tensor(limiter.prev), **TOL)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 2.0])
+def test_drop_is_galore_alpha_times_back_projected_adam(alpha):
+    """GaLore (residual "drop"): W ← W − lr·α·P·N, N = Adam(PᵀG); G − back(R) discarded."""
+    shape, r, lr = (12, 20), 3, 1e-2
+    w0, grads = torch.randn(shape), grads_for(shape, seed=4)
+    p = svd_basis(grads[0], r, "left")
+    adam, w = Adam(), w0.clone()
+    for g in grads:
+        w = w - lr * alpha * back(adam(project(g, p, "left")), p, "left")
+    got, _, _ = run(w0, grads, {"rank": r, "update_gap": 1000, "scale": alpha}, residual="drop", lr=lr)
+    torch.testing.assert_close(got, w, **TOL)
+
+
+def test_fira_with_moment_reset_restarts_the_bias_correction():
+    """Fira with moments = "reset": at each refresh (every 2 steps) a new basis and fresh
+    Adam moments, whose bias correction c_t counts from the reset — the c_t Fira's
+    residual is scaled by too."""
+    shape, r, lr, gap = (12, 20), 3, 1e-2, 2
+    w0, grads = torch.randn(shape), grads_for(shape, seed=5)
+    limiter, w = Limiter(1.01), w0.clone()
+    for t, g in enumerate(grads):
+        if t % gap == 0:
+            p, adam = svd_basis(g, r, "left"), Adam()
+        low = project(g, p, "left")
+        n, c = adam.raw(low)
+        outside = g - back(low, p, "left")
+        w = w - lr * c * (back(n, p, "left") + limiter(channel_ratio(n, low, "left") * outside))
+    got, _, state = run(w0, grads, {"rank": r, "update_gap": gap, "scale": 1.0},
+                        rule="adamw", residual="fira", moments="reset", lr=lr)
+    assert state["moments_origin"] == 4
+    torch.testing.assert_close(got, w, **TOL)
+
+
 def test_fira_residual_is_orthogonal_to_the_subspace():
     # with α ≠ 1 Fira's reference leaks (1−α)·back(R) into S; ours keeps S ⟂ span(P)
     shape, r = (10, 16), 2
@@ -112,8 +145,8 @@ def test_fira_residual_is_orthogonal_to_the_subspace():
     assert project(fira_part, p, side).abs().max() <= 64 * EPS * g.abs().max()
 
 
-@pytest.mark.parametrize("kappa", [1.0, 0.1])
-def test_frugal_split_and_moment_reset(kappa):
+@pytest.mark.parametrize("kappa,alpha", [(1.0, 1.0), (0.1, 1.0), (1.0, 0.5)])
+def test_frugal_split_and_moment_reset(kappa, alpha):
     shape, r, lr, gap = (10, 14), 3, 1e-2, 2
     w0, grads = torch.randn(shape), grads_for(shape, seed=1)
     w, adam = w0.clone(), None
@@ -121,9 +154,9 @@ def test_frugal_split_and_moment_reset(kappa):
         if t % gap == 0:  # refresh: new basis, moments and bias correction reset
             p, adam = svd_basis(g, r, "left"), Adam(eps=1e-8)
         low = project(g, p, "left")
-        w = w - lr * (back(adam(low), p, "left") + kappa * torch.sign(g - back(low, p, "left")))
+        w = w - lr * (alpha * back(adam(low), p, "left") + kappa * torch.sign(g - back(low, p, "left")))
     options = gp.preset_options("frugal")
-    options.update(rank=r, update_gap=gap, free_lr_scale=kappa, lr=lr)
+    options.update(rank=r, update_gap=gap, free_lr_scale=kappa, lr=lr, scale=alpha)
     got, _, state = run(w0, grads, {}, **{**options, "lowrank": True})
     torch.testing.assert_close(got, w, **TOL)
     assert state["refreshes"] == 3 and state["moments_origin"] == 4

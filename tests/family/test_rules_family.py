@@ -25,17 +25,32 @@ def run_full_rank(w0, grads, **options):
     return w.detach(), opt.state[w]
 
 
-def test_lion_is_sign_of_interpolated_momentum():
+@pytest.mark.parametrize("state_format", ["fp32", "q8"])
+def test_lion_is_sign_of_interpolated_momentum(state_format):
+    # fp32 states take the fused lion_update (its reference on CPU); a q8 moment this small
+    # (30 < 4096 values) is stored fp32 by the format and takes the rule's own PyTorch path
     w0, grads, lr, (b1, b2) = torch.randn(6, 5), fixed_grads((6, 5)), 1e-3, (0.9, 0.99)
     w, m = w0.clone(), torch.zeros_like(w0)
     for g in grads:  # Chen et al. 2023, Alg. 2 (wd 0, the default)
         c = b1 * m + (1 - b1) * g
         w = w - lr * torch.sign(c)
         m = b2 * m + (1 - b2) * g
-    got, state = run_full_rank(w0, grads, rule="lion", lr=lr)
+    got, state = run_full_rank(w0, grads, rule="lion", lr=lr, state_format=state_format)
     torch.testing.assert_close(got, w, **TOL)
     torch.testing.assert_close(state["exp_avg"], m, **TOL)
     assert gp.RULES.get("lion").defaults["betas"] == (0.9, 0.99)
+
+
+def test_adamw_defaults_are_galore_torchs():
+    """galore-torch's AdamW: betas (0.9, 0.999), ε 1e-6 outside the root, bias correction on.
+    ε matters where √V is small: gradients of 1e-7 move by lr·N with N ≈ 0.1, not ≈ 1."""
+    assert gp.RULES.get("adamw").defaults == {"betas": (0.9, 0.999), "eps": 1e-6, "correct_bias": True}
+    w0, g = torch.zeros(4, 3), torch.full((4, 3), 1e-7)
+    default, _ = run_full_rank(w0, [g], rule="adamw", lr=1.0)
+    # t = 1: M = 0.1·g, V = 0.001·g², c = √0.001/0.1; N = c·M/(√V + ε)
+    m, v = 0.1 * 1e-7, 0.001 * 1e-14
+    n = (0.001 ** 0.5 / 0.1) * m / (v ** 0.5 + 1e-6)
+    torch.testing.assert_close(default, torch.full((4, 3), -n), rtol=1e-5, atol=0)
 
 
 def test_lion_update_has_unit_magnitude_per_entry():
@@ -45,8 +60,8 @@ def test_lion_update_has_unit_magnitude_per_entry():
     assert torch.equal(got.abs(), torch.full((4, 3), 0.5))
 
 
-def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0):
-    rows, cols = torch.zeros(w.shape[0]), torch.zeros(w.shape[1])
+def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0, beta1=0.0):
+    rows, cols, m = torch.zeros(w.shape[0]), torch.zeros(w.shape[1]), torch.zeros(w.shape)
     for t, g in enumerate(grads, 1):  # Shazeer & Stern 2018, Alg. 4 + update clipping
         beta2t = 1 - t ** decay
         sq = g * g + eps1
@@ -55,8 +70,53 @@ def adafactor_reference(w, grads, lr, decay=-0.8, eps1=1e-30, clip=1.0):
         v_hat = torch.outer(rows, cols) / rows.mean()
         u = g / v_hat.sqrt()
         u = u / max(1.0, (u.pow(2).mean().sqrt() / clip).item())
+        if beta1:  # optional first moment of the clipped update
+            m = beta1 * m + (1 - beta1) * u
+            u = m
         w = w - lr * u
     return w, rows, cols
+
+
+@pytest.mark.parametrize("clip,beta1", [(1e3, 0.0), (1.0, 0.9), (1e3, 0.9)])
+def test_adafactor_unclipped_and_with_first_moment(clip, beta1):
+    """Clipping at RMS 1 hides the scale of V̂ (the clipped update has RMS 1 whatever V̂'s
+    scale): with clip_threshold 1e3 the factored V̂ = R·Cᵀ/mean(R) itself is checked; β1
+    adds the first moment of the clipped update."""
+    w0, grads = torch.randn(7, 5), fixed_grads((7, 5))
+    ref, _, _ = adafactor_reference(w0, grads, lr=1e-2, clip=clip, beta1=beta1)
+    got, state = run_full_rank(w0, grads, rule="adafactor", lr=1e-2, clip_threshold=clip, beta1=beta1)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("step,rho", [(1, 1e-2), (120, 1e-2), (40_000, 1 / 200)])
+def test_adafactor_relative_step_is_min_of_1e_2_and_inverse_sqrt_t(step, rho):
+    """ρₜ = min(1e-2, 1/√t) through the per-tensor Rule API, at t = 1, 120 (1/t would
+    already be below 1e-2) and 40 000 (1/√t = 0.005)."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create("fp32")
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for relative in (False, True):
+        group = {**rule.defaults, "relative_step": relative}
+        state = {"step": step}
+        rule.init_state(state, (6, 4), torch.device("cpu"), fmt)
+        out[relative] = rule.update(g, state, group, fmt)
+    torch.testing.assert_close(out[True], rho * out[False], rtol=1e-6, atol=0)
+
+
+def test_adafactor_rotates_factored_moments_by_squared_maps():
+    """rotate_moments(A, B): row means by A∘A, column means by (B∘B)ᵀ, first moment A·M·B."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create("fp32")
+    gen = torch.Generator().manual_seed(2)
+    group = {**rule.defaults, "beta1": 0.9}
+    state = {"step": 1}
+    rule.init_state(state, (4, 6), torch.device("cpu"), fmt)
+    rule.update(torch.randn(4, 6, generator=gen), state, group, fmt)
+    row, col, m = state["exp_avg_sq_row"].clone(), state["exp_avg_sq_col"].clone(), state["exp_avg"].clone()
+    a, b = torch.randn(4, 4, generator=gen), torch.randn(6, 6, generator=gen)
+    rule.rotate_moments(state, fmt, a, b)
+    torch.testing.assert_close(state["exp_avg_sq_row"], (a * a) @ row, **TOL)
+    torch.testing.assert_close(state["exp_avg_sq_col"], col @ (b * b), **TOL)
+    torch.testing.assert_close(state["exp_avg"], a @ m @ b, **TOL)
 
 
 def test_adafactor_factored_second_moment():
@@ -111,17 +171,26 @@ def test_adabelief_matches_the_authors_update():
 
 @pytest.mark.parametrize("momentum,dampening,nesterov,wd",
                          [(0.9, 0.0, False, 0.0), (0.9, 0.0, True, 0.0), (0.8, 0.3, False, 0.0),
-                          (0.0, 0.0, False, 0.0)])
+                          (0.0, 0.0, False, 0.0), (0.9, 0.0, False, 0.1), (0.9, 0.0, True, 0.05),
+                          (0.0, 0.0, False, 0.1)])
 def test_sgdm_matches_torch_sgd(momentum, dampening, nesterov, wd):
+    """torch.optim.SGD's direction; weight decay is the optimizer's decoupled one, applied
+    after the step (W ← W − lr·d, then W ← W − lr·wd·W), not SGD's L2 term in the gradient."""
     w0, grads, lr = torch.randn(5, 3), fixed_grads((5, 3), steps=5), 0.05
     ref = torch.nn.Parameter(w0.clone())
     sgd = torch.optim.SGD([ref], lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
     for g in grads:
         ref.grad = g.clone()
         sgd.step()
+        with torch.no_grad():
+            ref.mul_(1 - lr * wd)
     got, _ = run_full_rank(w0, grads, rule="sgdm", lr=lr, momentum=momentum,
-                           dampening=dampening, nesterov=nesterov)
+                           dampening=dampening, nesterov=nesterov, weight_decay=wd)
     torch.testing.assert_close(got, ref.detach(), **TOL)
+    if wd:  # the decay is really applied: without it the weights differ by ≈ lr·wd·|W| per step
+        plain, _ = run_full_rank(w0, grads, rule="sgdm", lr=lr, momentum=momentum,
+                                 dampening=dampening, nesterov=nesterov)
+        assert (plain - got).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rule,options,name", [
@@ -146,3 +215,14 @@ def test_lion_magnitude_is_lr_not_gradient_scale():
     small, _ = run_full_rank(w0, [torch.full((3, 3), 1e-6)], rule="lion", lr=0.1)
     large, _ = run_full_rank(w0, [torch.full((3, 3), 1e6)], rule="lion", lr=0.1)
     assert torch.equal(small, large) and math.isclose(small[0, 0].item(), -0.1, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("fmt_name", ["q8", "q4"])
+def test_adafactor_second_moments_use_the_unsigned_maps(fmt_name):
+    """Row/column means of G² are ≥ 0: quantized, they take the unsigned map (bitsandbytes'
+    and torchao's second-moment maps); a signed map would spend half its codes on
+    negatives. 4096 x 2 gradient: the 4096-long row moment is quantized."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create(fmt_name)
+    state = {"step": 0}
+    rule.init_state(state, (4096, 2), torch.device("cpu"), fmt)
+    assert state["exp_avg_sq_row.signed"] is False and "exp_avg_sq_row.codes" in state

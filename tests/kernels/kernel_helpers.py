@@ -13,6 +13,18 @@ U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 **
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: spacing of the subnormals (= the smallest positive value) of each storage dtype:
+#: fp16 2⁻²⁴ = 5.96e-8, bf16 2⁻¹³³, fp32 2⁻¹⁴⁹. Below the smallest normal (fp16: 6.1e-5)
+#: the spacing stops shrinking, so rounding to storage errs by up to half of it — an
+#: absolute error that u·|x| does not cover (|x| = 2.4e-5 in fp16: u·|x| = 1.2e-8 < 3.0e-8)
+SUBNORMAL = {dt: torch.finfo(dt).smallest_normal * torch.finfo(dt).eps for dt in STORAGE_DTYPES}
+
+
+def storage_rounding(x: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """Bound of |fl(x) − x| when fp32 `x` is rounded to `storage`: u·|x| for a normal
+    result, half the subnormal spacing for a subnormal one; their sum bounds both."""
+    return U[storage] * x.abs().double() + SUBNORMAL[storage] / 2
+
 #: sizes 1 .. 2^16, drawn log-uniformly so small and block-boundary sizes are common
 sizes = st.integers(0, 16).flatmap(lambda k: st.integers(max(1, 1 << k >> 1), 1 << k))
 #: sizes that straddle the 256/128 block sizes (non-multiples included)

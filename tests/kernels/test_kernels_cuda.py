@@ -1,10 +1,16 @@
 """GPU lane (skipped without CUDA): every kernel on a real device against its reference,
 with the interpreter lane's dtype-derived bounds; run where a GPU is lent:
-    python -m pytest tests/kernels/test_kernels_cuda.py"""
+    python -m pytest tests/kernels/test_kernels_cuda.py
+
+Codes are compared exactly where the kernel performs the reference's IEEE operations
+(`tl.div_rn` for every division, products without a fused add, the same counter-based
+random bits): q4, INT4 and INT8-SR codes and all scales. README.md says "the same codes on
+CPU and GPU"; these tests are what that claim rests on. q8 keeps `codes_agree` (equal, or
+one apart at a midpoint within 2u), the bound its binary search is derived for."""
 import pytest
 import torch
 from kernel_helpers import (U, adam_direction_bound, adam_moment_bounds, assert_within,
-                            codes_agree)
+                            codes_agree, storage_rounding)
 
 from gradproj.kernels import adam, adam_q8, backproj, int4, int8_sr, lion, q4, q8
 from gradproj.kernels.qmaps import tables
@@ -26,7 +32,7 @@ def test_adam_cuda(n, storage):
     err_m, err_v = adam_moment_bounds(g, m0.float(), v0.float(), 0.9, 0.999)
     mf, vf = m0.float() * 0.9 + 0.1 * g, v0.float() * 0.999 + 0.001 * g * g
     assert_within(d, dr, adam_direction_bound(mf, vf, err_m, err_v, 1e-6, 0.7), "direction")
-    assert_within(m.cpu().float(), mr.float(), err_m + 2 * U[storage] * mf.abs().double(), "m")
+    assert_within(m.cpu().float(), mr.float(), err_m + 2 * storage_rounding(mf, storage), "m")
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -43,15 +49,15 @@ def test_codecs_cuda(n, signed):
     assert torch.equal(q8.q8_dequantize(cr.cuda(), ar.cuda(), signed).cpu(), q8.q8_dequantize_ref(cr, ar, signed))
     c4, a4 = q4.q4_quantize(x.cuda(), signed)
     c4r, a4r = q4.q4_quantize_ref(x, signed)
-    assert torch.equal(a4.cpu(), a4r) and (c4.cpu() != c4r).float().mean() < 1e-3
+    assert torch.equal(a4.cpu(), a4r) and torch.equal(c4.cpu(), c4r)
     assert torch.equal(q4.q4_dequantize(c4r.cuda(), a4r.cuda(), signed, (n,)).cpu(),
                        q4.q4_dequantize_ref(c4r, a4r, signed, (n,)))
     ci, si = int8_sr.int8_sr_quantize(x.cuda(), 11)
     cir, sir = int8_sr.int8_sr_quantize_ref(x, 11)
-    assert torch.equal(si.cpu(), sir) and (ci.cpu() != cir).float().mean() < 1e-3
+    assert torch.equal(si.cpu(), sir) and torch.equal(ci.cpu(), cir)
     c1, s1, m1 = int4.int4_quantize(x.cuda())
     c1r, s1r, m1r = int4.int4_quantize_ref(x)
-    assert torch.equal(s1.cpu(), s1r) and torch.equal(m1.cpu(), m1r) and (c1.cpu() != c1r).float().mean() < 1e-3
+    assert torch.equal(s1.cpu(), s1r) and torch.equal(m1.cpu(), m1r) and torch.equal(c1.cpu(), c1r)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -71,8 +77,12 @@ def test_quantized_adam_and_lion_cuda(n):
     m = torch.randn(n, generator=gen)
     mc = m.cuda()
     dl = lion.lion_update(g.cuda(), mc, 0.9, 0.99).cpu()
+    m_before = m.clone().double()
     dlr = lion.lion_update_ref(g, m, 0.9, 0.99)
-    assert (dl != dlr).float().mean() < 1e-4
+    # signs may differ only where c is within its rounding error (3 roundings) of zero
+    c = torch.lerp(g.double(), m_before, 0.9)
+    near_zero = c.abs() <= 3 * U[torch.float32] * (m_before.abs() + g.double().abs())
+    assert torch.equal(dl[~near_zero], dlr[~near_zero])
 
 
 @pytest.mark.parametrize("shape,r,side", [((4096, 1024), 128, "right"), ((1000, 3000), 64, "left"),

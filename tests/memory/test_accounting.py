@@ -131,3 +131,16 @@ def test_per_layer_accumulation_peak_is_what_coexists():
         (model(tokens, tokens) / 3).backward()
     stepper.end_step()
     assert planned == peak[0]
+
+
+def test_int8_linear_bias_is_a_weight_not_a_scale():
+    """An INT8 Linear with a bias: codes and the fp32 bias are weight bytes, only the
+    per-group fp32 scales are quantization scales (Llama has no biases, so the paper
+    tables do not see this)."""
+    from gradproj.quant import QuantLinear
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(512, 6, bias=True), 256)
+    values, scales = weight_bytes(torch.nn.Sequential(layer))
+    assert layer.bias is not None and layer.bias.dtype == torch.float32
+    assert values == 6 * 512 * 1 + 6 * 4  # int8 codes + fp32 bias
+    assert scales == (6 * 512 // 256) * 4  # one fp32 scale per group of 256

@@ -22,7 +22,8 @@ from gradproj.optimizers import optimizer_state_nbytes
 from gradproj.train.model import build_model, model_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-TOLERANCE = 0.10  # the bound for activations
+# the README's claim: within 192 bytes (flash attention's saved RNG seed and offset)
+SLACK_BYTES = 192
 
 
 def _saved_bytes(model, tokens) -> int:
@@ -50,7 +51,7 @@ def test_cuda_activations_match_saved_tensors(preset, batch, seq):
     planned = activation_bytes(build_model(cfg, device="meta").to(torch.bfloat16), batch, seq).total
     print(f"{preset} {batch}x{seq}: planned {planned:,} B, saved on CUDA {measured:,} B "
           f"({100 * (planned / measured - 1):+.2f}%)")
-    assert abs(planned - measured) <= TOLERANCE * measured
+    assert abs(planned - measured) <= SLACK_BYTES, (planned, measured)
 
 
 @pytest.mark.parametrize("preset_name,options", [

@@ -95,6 +95,9 @@ def check_config(options, dtype, steps=6, split=3):
             assert torch.isfinite(p.float()).all()
         for state in opt.state.values():
             assert all(torch.is_tensor(v) or isinstance(v, (bool, int, float)) for v in state.values())
+        if options["state_format"] in ("q8", "q4") and gp.RULES.get(options["rule"]).moments:
+            # conftest.py quantizes every moment: the pair really tests the format
+            assert all(any(k.endswith(".codes") for k in state) for state in opt.state.values())
 
         model = make_model(dtype)
         opt = build(model, options)

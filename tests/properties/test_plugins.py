@@ -113,6 +113,9 @@ def test_rule_and_format_properties(rule_name, fmt_name, grads):
     state = {"step": 0}
     rule.init_state(state, shape, torch.device("cpu"), fmt)
     assert tensor_bytes(state) == rule.state_nbytes(shape, fmt)
+    if fmt_name in ("q8", "q4") and rule.moments:  # conftest.py: every moment is quantized
+        assert any(k.endswith(".codes") for k in state) and not any(
+            torch.is_tensor(v) and v.dtype == torch.float32 and v.numel() > 1 for v in state.values())
     directions = run_rule(rule, fmt, grads, state, group)
     for d in directions:
         assert tuple(d.shape) == shape and d.dtype == torch.float32 and torch.isfinite(d).all()

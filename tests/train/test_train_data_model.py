@@ -42,6 +42,62 @@ def test_batches_are_a_pure_function_of_seed_step_micro(corpus):
     assert not torch.equal(other.batch(7, 1)[0], x1)
 
 
+def test_embedded_split_holds_out_every_20th_file_exactly(corpus):
+    """Independent of data.py's constants: sorted stdlib files, indices 19, 39, 59, ... are
+    eval (5 %), the rest train, each split the files' bytes concatenated in name order."""
+    import sysconfig
+    from pathlib import Path
+
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.is_file())
+    held, kept = files[19::20], [f for i, f in enumerate(files) if i % 20 != 19]
+    assert corpus.eval.tobytes() == b"".join(f.read_bytes() for f in held)
+    assert corpus.train.tobytes() == b"".join(f.read_bytes() for f in kept)
+    assert len(held) == len(files) // 20
+
+
+@pytest.mark.parametrize("size,fraction,eval_size", [(1000, 0.1, 100), (1001, 0.1, 101), (50, 0.5, 25),
+                                                     (7, 0.01, 1)])
+def test_fraction_split_is_a_clean_cut(tmp_path, size, fraction, eval_size):
+    """Text and JSONL: the last ceil(n·fraction) tokens are eval, the rest train, no
+    token in both and none lost."""
+    data = bytes((i * 37) % 251 for i in range(size))
+    (tmp_path / "a.txt").write_bytes(data)
+    text = load_text(tmp_path / "a.txt", "*", fraction)
+    assert text.eval.tobytes() == data[size - eval_size:]
+    assert text.train.tobytes() == data[:size - eval_size]
+    ids = np.arange(size, dtype=np.uint16)
+    ids.tofile(tmp_path / "t.bin")
+    tok = load_tokens(tmp_path / "t.bin", None, "uint16", 1 << 16, fraction)
+    assert np.array_equal(tok.train, ids[:size - eval_size]) and np.array_equal(tok.eval, ids[size - eval_size:])
+
+
+def test_batch_windows_are_slices_of_the_tokens_up_to_the_last_one():
+    """Each row is tokens[s:s+L] with targets tokens[s+1:s+L+1]; every start 0..n−L−1 is
+    drawn, so the last token is reachable (with n = L + 2 only s = 0 and s = 1 exist)."""
+    tokens = np.arange(10, dtype=np.int64) * 3
+    seq_len = 8
+    batches = Batches(tokens, seq_len, 4, seed=0, vocab_size=256, split="train")
+    starts = set()
+    for step in range(30):
+        x, y = batches.batch(step)
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            s = row_x[0] // 3
+            starts.add(s)
+            assert row_x == tokens[s:s + seq_len].tolist() and row_y == tokens[s + 1:s + seq_len + 1].tolist()
+    assert starts == {0, 1}
+
+
+def test_unigram_entropy_is_add_one_cross_entropy_on_eval():
+    from gradproj.train.data import Corpus
+
+    train = np.array([0, 0, 0, 1, 2, 2], dtype=np.uint8)
+    held = np.array([0, 1, 3], dtype=np.uint8)
+    corpus = Corpus(train, held, 4, "test", "x")
+    probs = {0: 4 / 10, 1: 2 / 10, 2: 3 / 10, 3: 1 / 10}  # (count + 1) / (6 + 4)
+    expected = -(math.log(probs[0]) + math.log(probs[1]) + math.log(probs[3])) / 3
+    assert corpus.unigram_entropy() == pytest.approx(expected, rel=1e-12)
+
+
 def test_text_jsonl_and_token_sources(tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(3):

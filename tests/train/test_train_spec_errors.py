@@ -162,5 +162,12 @@ def test_subprocess_exit_code_and_stderr(case, tmp_path):
     assert proc.stdout == ""
 
 
-def test_case_count():
-    assert len(CASES) + 9 >= 25  # + the runtime, missing-file and other-command cases
+def test_cases_are_distinct_real_edits():
+    """The suite's own inventory: at least 25 in-process cases with distinct ids, each one
+    either an edit that changes the valid micro spec or bad CLI arguments, and no two
+    testing the same input (a copied case would pad the count and test nothing new)."""
+    assert len(CASES) >= 25, len(CASES)
+    assert len({case[0] for case in CASES}) == len(CASES)
+    inputs = [(case[1](MICRO_SPEC) if case[1] else MICRO_SPEC, tuple(case[2])) for case in CASES]
+    assert all(text != MICRO_SPEC or args for text, args in inputs)
+    assert len(set(inputs)) == len(CASES)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from kernel_helpers import (STORAGE_DTYPES, U, adam_direction_bound, adam_moment_bounds,
-                            assert_within, size_strategy)
+from kernel_helpers import (STORAGE_DTYPES, adam_direction_bound, adam_moment_bounds,
+                            assert_within, size_strategy, storage_rounding)
 
 from gradproj.kernels.adam import adam_step, adam_step_ref
 from gradproj.kernels.dispatch import use_triton
@@ -24,6 +24,9 @@ def test_lane_runs_triton():
        seed=st.integers(0, 2 ** 31 - 1))
 @example(n=1, storage=torch.float32, grad_dtype=torch.float32, step=1, seed=0)
 @example(n=1025, storage=torch.bfloat16, grad_dtype=torch.float32, step=1, seed=1)
+# was flaky: one M value lands in fp16's subnormal range (|m| = 2.4e-5 < 6.1e-5), where the
+# two fp32 results one ulp apart round to storage values one subnormal spacing (5.96e-8) apart
+@example(n=4096, storage=torch.float16, grad_dtype=torch.float16, step=1, seed=128122516)
 def test_adam_step_matches_reference(n, storage, grad_dtype, step, seed):
     gen = torch.Generator().manual_seed(seed)
     beta1, beta2, eps = 0.9, 0.999, 1e-6
@@ -39,7 +42,9 @@ def test_adam_step_matches_reference(n, storage, grad_dtype, step, seed):
     v_fp32 = v0.float() * beta2 + (1 - beta2) * grad * grad
     assert_within(d_k, d_r, adam_direction_bound(m_fp32, v_fp32, err_m, err_v, eps, step_size),
                   "direction")
-    # storage rounding may land one storage ulp apart when the fp32 values differ by an ulp
-    assert_within(m_k.float(), m_r.float(), err_m + 2 * U[storage] * m_fp32.abs().double(), "exp_avg")
-    assert_within(v_k.float(), v_r.float(), err_v + 2 * U[storage] * v_fp32.abs().double(), "exp_avg_sq")
+    # the fp32 values differ by at most err; each is then rounded to storage once, so the
+    # stored values differ by at most err + 2 storage roundings (relative, or absolute for
+    # subnormal results: see kernel_helpers.SUBNORMAL)
+    assert_within(m_k.float(), m_r.float(), err_m + 2 * storage_rounding(m_fp32, storage), "exp_avg")
+    assert_within(v_k.float(), v_r.float(), err_v + 2 * storage_rounding(v_fp32, storage), "exp_avg_sq")
     assert m_k.dtype == storage and d_k.dtype == torch.float32
