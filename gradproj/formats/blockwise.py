@@ -46,8 +46,13 @@ class BlockwiseFormat(StateFormat):
                                state[f"{v_key}.codes"], state[f"{v_key}.absmax"], beta1, beta2,
                                eps, step_size)
 
+    @staticmethod
+    def stores_codes(shape: tuple[int, ...]) -> bool:
+        """Whether a moment of `shape` is quantized (else it is kept fp32)."""
+        return math.prod(shape) >= MIN_QUANTIZED_NUMEL
+
     def zeros(self, state, key, shape, device, signed):
-        if math.prod(shape) < MIN_QUANTIZED_NUMEL:
+        if not self.stores_codes(shape):
             state[key] = torch.zeros(shape, dtype=torch.float32, device=device)
             return
         self.allocate(state, key, tuple(shape), device, signed)

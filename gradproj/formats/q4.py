@@ -21,7 +21,7 @@ from ..kernels.adam_q4 import adam_q4_step
 from ..kernels.q4 import q4_dequantize, q4_nbytes, q4_quantize
 from ..kernels.qmaps import zero_code
 from ..registry import STATE_FORMATS
-from .blockwise import MIN_QUANTIZED_NUMEL, BlockwiseFormat
+from .blockwise import BlockwiseFormat
 
 
 @STATE_FORMATS.register("q4", aliases=("4bit",))
@@ -51,7 +51,7 @@ class Q4Format(BlockwiseFormat):
     def stackable(self, shape):
         # packed codes are flat and carry the moment's shape in `.shape`: only the small
         # fp32 moments stack
-        return math.prod(shape) < MIN_QUANTIZED_NUMEL
+        return not self.stores_codes(shape)
 
     def fused_adam(self, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, step_size):
         return adam_q4_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,

@@ -20,7 +20,7 @@ from ..kernels.adam_q8 import adam_q8_step
 from ..kernels.q8 import BLOCK, q8_dequantize, q8_nbytes, q8_quantize
 from ..kernels.qmaps import zero_code
 from ..registry import STATE_FORMATS
-from .blockwise import MIN_QUANTIZED_NUMEL, BlockwiseFormat
+from .blockwise import BlockwiseFormat
 
 
 @STATE_FORMATS.register("q8", aliases=("8bit",))
@@ -47,8 +47,7 @@ class Q8Format(BlockwiseFormat):
     def stackable(self, shape):
         # codes keep the moment's shape; blocks of 256 never straddle two moments when
         # each moment is a whole number of blocks
-        numel = math.prod(shape)
-        return numel < MIN_QUANTIZED_NUMEL or numel % BLOCK == 0
+        return not self.stores_codes(shape) or math.prod(shape) % BLOCK == 0
 
     def fused_adam(self, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, step_size):
         return adam_q8_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,

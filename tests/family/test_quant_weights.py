@@ -54,10 +54,10 @@ def test_stochastic_rounding_draws_fresh_noise_at_every_step():
     """Through the optimizer: every weight sits exactly half a step from two codes at every
     step (grid weights, update lr·g = step/2, element 0 of each group pins absmax so the
     step stays 2⁻⁷), so each rounds up or down with probability 1/2. Fresh noise per step
-    (sr_seed(seed, step)) makes consecutive steps' up/down patterns agree on half the
+    (rounding_seed(seed, step)) makes consecutive steps' up/down patterns agree on half the
     elements; a seed that ignored the step would repeat the pattern (agreement 1).
     1020 elements × 11 step pairs: the agreement's std is 0.5/√11220 = 0.0047; 5σ bound."""
-    from gradproj.quant.linear import sr_seed
+    from gradproj.seeds import rounding_seed as sr_seed
 
     layer = QuantLinear(256, 4, bias=False)
     step = 2.0 ** -7
@@ -90,7 +90,7 @@ def test_rounding_noise_of_consecutive_seeds_is_uncorrelated():
     """The u ∈ [0, 1) behind SR for two consecutive steps' seeds: uniform (mean 1/2,
     variance 1/12) and uncorrelated, 5σ bounds over 65536 elements."""
     from gradproj.kernels.int8_sr import sr_uniform_ref
-    from gradproj.quant.linear import sr_seed
+    from gradproj.seeds import rounding_seed as sr_seed
 
     n = 65536
     a, b = (sr_uniform_ref(n, sr_seed(3, t)).double() for t in (41, 42))
