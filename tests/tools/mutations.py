@@ -20,6 +20,8 @@ GUARDS = [
                            "tests/core/test_projector_distributions.py"]),
     ("gradproj/quant/", ["tests/family/test_quant_weights.py"]),
     ("gradproj/projectors/", PROJ_TESTS),
+    # the base rule owns the step a reset restarts and the moment rotation (refresh policies)
+    ("gradproj/rules/base.py", RULE_TESTS + ["tests/family/test_refresh.py"]),
     ("gradproj/rules/", RULE_TESTS),
     ("gradproj/kernels/lion.py", RULE_TESTS),
     ("gradproj/residuals/", ["tests/family/test_residuals_family.py", "tests/properties/test_plugins.py"]),
