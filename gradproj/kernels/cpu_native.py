@@ -47,14 +47,15 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def _machine() -> str:
     """The CPU's identity as far as -march=native is concerned: its feature flags."""
+    fallback = f"{platform.machine()} {platform.processor()}"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.split(":")[0].strip() in ("flags", "Features"):
                     return line
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
+    except OSError:  # no /proc (not Linux): the platform's names
+        return fallback
+    return fallback
 
 
 def _compiler() -> str | None:
