@@ -17,8 +17,6 @@ The "drop" residual calls it (`Drop.fused_step`), once per weight of a bucket, w
 optimizer finds it exact: a dense contiguous fp32/bf16/fp16 weight, a one-sided stored basis,
 Triton selected for the weight's device. Elsewhere the bucket's batched matmul runs.
 """
-import torch
-
 from .dispatch import CompileConfig, interpreting, register_kernel, tl, triton, use_triton
 
 

@@ -1,7 +1,6 @@
 """Very sparse random projection, regenerated from a stored seed (no basis memory)."""
 from __future__ import annotations
 
-import torch
 
 from ..kernels.counter_rng import uniforms
 from ..registry import PROJECTORS

@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..kernels.int8_sr import int8_dequantize_rows, int8_sr_quantize_rows
 from ..seeds import rounding_seed
 from ..stacked_state import StackedState
-from ..kernels.int8_sr import int8_dequantize_rows, int8_sr_quantize_rows
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
 OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight

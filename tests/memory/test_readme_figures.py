@@ -12,11 +12,9 @@ update the README with it (and this file's pins) or find the bug.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import gradproj as gp
 from gradproj.memory.report import GB, change
