@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import formats, projectors, residuals, rules  # noqa: F401  (registers built-ins)
-from ..kernels.dispatch import use_triton
+from ..kernels import backproj
 from ..projectors.base import PROJ_TYPES, low_rank_shape, resolve_side
 from ..quant.linear import apply_quantized_updates, compute_dtype, is_quantized
 from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
@@ -275,11 +275,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _fusable(params, projector, side, direction) -> bool:
         """Whether a weight update may run fused into the back-projection: exact for a
-        dense contiguous weight and a stored one-sided basis, fast where Triton runs."""
+        dense contiguous weight and a stored one-sided basis, where the kernel says it pays
+        (Triton, or a large fp32 weight on CPU: kernels/backproj.py)."""
         p = params[0]
         return (side in ("left", "right") and projector.batched and not is_quantized(p)
                 and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and all(q.is_contiguous() for q in params) and use_triton(p, direction))
+                and all(q.is_contiguous() for q in params) and backproj.fuses(p, direction))
 
     @staticmethod
     def _rule_update(rule, fmt, grad, stacked, states, group) -> torch.Tensor:
