@@ -139,7 +139,7 @@ def state_nbytes(opt: torch.optim.Optimizer) -> int:
 
 
 def refresh_costs(model, rank: int, device: str, repeats: int,
-                  kinds: set) -> dict[str, float]:
+                  kinds: set, clock=time.perf_counter) -> dict[str, float]:
     """Seconds of one refresh of every projected weight, per refresh kind.
 
     Timed once per distinct shape and multiplied by its count; the kinds fit the same
@@ -163,17 +163,18 @@ def refresh_costs(model, rank: int, device: str, repeats: int,
         for r in range(repeats + 1):  # round 0 warms up LAPACK workspaces / cuSOLVER handles
             for name, fit in fits.items():
                 sync(device)
-                start = time.perf_counter()
+                start = clock()
                 fit()
                 sync(device)
                 if r:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
         for name in fits:
             total[name] = total.get(name, 0.0) + statistics.median(times[name]) * count
     return total
 
 
-def bench_size(size: str, device: str, repeats: int, only: list[str] | None) -> list[dict]:
+def bench_size(size: str, device: str, repeats: int, only: list[str] | None,
+               clock=time.perf_counter) -> list[dict]:
     rank = RANKS[size]
     model = make_model(size, device)
     params = list(model.parameters())
@@ -202,16 +203,16 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None) -> 
             continue
         opts[name], kinds[name] = opt, kind
     used = {k for k in kinds.values() if k}
-    refresh = refresh_costs(model, rank, device, 3, used) if used else {}
+    refresh = refresh_costs(model, rank, device, 3, used, clock) if used else {}
     times = {name: [] for name in opts}
     names = list(opts)
     for r in range(repeats):  # rotate the order every round so no one always runs first
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             opts[name].step()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     base = times.get("torch AdamW (foreach)")
     for name in names:
         amort = refresh.get(kinds[name], 0.0) / GAP if kinds[name] else 0.0
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default="", help="comma-separated substrings of method names")
     parser.add_argument("--out", default="", help="also write the markdown table here")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="cpu: process CPU time, robust to a shared machine (all threads "
+                             "counted: use with --threads 1); auto: cpu for --threads 1 on "
+                             "CPU, else wall")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 resists oversubscription "
                              "when other jobs share the cores")
@@ -255,14 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     sizes = ["tiny"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
     repeats = 15 if args.quick else args.repeats
     only = [o.strip() for o in args.only.split(",") if o.strip()] or None
+    cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu"
+                                        and torch.get_num_threads() == 1)
+    clock = time.process_time if cpu_clock else time.perf_counter
     if args.device.startswith("cuda"):
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
     else:
-        print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{'process CPU' if cpu_clock else 'wall'} time")
     rows = []
     for size in sizes:
-        rows += bench_size(size, args.device, repeats, only)
+        rows += bench_size(size, args.device, repeats, only, clock)
         print(table([r for r in rows if r["size"] == size]), flush=True)
     text = table(rows)
     if len(sizes) > 1:  # each size's table was printed as it finished
