@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from . import cpu_counter_rng
+
 M32 = 0xFFFFFFFF
 
 
@@ -63,25 +65,37 @@ def uniform_bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
     return hash32_tensor(hash32_tensor(index ^ k0) ^ k1) >> 8
 
 
+def _streams(seeds, numel: int, device, start: int = 0, stride: int = 1,
+             offset: int = 0) -> torch.Tensor:
+    """k×numel fp32: row i = (bits of indices start + stride·j under seeds[i]'s keys
+    + offset)·2⁻²⁴. On CPU the C loop of `cpu_counter_rng.py` (the same bits), else (or
+    with GRADPROJ_KERNELS≠auto) the tensor arithmetic below."""
+    on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
+    if on_cpu and not torch.is_tensor(seeds):
+        pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
+        fast = cpu_counter_rng.uniform_rows([a for a, _ in pairs], [b for _, b in pairs], numel,
+                                            start, stride, offset)
+        if fast is not None:
+            return fast
+    k0, k1 = keys(seeds, device)
+    index = torch.arange(numel, dtype=torch.int64, device=device) * stride + start
+    return (uniform_bits(index, k0, k1) + offset).float() * 2.0 ** -24
+
+
 def uniform(numel: int, seed: int, device=None) -> torch.Tensor:
     """The fp32 stream u ∈ [0, 1) of one seed (what `int8_sr` rounds with)."""
-    k0, k1 = seed_keys(seed)
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    return uniform_bits(index, k0, k1).float() * 2.0 ** -24
+    seed_keys(seed)  # the range check
+    return _streams([seed], numel, device)[0]
 
 
 def uniforms(seeds: list[int], numel: int, device) -> torch.Tensor:
     """k streams at once: a k×numel fp32 tensor, row i the stream of seeds[i]."""
-    k0, k1 = keys(seeds, device)
-    index = torch.arange(numel, dtype=torch.int64, device=device)
-    return uniform_bits(index, k0, k1).float() * 2.0 ** -24
+    return _streams(seeds, numel, device)
 
 
 def normals(seeds: list[int], numel: int, device) -> torch.Tensor:
     """k streams of standard normals (Box–Muller on elements 2i and 2i+1 of each uniform
     stream): a k×numel fp32 tensor. u₁ is taken in (0, 1], so log u₁ is finite."""
-    k0, k1 = keys(seeds, device)
-    index = torch.arange(numel, dtype=torch.int64, device=device) * 2
-    u1 = (uniform_bits(index, k0, k1) + 1).float() * 2.0 ** -24
-    u2 = uniform_bits(index + 1, k0, k1).float() * 2.0 ** -24
+    u1 = _streams(seeds, numel, device, 0, 2, offset=1)
+    u2 = _streams(seeds, numel, device, 1, 2)
     return u1.log_().mul_(-2.0).sqrt_().mul_(torch.cos(u2.mul_(2.0 * math.pi)))

@@ -17,6 +17,7 @@ both implementations (no torch.Generator state); change the seed every step. Wit
 """
 import torch
 
+from . import cpu_counter_rng
 from .counter_rng import seed_keys, uniform, uniforms
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 
@@ -155,13 +156,20 @@ def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
     """k tensors at once, row i of `x` (k×…) rounded stochastically with seeds[i]: the
     codes (int8, x's shape) and scales (k×groups) `int8_sr_quantize` gives each row.
 
-    Triton: one launch per row; elsewhere the reference's math on the k rows together,
-    with the k counter streams drawn in one pass.
+    Triton: one launch per row; on CPU the C loop of `cpu_counter_rng.py`; elsewhere (and
+    with GRADPROJ_KERNELS=reference) the reference's math on the k rows together, with the
+    k counter streams drawn in one pass.
     """
     _check_group(group_size)
     if use_triton(x):
         pairs = [int8_sr_quantize(row, seed, group_size) for row, seed in zip(x, seeds)]
         return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
+    if x.device.type == "cpu" and x.shape[0] and x[0].numel():
+        pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
+        fast = cpu_counter_rng.int8_sr_rows(x, [a for a, _ in pairs], [b for _, b in pairs],
+                                            group_size)
+        if fast is not None:  # the C loop of cpu_counter_rng.py: the same codes and scales
+            return fast
     groups = _row_groups(x, group_size)
     scale = groups.abs().amax(dim=2) / QMAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -178,6 +186,10 @@ def int8_dequantize_rows(codes, scale, group_size=DEFAULT_GROUP):
     _check_group(group_size)
     if use_triton(codes, scale):
         return torch.stack([int8_dequantize(c, s, group_size) for c, s in zip(codes, scale)])
+    if codes.shape[0] and codes[0].numel():
+        fast = cpu_counter_rng.int8_dequantize_rows(codes, scale, group_size)
+        if fast is not None:  # C on CPU: the same products
+            return fast
     values = _row_groups(codes, group_size) * scale[..., None]
     return values.view(codes.shape[0], -1)[:, :codes[0].numel()].reshape(codes.shape)
 

@@ -1,0 +1,118 @@
+/* The counter streams of counter_rng.py on CPU, and the INT8 stochastic rounding of
+   int8_sr.py that consumes them: one pass each, no int64 or fp32 temporaries.
+   Compiled by gradproj/kernels/cpu_native.py and called through ctypes from
+   cpu_counter_rng.py. The arithmetic mirrors `hash32_tensor` on int64 values op for op
+   (shifts of non-negative values, products wrapping mod 2^64 then masked to 32 bits), so
+   every index, even one past 2^32, gets the reference's bits; the float is the 24-bit
+   integer (+ offset <= 1) times 2^-24, exact. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define M32 0xFFFFFFFFull
+
+static inline uint64_t hash32(uint64_t x) {
+    x ^= x >> 16;
+    x = (x * 0x7FEB352Dull) & M32;
+    x ^= x >> 15;
+    x = (x * 0x846CA68Bull) & M32;
+    return x ^ (x >> 16);
+}
+
+/* out[i] = ((hash(hash((start + stride*i) ^ k0) ^ k1) >> 8) + offset) * 2^-24 */
+void gp_counter_uniform(int64_t n, uint64_t k0, uint64_t k1, int64_t start, int64_t stride,
+                        uint64_t offset, float* out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t index = (uint64_t)(start + stride * i);
+        uint64_t bits = (hash32(hash32(index ^ k0) ^ k1) >> 8) + offset;
+        out[i] = (float)bits * 0x1p-24f;
+    }
+}
+
+/* lowbias32 in uint32 arithmetic: the same bits as hash32 above for values below 2^32
+   (then the int64 reference never carries bits past 32), and it vectorises */
+static inline uint32_t hash32_u32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+/* the largest |x| of a group as the largest of their bit patterns without the sign: the
+   order of non-negative floats, and a NaN's pattern exceeds every number's, so a NaN
+   propagates as in torch.amax (then the scale is NaN and becomes 1, as the reference's) */
+static inline float group_absmax(const float* x, int64_t len) {
+    uint32_t m = 0;
+    for (int64_t i = 0; i < len; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        b &= 0x7fffffffu;
+        m = b > m ? b : m;
+    }
+    float r;
+    memcpy(&r, &m, 4);
+    return r;
+}
+
+/* int8_sr_quantize_rows' reference on k rows of n < 2^32 values (row i at x + i*n, keys
+   k0[i], k1[i] < 2^32), in groups of g: scale = absmax/127 (1 for an all-zero group),
+   y = x/scale, code = floor(y) + [u < y - floor(y)] clamped to +-127, u the stream value
+   of the value's index in its row. Every step is one IEEE operation or exact (abs, max,
+   floor, y - floor(y), the compare, the clamp), as in the reference's tensor ops, so
+   codes and scales are its bits for every finite input (a NaN or inf value's own code may
+   differ; its group's scale does not). One thread: ~3 ns a value, the reference ~50. */
+void gp_int8_sr_rows(int64_t k, int64_t n, int64_t g, const float* x, const uint64_t* k0,
+                     const uint64_t* k1, int8_t* codes, float* scales) {
+    int64_t groups = (n + g - 1) / g;
+    for (int64_t i = 0; i < k; i++) {
+        const float* row = x + i * n;
+        int8_t* out = codes + i * n;
+        uint32_t key0 = (uint32_t)k0[i], key1 = (uint32_t)k1[i];
+        for (int64_t b = 0; b < groups; b++) {
+            int64_t start = b * g, len = n - start < g ? n - start : g;
+            const float* in = row + start;
+            int8_t* dst = out + start;
+            float scale = group_absmax(in, len) / 127.0f;
+            scale = scale > 0.0f ? scale : 1.0f;
+            scales[i * groups + b] = scale;
+            /* in chunks of 256 through an int32 buffer: gcc vectorises the arithmetic
+               only where every lane is 32 bits wide, then packs to int8 in a second loop */
+            for (int64_t c0 = 0; c0 < len; c0 += 256) {
+                int m = len - c0 < 256 ? (int)(len - c0) : 256;
+                uint32_t first = (uint32_t)(start + c0);
+                int32_t q32[256];
+                for (int t = 0; t < m; t++) {
+                    uint32_t bits = hash32_u32(hash32_u32((first + (uint32_t)t) ^ key0) ^ key1) >> 8;
+                    float u = (float)(int32_t)bits * 0x1p-24f;
+                    float y = in[c0 + t] / scale;
+                    /* floor(y) as truncation, one down where that rounded up: exact for |y| < 2^24
+                       (|y| <= 127 * 1.5 even where the scale is subnormal) and it vectorises, floorf does not */
+                    float r = (float)(int32_t)y;
+                    r = r > y ? r - 1.0f : r;
+                    float q = u < y - r ? r + 1.0f : r;
+                    q = q < -127.0f ? -127.0f : q;
+                    q = q > 127.0f ? 127.0f : q;
+                    q32[t] = (int32_t)q;
+                }
+                for (int t = 0; t < m; t++)
+                    dst[c0 + t] = (int8_t)q32[t];
+            }
+        }
+    }
+}
+
+/* int8_dequantize_rows' reference: out = code * scale of its group (one IEEE product) */
+void gp_int8_dequantize_rows(int64_t k, int64_t n, int64_t g, const int8_t* codes,
+                             const float* scales, float* out) {
+    int64_t groups = (n + g - 1) / g;
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t b = 0; b < groups; b++) {
+            int64_t start = b * g, len = n - start < g ? n - start : g;
+            const int8_t* c = codes + i * n + start;
+            float* o = out + i * n + start;
+            float scale = scales[i * groups + b];
+            for (int64_t t = 0; t < len; t++)
+                o[t] = (float)c[t] * scale;
+        }
+}

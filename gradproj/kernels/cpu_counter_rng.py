@@ -1,0 +1,101 @@
+"""The counter streams of `counter_rng.py` and the INT8 stochastic rounding of `int8_sr.py`
+on CPU in C, bit-identical to their references.
+
+The reference (`counter_rng.uniform_bits`) is ~20 int64 tensor passes per value — two
+lowbias32 hashes, each five shifts, xors, products and masks, every one a fresh 8-byte
+temporary — which made the INT8 stochastic rounding of Q-GaLore's weights the slowest
+part of a CPU step (`benchmarks/overhead.py`: q-galore 5.1× torch AdamW's CPU time per
+step on the 24-layer list, every other preset ≤ 1.2×). `cpu_counter_rng.c` draws a
+stream in one loop of integer operations, so its values equal the reference's bit for bit
+on every machine (tests/kernels/test_kernels_cpu_counter_rng.py). The rounding around it
+(absmax, scale, divide, floor, compare, clamp: ~12 more passes and a padded copy) is one
+loop over each group of 256 as well, with the reference's IEEE operations one for one.
+
+`uniform_rows(k0, k1, numel, start, stride, offset)` gives k streams and
+`int8_sr_rows(x, k0, k1, group_size)` k rows' codes and scales and
+`int8_dequantize_rows(codes, scales, group_size)` their values back, or None where the C path
+does not apply (GRADPROJ_KERNELS≠auto, not an fp32 CPU tensor, or no compiler): the
+caller keeps the reference.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .cpu_native import load
+from .dispatch import mode
+
+_I64, _U64 = ctypes.c_int64, ctypes.c_uint64
+_PTR = ctypes.c_void_p
+SIGNATURES = {"gp_counter_uniform": (None, [_I64, _U64, _U64, _I64, _I64, _U64, _PTR]),
+              "gp_int8_sr_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]),
+              "gp_int8_dequantize_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR])}
+
+
+@functools.lru_cache(maxsize=None)
+def _source() -> str | None:
+    try:
+        return Path(__file__).with_name("cpu_counter_rng.c").read_text()
+    except OSError:
+        return None
+
+
+def library():
+    """The compiled stream, or None (no compiler; see `cpu_native.load_error`)."""
+    return None if _source() is None else load("cpu_counter_rng", _source(), SIGNATURES)
+
+
+def uniform_rows(k0: list[int], k1: list[int], numel: int, start: int = 0, stride: int = 1,
+                 offset: int = 0) -> torch.Tensor | None:
+    """A k×numel fp32 CPU tensor, row i = ((bits of index start + stride·j under keys
+    (k0[i], k1[i])) + offset)·2⁻²⁴; None where the C path does not run."""
+    if mode() != "auto" or numel < 0:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    out = torch.empty(len(k0), numel, dtype=torch.float32)
+    for row, a, b in zip(out, k0, k1):
+        lib.gp_counter_uniform(numel, a, b, start, stride, offset, row.data_ptr())
+    return out
+
+
+def int8_sr_rows(x: torch.Tensor, k0: list[int], k1: list[int],
+                 group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes int8 of x's shape, scales fp32 k×groups) for the k rows of `x` (k×…), or None."""
+    if (mode() != "auto" or x.device.type != "cpu" or x.dtype != torch.float32
+            or x[0].numel() >= 2 ** 32):  # the C loop's indices are uint32
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    k, n = x.shape[0], x[0].numel()
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(k, -(-n // group_size), dtype=torch.float32)
+    keys = torch.tensor([k0, k1], dtype=torch.int64)  # uint32 values: int64 holds them
+    lib.gp_int8_sr_rows(k, n, group_size, x.data_ptr(), keys[0].data_ptr(), keys[1].data_ptr(),
+                        codes.data_ptr(), scales.data_ptr())
+    return codes, scales
+
+
+def int8_dequantize_rows(codes: torch.Tensor, scales: torch.Tensor,
+                         group_size: int) -> torch.Tensor | None:
+    """fp32 values of codes' shape (code · its group's scale) for k rows, or None."""
+    if (mode() != "auto" or codes.device.type != "cpu" or scales.device.type != "cpu"
+            or codes.dtype != torch.int8 or scales.dtype != torch.float32):
+        return None
+    k, n = codes.shape[0], codes[0].numel()
+    if scales.shape != (k, -(-n // group_size)):
+        return None  # not this codec's layout: the reference reports it
+    lib = library()
+    if lib is None:
+        return None
+    codes, scales = codes.contiguous(), scales.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    lib.gp_int8_dequantize_rows(k, n, group_size, codes.data_ptr(), scales.data_ptr(),
+                                out.data_ptr())
+    return out
