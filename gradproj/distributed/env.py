@@ -23,7 +23,7 @@ PARALLEL_MODES = ("none", "ddp", "fsdp2")
 
 # A collective that has not completed after this long means a rank died or diverged
 # (e.g. took a different branch); fail loudly instead of hanging a CI job forever.
-DEFAULT_TIMEOUT_S = int(os.environ.get("GRADPROJ_DIST_TIMEOUT_S", "300"))
+DEFAULT_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
