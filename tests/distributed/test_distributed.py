@@ -73,6 +73,21 @@ def test_sharded_refresh_moves_fewer_bytes_than_the_gradient():
     assert range_finder_floats(4096, 11008, 128, 8, 1) < 0.08 * 4096 * 11008
 
 
+def test_fsdp2_side_costs_are_exact_counts():
+    from gradproj.distributed.costs import refresh_bytes, state_elements, step_bytes
+    shape = (4096, 11008)  # LLaMA-7B's down projection, W = 8, r = 128
+    assert step_bytes(shape, 128, "left", 8) == 2 * 7 * 128 * 11008 * 4 // 8 == 9_863_168
+    assert step_bytes(shape, 128, "right", 8) == 0
+    assert step_bytes(shape, 128, "full", 8) == 2 * 7 * 128 * 128 * 4 // 8
+    assert step_bytes(shape, 128, "left", 1) == 0
+    assert state_elements(shape, 128, "right", 8) == 512 * 128   # sharded rows
+    assert state_elements(shape, 128, "left", 8) == 128 * 11008  # replicated
+    # the left finder: (q+1)·(m·w + n·w) floats; the owner gather: m_k×n + the m×r basis
+    w = 136
+    assert refresh_bytes(shape, 128, "left", 2, collective=True) == 2 * 2 * (4096 * w + 11008 * w) * 4 // 2
+    assert refresh_bytes(shape, 128, "left", 2, collective=False) == (2048 * 11008 + 4096 * 128) * 4
+
+
 def test_parallel_needs_a_process_group_and_none_refuses_a_multi_process_launch(monkeypatch):
     with pytest.raises(ValueError, match="process group"):
         DistributedLowRankOptimizer([torch.nn.Parameter(torch.zeros(4, 4))], parallel="fsdp2")
