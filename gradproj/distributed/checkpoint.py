@@ -15,8 +15,8 @@ writes one safetensors file of its chunks with their global offsets, rank 0 writ
 The folder becomes `step-N/` by one rename after every rank's files are fsynced (DCP's
 save ends with a collective), so the single-process guarantee holds: a `step-N/` folder
 is complete or absent, `latest` names the newest complete one. It resumes at any world
-size under FSDP2, under DDP, or in one process (`CheckpointManager.load` reads it too),
-except blockwise-quantized moments of row-sharded weights (same world size; see dcp.py).
+size under FSDP2, under DDP, or in one process (`CheckpointManager.load` reads it too);
+q8/q4 moments of row-sharded weights are requantized in the new ranks' blocks (dcp.py).
 Folders of the earlier per-rank layout (`model.rank0-of-2.safetensors`) still load at
 the world size that wrote them.
 """

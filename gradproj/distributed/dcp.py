@@ -16,19 +16,25 @@ position or rank. How a state tensor is laid out under FSDP2 decides how it is s
   a full-rank weight): saved as a Shard(0) DTensor of its global shape, resharded on load;
 - `replicated`: the same on every rank — bases (stored whole: n×r right, m×r left), a
   left/full side's r×n / r×r moments, 0-d norms, windows: saved once (DCP dedups);
-- `per_rank`: anything else that differs between ranks — the codes and scales of a
-  blockwise-quantized (q8/q4) row-sharded moment, whose 256-value blocks follow the
-  rank's rows: saved under `…@rank<r>` and loadable only at the same world size (a
-  different one is refused with a message naming the state and the way out).
+- `blocked`: a moment a format stores in parts under its key prefix (q8/q4 codes and
+  per-256-value absmax of a row-sharded moment: the blocks follow the rank's rows):
+  saved per rank (`…@rank<r>`, every rank's shape in meta.json). The same world size
+  reads its own parts back (bit-exact); another dequantizes every writer's blocks with
+  the format, joins the rows and stores this rank's rows as a fresh run would (codes in
+  its own blocks, or fp32 below the 4096-value threshold) — `_requantize`;
+- `per_rank`: anything else that differs between ranks (none of gradproj's own state):
+  the same world size only, another is refused with a message.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..optimizers.lowrank import matrix_shape
 from ..projectors.base import BASIS_KEYS, low_rank_shape
@@ -75,6 +81,13 @@ def _row_moment_shape(opt, p: torch.Tensor, group: dict) -> tuple[int, ...] | No
     return tuple(local.shape)
 
 
+def _in_blocks(key: str, stored: set[str]) -> bool:
+    """Whether `key` is part of a moment a format stores in parts under its key prefix
+    (`formats/base.py`: "exp_avg.codes", "exp_avg.absmax" of moment "exp_avg")."""
+    moment = key.split(".")[0]
+    return any(k != moment and k.startswith(moment + ".") for k in stored)
+
+
 def _digest(t: torch.Tensor) -> str:
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.sha1(data + str((tuple(t.shape), t.dtype)).encode()).hexdigest()
@@ -88,16 +101,20 @@ def save_state(folder: Path, model, opt, extra: dict[str, torch.Tensor]) -> dict
     names = parameter_names(model, opt)
     tensors: dict[str, torch.Tensor] = {f"model/{k}": v.detach()
                                          for k, v in unwrap(model).state_dict().items()}
-    layout, scalars, candidates = {}, {}, {}
+    layout, scalars, candidates, blocked = {}, {}, {}, {}
     for (p, group), name in zip(_parameters(opt), names):
         row_shape = _row_moment_shape(opt, p, group)
-        for key, value in opt.state.get(p, {}).items():
+        entries = opt.state.get(p, {})
+        stored = {key for key, v in entries.items() if torch.is_tensor(v)}
+        for key, value in entries.items():
             if not torch.is_tensor(value):
                 scalars.setdefault(name, {})[key] = _plain(value, f"state[{name}].{key}")
                 continue
             value = value.detach()
             basis = key.startswith(tuple(BASIS_KEYS.values()))
-            if row_shape is not None and not basis and tuple(value.shape) == row_shape:
+            if row_shape is not None and not basis and _in_blocks(key, stored):
+                blocked[f"{name}/{key}"] = value  # a format's blocks over this rank's rows
+            elif row_shape is not None and not basis and tuple(value.shape) == row_shape:
                 whole = (p.shape[0], *value.shape[1:])
                 stride = torch.empty(whole, device="meta").stride()
                 tensors[f"optim/{name}/{key}"] = DTensor.from_local(
@@ -106,17 +123,22 @@ def save_state(folder: Path, model, opt, extra: dict[str, torch.Tensor]) -> dict
                 layout[f"{name}/{key}"] = ["shard0", list(whole), str(value.dtype)]
             else:
                 candidates[f"{name}/{key}"] = value
-    # an entry is replicated when every rank holds the same bytes (one object all-gather)
-    digests = {k: _digest(v) for k, v in candidates.items()}
-    every = [digests]
+    # an entry is replicated when every rank holds the same bytes; blocked entries keep
+    # every rank's shape (one object all-gather for both)
+    mine = ({k: _digest(v) for k, v in candidates.items()},
+            {k: list(v.shape) for k, v in blocked.items()})
+    every = [mine]
     if distributed:
         every = [None] * world
-        dist.all_gather_object(every, digests)
+        dist.all_gather_object(every, mine)
     for entry, value in candidates.items():
-        same = all(d.get(entry) == digests[entry] for d in every)
+        same = all(d.get(entry) == mine[0][entry] for d, _ in every)
         kind = "replicated" if same else "per_rank"
         tensors[f"optim/{entry}" + ("" if same else f"@rank{rank}")] = value.contiguous()
         layout[entry] = [kind, list(value.shape), str(value.dtype)]
+    for entry, value in blocked.items():
+        tensors[f"optim/{entry}@rank{rank}"] = value.contiguous()
+        layout[entry] = ["blocked", [shapes[entry] for _, shapes in every], str(value.dtype)]
     for key, value in extra.items():
         tensors[f"extra/{key}@rank{rank}"] = value
     writer = _dcp().HuggingFaceStorageWriter(str(folder), save_distributed=True)
@@ -151,12 +173,14 @@ def load_state(folder: Path, meta: dict, model, opt) -> dict[str, torch.Tensor]:
         name, key = entry.split("/", 1)
         p = params[name]
         if kind == "per_rank" and not same_world:
-            raise CheckpointError(
-                f"{folder}: optimizer state {name}.{key} was written per rank by "
-                f"{saved['world_size']} ranks (a blockwise-quantized moment of a row-sharded "
-                f"weight: its blocks follow each rank's rows); resume it on "
-                f"{saved['world_size']} ranks, or train with state_format = \"fp32\" or "
-                f"\"bf16\" to change the world size")
+            raise CheckpointError(f"{folder}: optimizer state {name}.{key} differs between the "
+                                  f"{saved['world_size']} ranks that wrote it; resume it on "
+                                  f"{saved['world_size']} ranks")
+        if kind == "blocked":  # same world: this rank's blocks; else every writer's
+            for j in [rank] if same_world else range(saved["world_size"]):
+                tensors[f"optim/{entry}@rank{j}"] = torch.empty(shape[j], dtype=_dtype(dtype),
+                                                                device=_device(p))
+            continue
         if kind == "shard0" and isinstance(p, DTensor):
             target = torch.distributed.tensor.empty(*shape, dtype=_dtype(dtype),
                                                     device_mesh=p.device_mesh,
@@ -170,18 +194,29 @@ def load_state(folder: Path, meta: dict, model, opt) -> dict[str, torch.Tensor]:
         tensors[f"extra/{key}@rank{source}"] = torch.empty(saved["extra"][key], dtype=torch.uint8)
     reader = _dcp().HuggingFaceStorageReader(str(folder))
     try:
-        _dcp().load(tensors, storage_reader=reader, no_dist=not distributed)
+        with warnings.catch_warnings():  # "assuming ... a single process": we said so
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            _dcp().load(tensors, storage_reader=reader, no_dist=not distributed)
     except Exception as exc:  # DCP raises many kinds; name the folder and the cause
         raise CheckpointError(f"{folder}: cannot be read at this world size ({world}): "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     state: dict[int, dict] = {}
     index = {name: i for i, name in enumerate(names)}
-    for entry in saved["tensors"]:
+    rebuild: dict[str, set[str]] = {}
+    for entry, (kind, _, _) in saved["tensors"].items():
         name, key = entry.split("/", 1)
-        value = tensors[f"optim/{entry}" + (f"@rank{rank}" if saved["tensors"][entry][0] == "per_rank" else "")]
+        if kind == "blocked" and not same_world:
+            rebuild.setdefault(name, set()).add(key.split(".")[0])
+            continue
+        mine = "@rank{}".format(rank) if kind in ("per_rank", "blocked") else ""
+        value = tensors[f"optim/{entry}{mine}"]
         state.setdefault(index[name], {})[key] = value.to_local() if isinstance(value, DTensor) else value
     for name, values in saved["state"].items():
         state.setdefault(index[name], {}).update(values)
+    for name, moments in rebuild.items():
+        p, group = _parameters(opt)[index[name]]
+        for moment in sorted(moments):
+            _requantize(state[index[name]], moment, name, p, opt.plugins(group)[2], saved, tensors)
     groups = []
     for group_meta, current in zip(saved["param_groups"], opt.param_groups):
         groups.append({k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list)
@@ -191,6 +226,33 @@ def load_state(folder: Path, meta: dict, model, opt) -> dict[str, torch.Tensor]:
                               f"optimizer {len(opt.param_groups)}")
     opt.load_state_dict({"state": state, "param_groups": groups})
     return {key: tensors[f"extra/{key}@rank{source}"] for key in extra_keys}
+
+
+def _requantize(target: dict, moment: str, name: str, p, fmt, saved: dict, tensors: dict) -> None:
+    """Rebuild a blockwise-stored row-sharded moment at this world size: dequantize every
+    writer's blocks with the format (`fmt.read`), join the rows, take this rank's rows
+    and store them as a fresh run here would (`fmt.zeros` decides codes or fp32 by the
+    local size, `fmt.write` quantizes in this rank's blocks). Exact for fp32 values; the
+    codes themselves change by at most one quantization step of the new blocks."""
+    scalars = saved["state"].get(name, {})
+    parts = []
+    for j in range(saved["world_size"]):
+        part = dict(scalars)
+        for entry, (kind, _, _) in saved["tensors"].items():
+            owner, key = entry.split("/", 1)
+            if owner == name and kind == "blocked" and key.split(".")[0] == moment:
+                part[key] = tensors[f"optim/{entry}@rank{j}"]
+        parts.append(fmt.read(part, moment))
+    whole = torch.cat(parts)
+    if isinstance(p, DTensor):
+        local, offset = compute_local_shape_and_global_offset(tuple(whole.shape), p.device_mesh,
+                                                              [Shard(0)])
+        whole = whole[offset[0]: offset[0] + local[0]]
+    for key in [k for k in target if k.split(".")[0] == moment]:
+        del target[key]
+    fmt.zeros(target, moment, tuple(whole.shape), whole.device,
+              scalars.get(f"{moment}.signed", True))
+    fmt.write(target, moment, whole.contiguous())
 
 
 def _device(p: torch.Tensor) -> torch.device:

@@ -163,11 +163,13 @@ def test_fsdp2_checkpoint_resumes_exactly_on_the_same_ranks_and_in_one_process(r
 
 
 @pytest.mark.slow
-def test_fsdp2_q8_checkpoint_is_exact_on_the_same_ranks_and_refused_at_another_size(results):
+def test_fsdp2_q8_checkpoint_is_exact_on_the_same_ranks_and_requantized_in_one_process(results):
+    # q8 blocks follow each rank's rows: another world size dequantizes every writer's
+    # blocks and requantizes in its own, within the q8 tolerance of the uninterrupted run
     result = results["checkpoint-q8"]
     assert "error" not in result, result.get("error")
     assert result["same_world_exact"]
-    assert "per rank" in result["one_process_error"] and "state_format" in result["one_process_error"]
+    assert result["one_process_diff"] <= Q8_TOL, result["one_process_diff"]
 
 
 @pytest.mark.slow
@@ -180,7 +182,7 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_four(worker_out, results):
     assert four["max_diff"] <= FP32_TOL, four["max_diff"]
     assert max(abs(a - b) for a, b in zip(four["losses"], four["reference_losses"])) <= LOSS_TOL
     assert len(four["losses"]) == STEPS - 10
-    assert "state_format" in result["checkpoint-q8"]["error_message"]
+    assert result["checkpoint-q8"]["max_diff"] <= Q8_TOL, result["checkpoint-q8"]["max_diff"]
 
 
 # -- 2 processes: the CLI, SIGKILL in the middle of a checkpoint, resume -----------------------
