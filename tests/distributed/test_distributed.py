@@ -32,7 +32,7 @@ from gradproj.train.checkpoint import CheckpointManager
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from worker import CHECKS, STEPS  # noqa: E402
+from worker import CHECKS, CKPT_STEPS, RESUME_AT, STEPS  # noqa: E402
 from harness import BASE  # noqa: E402
 
 LR = BASE["lr"]
@@ -154,11 +154,12 @@ LOSS_TOL = 1e-5
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_exactly_on_the_same_ranks_and_in_one_process(results):
+def test_fsdp2_checkpoint_resumes_exactly_on_the_same_ranks_and_in_one_process_and_ddp(results):
     result = results["checkpoint"]
     assert "error" not in result, result.get("error")
     assert result["same_world_exact"], "resume on the same 2 ranks is not bit-exact"
     assert result["one_process_diff"] <= FP32_TOL, result["one_process_diff"]
+    assert result["ddp_diff"] <= FP32_TOL, result["ddp_diff"]  # read under DDP too
     assert max(abs(a - b) for a, b in zip(result["one_process_losses"], result["losses"])) <= LOSS_TOL
 
 
@@ -181,7 +182,7 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_four(worker_out, results):
     four = result["checkpoint"]
     assert four["max_diff"] <= FP32_TOL, four["max_diff"]
     assert max(abs(a - b) for a, b in zip(four["losses"], four["reference_losses"])) <= LOSS_TOL
-    assert len(four["losses"]) == STEPS - 10
+    assert len(four["losses"]) == CKPT_STEPS - RESUME_AT
     assert result["checkpoint-q8"]["max_diff"] <= Q8_TOL, result["checkpoint-q8"]["max_diff"]
 
 

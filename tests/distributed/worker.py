@@ -127,10 +127,10 @@ def check_errors(env: DistEnv) -> dict:
 
 # Checkpoints: FSDP2 saves at step RESUME_AT through torch.distributed.checkpoint; the
 # uninterrupted run, a resume on the same ranks, one in a single process (rank 0) and one
-# on 4 ranks (a second launch, `resume4`) all continue to STEPS on the same global batches.
+# on 4 ranks (a second launch, `resume4`) all continue to CKPT_STEPS on the same batches.
 # q8: the 512×32 MLP weights' right-side moments are 256×16 codes per rank on 2 ranks
 # (blocks follow the rows), 512×16 in one process, 128×16 fp32 (< 4096) on 4 ranks.
-RESUME_AT = 10
+RESUME_AT, CKPT_STEPS = 6, 12   # refits at 0 and 5 before the checkpoint, at 10 after it
 CKPT = {"projector": "randomized", "residual": "fira", **MULTI}   # std: left and right sides
 CKPT_Q8 = {"projector": "svd", "state_format": "q8", **MULTI}
 
@@ -159,31 +159,36 @@ def global_losses(model, opt, env: DistEnv, start: int, stop: int) -> list[float
 
 
 def resumed(run_dir: Path, env: DistEnv, options: dict) -> tuple[dict, list[float]]:
-    """A fresh model and optimizer loaded from run_dir's latest checkpoint, trained to STEPS."""
+    """A fresh model and optimizer loaded from run_dir's latest checkpoint, trained to CKPT_STEPS."""
     model, opt = build(env, options)
     sched = _schedule(opt)
     loaded = _manager(run_dir, env).load(model, opt, sched)
-    losses = global_losses(model, opt, env, loaded.step, STEPS)
+    losses = global_losses(model, opt, env, loaded.step, CKPT_STEPS)
     return full_weights(model), losses
 
 
 def check_checkpoint(env: DistEnv, out: Path, options: dict, label: str) -> dict:
+    t0 = time.perf_counter()
     fenv = DistEnv("fsdp2", env.rank, env.world_size, env.local_rank, env.backend, env.device)
     run_dir = out / label
     model, opt = build(fenv, options)
     train(model, opt, fenv, 0, RESUME_AT)
     _manager(run_dir, fenv).save(RESUME_AT, model, opt, _schedule(opt), {})
-    losses = global_losses(model, opt, fenv, RESUME_AT, STEPS)
+    losses = global_losses(model, opt, fenv, RESUME_AT, CKPT_STEPS)
     weights = full_weights(model)
     again, again_losses = resumed(run_dir, fenv, options)
     result = {"bases_identical": True, "same_world_exact": again_losses == losses
               and max_diff(again, weights) == 0.0, "losses": losses}
+    denv = DistEnv("ddp", env.rank, env.world_size, env.local_rank, env.backend, env.device)
+    ddp, _ = resumed(run_dir, denv, options)  # the FSDP2 checkpoint under DDP (plain tensors)
+    result["ddp_diff"] = max_diff(ddp, weights)
     if env.rank == 0:
         save_file(weights, str(out / f"{label}-uninterrupted.safetensors"))
         (out / f"{label}-losses.json").write_text(json.dumps(losses))
         one, one_losses = resumed(run_dir, DistEnv(), options)
         result.update(one_process_diff=max_diff(one, weights), one_process_losses=one_losses)
     dist.barrier()
+    result["seconds"] = time.perf_counter() - t0
     return result
 
 
