@@ -5,17 +5,20 @@ single-process checkpoint (parameter names without DDP's `module.` prefix). It i
 world-size independent: `[train] batch_size` is the global batch, so a DDP run can be
 resumed with another `--nproc_per_node`, or in one process.
 
-FSDP2: safetensors per rank. Each rank writes its rows of every weight and its local
-optimizer state; rank 0 writes the scheduler, loop counters and `meta.json` last:
+FSDP2: torch.distributed.checkpoint with its safetensors storage (`dcp.py`): every rank
+writes one safetensors file of its chunks with their global offsets, rank 0 writes
+`meta.json` last (scalars, options, how each state tensor is laid out):
 
-    step-200/  model.rank0-of-2.safetensors  optimizer.rank0-of-2.safetensors  extra.rank0-of-2…
-               model.rank1-of-2.safetensors  …                                 meta.json
+    step-200/  shard-00001-model-00001-of-00001.safetensors   (rank 0's chunks)
+               shard-00002-model-00001-of-00001.safetensors   (rank 1's)   meta.json
 
-The folder becomes `step-N/` by one rename after every rank has fsynced its files (two
-barriers), so the single-process guarantee holds: a `step-N/` folder is complete or
-absent. Resuming needs the same world size (a shard's rows are fixed by it); a different
-one is refused with a message. Chosen over torch.distributed.checkpoint (DCP) to keep
-one file format — safetensors + JSON, readable without torch.distributed — across modes.
+The folder becomes `step-N/` by one rename after every rank's files are fsynced (DCP's
+save ends with a collective), so the single-process guarantee holds: a `step-N/` folder
+is complete or absent, `latest` names the newest complete one. It resumes at any world
+size under FSDP2, under DDP, or in one process (`CheckpointManager.load` reads it too);
+q8/q4 moments of row-sharded weights are requantized in the new ranks' blocks (dcp.py).
+Folders of the earlier per-rank layout (`model.rank0-of-2.safetensors`) still load at
+the world size that wrote them.
 """
 from __future__ import annotations
 
@@ -29,17 +32,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ..train.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, Loaded,
-                                _plain, optimizer_from_flat, optimizer_to_flat)
+                                _plain, optimizer_from_flat)
+from .dcp import LAYOUT, load_checkpoint, rng_states, save_state
 from .wrap import local_tensor, unwrap
 
 
 def shard_name(stem: str, rank: int, world: int) -> str:
     return f"{stem}.rank{rank}-of-{world}.safetensors"
-
-
-def model_shard(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's rows of every weight and buffer in the state dict."""
-    return {k: local_tensor(v).detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_model_shard(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -76,17 +75,11 @@ class DistributedCheckpointManager(CheckpointManager):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        opt_tensors, opt_meta = optimizer_to_flat(opt)
-        self._write_tensors(tmp / shard_name("model", self.rank, self.world), model_shard(model))
-        self._write_tensors(tmp / shard_name("optimizer", self.rank, self.world), opt_tensors)
-        self._write_tensors(tmp / shard_name("extra", self.rank, self.world),
-                            {"rng/torch_cpu": torch.get_rng_state()})
-        metas: list = [None] * self.world
-        dist.all_gather_object(metas, opt_meta)  # also a barrier: every shard is on disk
+        described = save_state(tmp, model, opt, rng_states())  # every rank; ends in a collective
         if self.rank == 0:
             sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
             meta = {"format": FORMAT_VERSION, "step": step, "parallel": "fsdp2",
-                    "world_size": self.world, "optimizer": metas,
+                    "layout": LAYOUT, "world_size": self.world, "optimizer": described,
                     "scheduler": _plain(sched, "scheduler"), "loop": _plain(loop, "loop")}
             self._publish(tmp, final, meta)
         dist.barrier()
@@ -98,17 +91,22 @@ class DistributedCheckpointManager(CheckpointManager):
         if folder is None:
             raise CheckpointError(f"no complete checkpoint under {self.root}")
         meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") == FORMAT_VERSION and meta.get("layout") == LAYOUT:
+            return load_checkpoint(folder, meta, model, opt, scheduler)  # any world size
         sharded = meta.get("parallel") == "fsdp2"
         if self.parallel == "ddp":
             if sharded:
-                raise CheckpointError(f"{folder}: saved per rank under fsdp2; resume it with "
-                                      f"[train] parallel = \"fsdp2\" on {meta['world_size']} ranks")
+                raise CheckpointError(f"{folder}: saved per rank under fsdp2 by an earlier gradproj; "
+                                      f"resume it with [train] parallel = \"fsdp2\" on "
+                                      f"{meta['world_size']} ranks")
             return super().load(unwrap(model), opt, scheduler, folder)
-        if not sharded or meta.get("world_size") != self.world:
-            how = (f"under fsdp2 by {meta['world_size']} ranks" if sharded
-                   else "by one process or under ddp")
-            raise CheckpointError(f"{folder}: saved {how}; an fsdp2 checkpoint resumes only at the "
-                                  f"world size that wrote it (this run has {self.world} ranks)")
+        if not sharded:
+            raise CheckpointError(f"{folder}: saved by one process or under ddp; an fsdp2 run "
+                                  f"resumes from a checkpoint written under fsdp2 (at any world size)")
+        if meta.get("world_size") != self.world:
+            raise CheckpointError(f"{folder}: saved under fsdp2 by {meta['world_size']} ranks in the "
+                                  f"per-rank layout of an earlier gradproj, which resumes only at "
+                                  f"that world size (this run has {self.world} ranks)")
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: checkpoint format {meta.get('format')}, "
                                   f"this gradproj reads {FORMAT_VERSION}")

@@ -8,12 +8,18 @@ each rank fits its share and the bases are broadcast: a refresh costs ~1/W of th
 single-process time, and all ranks hold bit-identical bases by construction.
 
 FSDP2: parameters and gradients are row-sharded DTensors (`fully_shard`, Shard(0)). The
-step runs the unchanged single-process code on this rank's rows: projection is on the
-right (P is n×r, replicated; R = G_k·P and the moments m_k×r are sharded like the
-weight, so no step communicates), and states are plain local tensors. Refits: the
-randomized projector runs the row-sharded range finder (`rangefinder.py`, thin
-all-reduces only); any other projector (svd, int4, gaussian, plugins) gathers the
-gradient to one owner rank per parameter, which fits it exactly as one process would.
+step runs the unchanged single-process code on this rank's rows, on the side the spec's
+`proj_type` picks for the global shape (as in one process; states are plain local tensors):
+- right (P n×r, replicated): R = G_k·P and the moments m_k×r are sharded like the
+  weight; no step communicates.
+- left (P m×r, replicated; rank k uses its rows P_k): R = Σ_k P_kᵀ·G_k is one
+  all-reduce of r×n partials per step; R, N and the r×n moments are the same on every
+  rank (replicated, not sharded); back(N) = P_k·N is this rank's rows.
+- full: Σ_k P_kᵀ·G_k·Pᵣ, one all-reduce of r×r per step.
+`costs.py` gives these bytes per step and refresh. Refits: the randomized projector runs
+the row-sharded range finders (`rangefinder.py`, thin collectives only); any other
+projector (svd, int4, gaussian, plugins) gathers the gradient to one owner rank per
+parameter, which fits it exactly as one process would, and broadcasts the basis.
 Rules must be elementwise on the low-rank gradient (adamw, lion, sgdm, adabelief):
 Adafactor's factored moments average across the rows FSDP2 splits.
 """
@@ -56,19 +62,6 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         super().__init__(params, **options)
 
     # -- plugins and layout ------------------------------------------------------------
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if self.parallel == "fsdp2" and group["lowrank"]:
-            self._check_side(group)
-
-    @staticmethod
-    def _check_side(group: dict) -> None:
-        if group["proj_type"] in ("left", "full"):
-            raise ValueError(f"option 'proj_type' = {group['proj_type']!r} is not supported under "
-                             f"parallel = \"fsdp2\": a left basis needs an all-reduce of Pᵀ·G every "
-                             f"step; use \"std\" or \"auto\" (both project on the shard-local right)")
-
     def plugins(self, group: dict) -> tuple:
         rule, projector, fmt, residual = super().plugins(group)
         key = id(projector), id(residual)
@@ -90,10 +83,14 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         return super().is_low_rank(self._global_of.get(p, p), group)
 
     def side(self, p: torch.Tensor, group: dict) -> str:
-        if self.parallel != "fsdp2":
-            return super().side(p, group)
-        self._check_side(group)
-        return "right"
+        # the spec's side, decided on the global shape as in one process (never a shard's)
+        return super().side(self._global_of.get(p, p), group)
+
+    def _fusable(self, params, projector, side, direction) -> bool:
+        # the fused back-projection kernel takes a whole basis; a left basis is used by rows
+        if self.parallel == "fsdp2" and side in ("left", "full"):
+            return False
+        return super()._fusable(params, projector, side, direction)
 
     @contextmanager
     def _on_shard(self, p: torch.Tensor):

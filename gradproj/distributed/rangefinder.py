@@ -1,8 +1,7 @@
 """The randomized range finder on a row-sharded gradient (FSDP2), communicating only thin pieces.
 
-Each rank holds G_k, rows [o_k, o_k + m_k) of the m×n gradient G. FSDP2 projects on the
-right (P is n×r, R = G·P is row-sharded like G, so projection never communicates), and the
-right basis is `range_finder(Gᵀ)` — the same algorithm the single-process projector runs
+Each rank holds G_k, rows [o_k, o_k + m_k) of the m×n gradient G. A right basis (P is
+n×r, R = G·P row-sharded like G, so projection never communicates) is `range_finder(Gᵀ)` — the same algorithm the single-process projector runs
 (Halko, Martinsson & Tropp 2011), with every large product split by rows:
 
     Ω  (m×w, w = r + p) drawn from the same seed on every rank; rank k uses rows Ω_k
@@ -31,6 +30,9 @@ fp32 rounding (signs included, which matters: GaLore keeps its moments across re
 Rounding can still tip LAPACK's sign for a column now and then (so can the all-reduce
 order under DDP, or a different BLAS thread count in one process): with moments = "keep"
 such a flip moves a run by O(lr); moments = "rotate" makes the step sign-invariant.
+
+A left basis (P is m×r, R = Pᵀ·G = Σ_k P_kᵀ·G_k) is `range_finder(G)`:
+`sharded_left_range_finder` below, which all-gathers the thin m×w sketches instead.
 """
 from __future__ import annotations
 
@@ -124,7 +126,40 @@ def sharded_range_finder(g_local: torch.Tensor, rank: int, *, oversample: int, p
     return q @ u_small[:, :rank]
 
 
-def range_finder_floats(m: int, n: int, rank: int, oversample: int, power_iters: int) -> int:
-    """Floats in the collectives of one sharded refresh of an m×n gradient (m rows sharded)."""
+def sharded_left_range_finder(g_local: torch.Tensor, rank: int, *, oversample: int,
+                              power_iters: int, seed: int, group=None) -> torch.Tensor:
+    """m×rank orthonormal *left* basis of the row-sharded G, whole on every rank; equals
+    `range_finder(G, rank, oversample=, power_iters=, seed=)` to fp32 rounding.
+
+    The left basis spans G's columns, so its rows are G's rows. Every tall m×w sketch
+    (Y = G·Ω, G·Z) is formed locally on this rank's rows and all-gathered (m×w), so each
+    Householder QR factors the same replicated matrix as the one-process code and keeps
+    LAPACK's column signs; the products that sum over rows (Gᵀ·Q, B = Qᵀ·G) all-reduce
+    n×w and w×n partials. Floats per refresh: (q+1)·m·w gathered + (q+1)·n·w reduced.
+    """
+    g = g_local.float()
+    offset, rows, sizes = row_layout(g.shape[0], group, g.device)
+    cols = g.shape[1]
+    width = min(rank + oversample, rows, cols)
+    omega = torch.randn(cols, width, generator=seeded_generator(g.device, seed),
+                        device=g.device, dtype=g.dtype)  # n×w: the same whole Ω everywhere
+    q, _ = torch.linalg.qr(all_gather_rows(g @ omega, sizes, group))
+    for _ in range(power_iters):
+        y = g.T @ q[offset: offset + g.shape[0]]
+        dist.all_reduce(y, group=group)
+        z, _ = torch.linalg.qr(y)
+        q, _ = torch.linalg.qr(all_gather_rows(g @ z, sizes, group))
+    b = q[offset: offset + g.shape[0]].T @ g           # w×n partial of Qᵀ·G
+    dist.all_reduce(b, group=group)
+    u_small, _, _ = torch.linalg.svd(b, full_matrices=False)
+    return q @ u_small[:, :rank]
+
+
+def range_finder_floats(m: int, n: int, rank: int, oversample: int, power_iters: int,
+                        side: str = "right") -> int:
+    """Floats in the collectives of one sharded refresh of an m×n gradient (m rows sharded),
+    for the right basis (`sharded_range_finder`) or the left one (`sharded_left_range_finder`)."""
     w = min(rank + oversample, m, n)
+    if side == "left":
+        return (power_iters + 1) * (m * w + n * w)
     return (power_iters + 1) * n * w + 2 * power_iters * w * w + m * w

@@ -227,6 +227,9 @@ class CheckpointManager:
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: checkpoint format {meta.get('format')}, "
                                   f"this gradproj reads {FORMAT_VERSION}")
+        if meta.get("layout") == "dcp":  # written under FSDP2: read at this world size (one)
+            from ..distributed.dcp import load_checkpoint
+            return load_checkpoint(folder, meta, model, opt, scheduler)
         model_sd = load_file(str(folder / "model.safetensors"))
         missing, unexpected = model.load_state_dict(model_sd, strict=False)
         if missing or unexpected:
