@@ -13,7 +13,8 @@ bucketing:
   * buckets as DDP builds them (`bucket_assignment`, the reducer's rule): parameters in
     reverse order — the order backward produces their gradients (checked on the model
     presets; a bucket whose members arrive out of order only stays open longer) — a
-    1 MiB first bucket, then 25 MiB ones, one dtype per bucket;
+    1 MiB first bucket, then 25 MiB ones, one dtype per bucket; except that a gradient
+    of at least a bucket's size gets a bucket of its own, so it is never copied;
   * a post-accumulate hook copies a gradient into its bucket and frees `.grad` (a bucket
     of one weight is that gradient itself, no copy); a full bucket is divided by W and
     all-reduced asynchronously, in bucket order on every rank;
@@ -52,15 +53,23 @@ BUCKET_CAP_BYTES = 25 * 1024 * 1024     # DistributedDataParallel(bucket_cap_mb=
 MAX_IN_FLIGHT = 1                       # all-reduces outstanding while backward goes on
 
 
-def bucket_assignment(sizes: list[tuple[int, object]], limits: list[int]) -> list[list[int]]:
+def bucket_assignment(sizes: list[tuple[int, object]], limits: list[int], *,
+                      large_alone: bool = False) -> list[list[int]]:
     """DDP's bucketing (the C++ reducer's compute_bucket_assignment_by_size): tensors in
     the given order, one open bucket per key (dtype), closed once it reaches its limit;
     the limits are taken in turn, the last repeating. `sizes`: (bytes, key) per tensor.
-    Buckets come out ordered by their first tensor."""
+    Buckets come out ordered by their first tensor.
+
+    `large_alone`: a tensor that reaches the limit by itself closes the open bucket and
+    takes one of its own — such a bucket is the gradient itself, never copied (DDP would
+    copy the 7B embedding's 262 MB gradient into a 262 MB buffer shared with a norm)."""
     open_: dict = {}
     done: list[list[int]] = []
     for i, (nbytes, key) in enumerate(sizes):
         members, size, turn = open_.get(key, ([], 0, 0))
+        if large_alone and members and nbytes >= limits[min(turn, len(limits) - 1)]:
+            done.append(members)
+            members, size, turn = [], 0, turn + 1
         members.append(i)
         size += nbytes
         if size >= limits[min(turn, len(limits) - 1)]:
@@ -145,7 +154,7 @@ class DDPPerLayerStepper(PerLayerStepper):
         sizes = [(_numel(shape) * torch.empty((), dtype=dtype).element_size(), dtype)
                  for _, _, shape, dtype in members]
         self._buckets, self._bucket_of, self._next = [], {}, 0
-        for indices in bucket_assignment(sizes, self.limits):
+        for indices in bucket_assignment(sizes, self.limits, large_alone=True):
             rows, offset = [], 0
             for i in indices:
                 p, kind, shape, dtype = members[i]
@@ -196,10 +205,11 @@ class DDPPerLayerStepper(PerLayerStepper):
         if bucket.buffer is None:
             if len(bucket.members) == 1 and tensor.is_contiguous():
                 bucket.buffer = tensor.detach().view(-1)  # the gradient itself: no copy
+                self.bucket_bytes += _nbytes(bucket.buffer)  # and no longer a .grad (below)
             else:
                 bucket.buffer = torch.empty(bucket.numel, dtype=bucket.dtype, device=tensor.device)
-            self.bucket_bytes += _nbytes(bucket.buffer)
-            self._track_peak()  # the gradient and the new buffer are both alive here
+                self.bucket_bytes += _nbytes(bucket.buffer)
+                self._track_peak()  # the gradient and the new buffer are both alive here
         if bucket.buffer.data_ptr() != tensor.data_ptr():
             bucket.buffer[offset:offset + numel].copy_(tensor.reshape(-1))
         bucket.got.add(p)

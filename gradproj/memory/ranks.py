@@ -10,7 +10,8 @@ batch_size / N sequences. Then:
     wraps the model; gradient_as_bucket_view = False, as `distributed/wrap.py` builds it).
     In per-layer mode the model is not wrapped (`distributed/perlayer.py`): alive at once
     are the bucket being filled, the one being all-reduced and the gradient being copied
-    in, over DDP's buckets (25 MiB, 1 MiB first) in reverse parameter order —
+    in, over DDP's buckets (25 MiB, 1 MiB first; a larger gradient alone) in reverse
+    parameter order —
     `ddp_per_layer_peak` follows the stepper event by event, so it is exact for one
     micro-batch; with k > 1 it adds that bucket term to one process's per-layer figure
     (full-rank `.grad` kept, fp32 sums of R), a bound.
@@ -61,7 +62,7 @@ def ddp_bucket_peak(sizes: list[tuple[int, torch.dtype]],
     a new buffer the arriving tensor is copied into, a bucket of one is that tensor."""
     from ..distributed.perlayer import bucket_assignment
     peak, previous = 0, 0
-    for members in bucket_assignment(sizes, list(limits)):
+    for members in bucket_assignment(sizes, list(limits), large_alone=True):
         size = sum(sizes[i][0] for i in members)
         if len(members) > 1:
             peak = max(peak, previous + size + max(sizes[i][0] for i in members))
