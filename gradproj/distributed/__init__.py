@@ -7,7 +7,8 @@
 Modules: env (process group; gloo on CPU, NCCL on CUDA), rank0 (rank-0-only output),
 wrap (DDP / FSDP2), optimizer (the distributed optimizer), sharded (plugin wrappers),
 exchange (owners, broadcast of fitted bases), rangefinder (row-sharded range finder),
-checkpoint (per-rank safetensors shards).
+checkpoint (per-rank safetensors shards), perlayer (per-layer mode under DDP: bucketed
+all-reduce, each weight stepped on its averaged gradient).
 """
 from .env import (DEFAULT_TIMEOUT_S, PARALLEL_MODES, DistEnv, free_port, init_distributed,
                   launched_world_size, shutdown)

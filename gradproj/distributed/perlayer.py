@@ -157,7 +157,7 @@ class DDPPerLayerStepper(PerLayerStepper):
         for indices in bucket_assignment(sizes, self.limits, large_alone=True):
             rows, offset = [], 0
             for i in indices:
-                p, kind, shape, dtype = members[i]
+                p, kind, shape, _ = members[i]
                 rows.append((p, kind, offset, _numel(shape), shape))
                 offset += _numel(shape)
             bucket = _Bucket(rows, offset, members[indices[0]][3])
@@ -296,5 +296,5 @@ def _numel(shape) -> int:
     return torch.Size(shape).numel()
 
 
-__all__ = ["BUCKET_CAP_BYTES", "DDPPerLayerStepper", "FIRST_BUCKET_BYTES", "bucket_assignment",
+__all__ = ["BUCKET_CAP_BYTES", "FIRST_BUCKET_BYTES", "DDPPerLayerStepper", "bucket_assignment",
            "replicate"]

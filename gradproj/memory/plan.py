@@ -101,7 +101,7 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
     counted, grad_detail, notes = optimizer, {}, list(notes)
     if launch == "fsdp2":
         weights, weight_scales = fsdp2_weight_bytes(model, nproc)
-        counted, global_of = fsdp2_optimizer(optimizer, nproc)  # shard-shaped parameters
+        counted, _ = fsdp2_optimizer(optimizer, nproc)  # shard-shaped parameters
         notes.append(f"fsdp2 x {nproc}: weights, gradients and optimizer states are rank 0's "
                      f"shards (ceil(rows/{nproc}) rows); not counted: the unsharded weights of "
                      f"the FSDP unit being all-gathered (the largest holds "

@@ -132,9 +132,10 @@ def test_per_layer_ddp_gradient_peak_is_about_one_bucket_and_planned(results):
     assert measured["grad"] == planned  # the planner follows the stepper event by event
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     # one bucket filling + the one in flight + the gradient being copied in; the tiny
-    # model's 443 KB of gradients in 64 KiB buckets peak at 213 KB, 0.24x plain DDP's
+    # model's 443 KB of gradients in 64 KiB buckets peak at 131 KB (an MLP gradient, a
+    # bucket of its own, while the previous one is all-reduced): 0.15x plain DDP's 886 KB
     assert measured["bucket"] <= 2 * (SMALL_BUCKET + largest)  # never more than two buckets
-    assert measured["grad"] < 0.25 * plain
+    assert measured["grad"] < 0.2 * plain
     planned4, _ = ddp_gradient_bytes(model, opt, per_layer=True, grad_accum=4, limits=limits)
     accum = result["per_layer_accum4"]
     assert accum["grad"] + accum["accum"] <= planned4 < 0.6 * plain  # a bound for k > 1
