@@ -149,3 +149,11 @@ def test_gradproj_train_per_layer_ddp_equals_normal_ddp(results):
     assert len(per_layer["losses"]) == 4
     assert max(abs(a - b) for a, b in zip(normal["losses"], per_layer["losses"])) <= FP32_TOL
     assert abs(normal["final_eval"] - per_layer["final_eval"]) <= FP32_TOL
+
+
+@pytest.mark.slow
+def test_per_layer_ddp_reduces_int8_weights_too(results):
+    result = results["int8"]
+    assert "error" not in result, result.get("error")
+    assert result["int8_weights"] == 7  # q, k, v, o, gate, up, down of the one layer
+    assert result["weights_identical"] and result["bases_identical"]

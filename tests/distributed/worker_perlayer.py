@@ -137,6 +137,33 @@ def check_memory(env: DistEnv) -> dict:
             "plain_ddp_buckets": buckets, "bases_identical": True}
 
 
+def check_int8(env: DistEnv) -> dict:
+    """q-galore's INT8 weights (their layer's backward writes `.grad`; DDP's reducer never
+    sees them, as they do not require grad): per-layer DDP reduces them like any other, so
+    every weight stays bitwise the same on both ranks (unreduced, the ranks' gradients
+    differ from the first step)."""
+    from gradproj.quant.linear import is_quantized
+    model = replicate(build_model(model_config("tiny", n_layers=1), seed=0))
+    opt = distribute_optimizer(gp.build_optimizer(model, "q-galore", rank=32), "ddp")
+    stepper = DDPPerLayerStepper(opt, 2, module=model)
+    vocab = model_config("tiny").vocab_size
+    for step in range(3):
+        for micro in range(2):
+            gen = torch.Generator().manual_seed(100 * env.rank + 10 * step + micro)
+            x = torch.randint(0, vocab, (2, 16), generator=gen)
+            stepper.begin_micro_batch(micro)
+            (model(x, x) / 2).backward()
+        stepper.end_step()
+    stepper.remove()
+    same = True
+    for p in model.parameters():
+        parts = [torch.empty_like(p) for _ in range(env.world_size)]
+        dist.all_gather(parts, p.detach().contiguous())
+        same &= all(torch.equal(parts[0], part) for part in parts)
+    return {"int8_weights": sum(is_quantized(p) for p in model.parameters()),
+            "weights_identical": bool(same), "bases_identical": bases_identical(opt)}
+
+
 SPEC = """
 [model]
 preset = "tiny"
@@ -204,12 +231,11 @@ def main() -> None:
     torch.set_num_threads(1)  # two ranks on two cores
     env = init_distributed("ddp", device="cpu")
     results = {}
-    for name in [*CHECKS, "memory", "trainer"]:
+    special = {"memory": check_memory, "int8": check_int8,
+               "trainer": lambda env: check_trainer(env, out)}
+    for name in [*CHECKS, *special]:
         try:
-            if name == "trainer":
-                results[name] = check_trainer(env, out)
-            else:
-                results[name] = check_memory(env) if name == "memory" else run_check(name, env)
+            results[name] = special[name](env) if name in special else run_check(name, env)
         except Exception:  # record and go on: one broken check must not hide the others
             results[name] = {"error": traceback.format_exc()}
             print(results[name]["error"], file=sys.stderr, flush=True)
