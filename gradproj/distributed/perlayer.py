@@ -119,7 +119,8 @@ class DDPPerLayerStepper(PerLayerStepper):
         # optimizer's groups list them by kind, not by layer)
         ordered = [q for q in (module.parameters() if module is not None else ())
                    if q in self.group_index]
-        ordered += [q for q in self.group_index if q not in set(ordered)]
+        seen = set(ordered)
+        ordered += [q for q in self.group_index if q not in seen]
         self.order = list(reversed(ordered))
         self.global_low: dict[torch.Tensor, torch.Tensor] = {}  # p -> project(averaged G_1)
         self.bucket_bytes = 0        # bytes of bucket buffers alive right now

@@ -47,7 +47,8 @@ def backward_order(model: torch.nn.Module, optimizer: LowRankOptimizer) -> list:
     """(p, group) in the order backward produces gradients: the module's, reversed."""
     group_of = {p: g for p, g in trained(optimizer)}
     ordered = [p for p in model.parameters() if p in group_of]
-    ordered += [p for p in group_of if p not in set(ordered)]
+    seen = set(ordered)
+    ordered += [p for p in group_of if p not in seen]
     return [(p, group_of[p]) for p in reversed(ordered)]
 
 
