@@ -8,7 +8,9 @@ Modules: env (process group; gloo on CPU, NCCL on CUDA), rank0 (rank-0-only outp
 wrap (DDP / FSDP2), optimizer (the distributed optimizer), sharded (plugin wrappers),
 exchange (owners, broadcast of fitted bases), rangefinder (row-sharded range finders),
 costs (bytes per step and refresh by projection side), checkpoint and dcp (FSDP2
-checkpoints through torch.distributed.checkpoint, resumable at any world size).
+checkpoints through torch.distributed.checkpoint, resumable at any world size),
+perlayer (per-layer mode under DDP: bucketed all-reduce, each weight stepped on its
+averaged gradient).
 """
 from .env import (DEFAULT_TIMEOUT_S, PARALLEL_MODES, DistEnv, free_port, init_distributed,
                   launched_world_size, shutdown)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .env import DistEnv, init_distributed, shutdown
 from .optimizer import distribute_optimizer
@@ -43,15 +44,31 @@ class RunContext:
         if env.distributed and batch_size % env.world_size:
             raise ValueError(f"[train] batch_size = {batch_size} is the global batch and must be "
                              f"a multiple of the world size {env.world_size}")
-        if env.parallel == "ddp" and per_layer:
-            raise ValueError("[train] per_layer = true needs parallel = \"fsdp2\": per-layer "
-                             "updates step each weight inside backward, before DDP's bucketed "
-                             "all-reduce has averaged its gradient (FSDP2 runs the hooks after "
-                             "its reduce-scatter)")
 
     # -- model and optimizer -------------------------------------------------------------
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, per_layer: bool = False) -> torch.nn.Module:
+        if per_layer and self.env.parallel == "ddp":  # the stepper reduces the gradients
+            from .perlayer import replicate
+            return replicate(model)
         return wrap_model(model, self.env)
+
+    def per_layer_stepper(self, optimizer, grad_accum: int = 1, model=None, **options):
+        """Optimizer-in-backward: under DDP each weight steps on its all-reduced gradient
+        (`perlayer.py`; `model` gives the bucket order); FSDP2 runs the hooks after its
+        reduce-scatter, as one process does."""
+        if self.env.parallel == "ddp":
+            from .perlayer import DDPPerLayerStepper
+            return DDPPerLayerStepper(optimizer, grad_accum, module=model, **options)
+        from ..train.perlayer import PerLayerStepper
+        return PerLayerStepper(optimizer, grad_accum, **options)
+
+    @staticmethod
+    def bucket_bytes(model: torch.nn.Module) -> int:
+        """Bytes of DDP's gradient buckets: the reducer keeps every parameter that requires
+        grad in one of them, from wrapping to the end of the run (0 when not DDP)."""
+        if not isinstance(model, DistributedDataParallel):
+            return 0
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
     @staticmethod
     def module(model: torch.nn.Module) -> torch.nn.Module:

@@ -63,22 +63,24 @@ def split_codes_and_scales(tensors: dict) -> tuple[int, int]:
     return values, scales
 
 
-def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+def weight_bytes(model: torch.nn.Module, param_bytes=nbytes) -> tuple[int, int]:
     """(weight bytes, scale bytes) of the model's parameters and buffers.
 
     In a module that holds an integer tensor directly (an INT8 Linear), its floating
-    tensors other than a bias are that weight's quantization scales.
+    tensors other than a bias are that weight's quantization scales. `param_bytes`
+    sizes a parameter (FSDP2: its shard's bytes); buffers count whole.
     """
     values = scales = 0
     for module in model.modules():
-        own = dict(module.named_parameters(recurse=False))
-        own.update(module.named_buffers(recurse=False))
+        params = dict(module.named_parameters(recurse=False))
+        own = {**params, **dict(module.named_buffers(recurse=False))}
         quantized = any(_is_integer(t) for t in own.values())
         for name, t in own.items():
+            size = param_bytes(t) if name in params else nbytes(t)
             if quantized and t.dtype.is_floating_point and name != "bias":
-                scales += nbytes(t)
+                scales += size
             else:
-                values += nbytes(t)
+                values += size
     return values, scales
 
 

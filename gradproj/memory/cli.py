@@ -1,4 +1,5 @@
-"""`gradproj memory SPEC [--set k=v] [--dtype D] [--json]`: the planner on the command line.
+"""`gradproj memory SPEC [--set k=v] [--dtype D] [--launch ddp|fsdp2 --nproc N] [--json]`:
+the planner on the command line.
 
 Registered in `gradproj/train/cli.py` as one `COMMANDS` entry.
 """
@@ -16,6 +17,12 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weight storage dtype (the papers train pure bfloat16); default: the "
                         "spec's (float32 unless it says otherwise)")
+    p.add_argument("--launch", choices=("none", "ddp", "fsdp2"), default=None,
+                   help="plan one rank of this launch (default: the spec's [train].parallel); "
+                        "needs --nproc")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="number of ranks (torchrun --nproc_per_node x nodes): per-rank figures, "
+                        "the global [train].batch_size split over them")
     p.add_argument("--json", action="store_true",
                    help='print {"spec": {...}, "baselines": {"adamw-bf16": {...}, '
                         '"adam-8bit": {...}}} with every component in bytes')
@@ -29,7 +36,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)  # SpecError: one line per problem, exit 2
     try:
-        plan = plan_memory(spec, dtype=args.dtype)
+        plan = plan_memory(spec, dtype=args.dtype, launch=args.launch, nproc=args.nproc)
     except ValueError as exc:
         raise UserError(f"memory: {exc}") from None
     print(format_json(plan) if args.json else format_table(plan, args.spec))

@@ -22,6 +22,8 @@ import torch
 from ..optimizers.lowrank import LowRankOptimizer
 from .accounting import gradient_bytes, optimizer_bytes, weight_bytes
 from .activations import activation_bytes
+from .ranks import (LAUNCHES, ddp_gradient_bytes, fsdp2_optimizer, fsdp2_weight_bytes,
+                    largest_unit_bytes)
 
 COMPONENTS = ("weights", "gradients", "optimizer_states", "projector_bases",
               "quantization_scales", "activations")
@@ -88,26 +90,45 @@ class MemoryPlan:
 def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                build_optimizer: Callable[[torch.nn.Module], LowRankOptimizer], *,
                batch: int, seq_len: int, checkpointing: bool = False, per_layer: bool = False,
-               grad_accum: int = 1, notes: Iterable[str] = ()) -> Plan:
-    """Plan one setup: `build_model()` must return a model on the meta device."""
+               grad_accum: int = 1, notes: Iterable[str] = (), launch: str = "none",
+               nproc: int = 1) -> Plan:
+    """Plan one setup: `build_model()` must return a model on the meta device. With
+    `launch` "ddp" / "fsdp2" the figures are one of `nproc` ranks' (`ranks.py`); `batch`
+    is then that rank's share of the micro-batch."""
     model = build_model()
     optimizer = build_optimizer(model)  # may swap Linear layers for INT8 ones in place
     names = {p: name for name, p in model.named_parameters()}
-    weights, weight_scales = weight_bytes(model)
-    opt = optimizer_bytes(optimizer, names)
-    grads = gradient_bytes(optimizer, per_layer=per_layer, grad_accum=grad_accum)
+    counted, grad_detail, notes = optimizer, {}, list(notes)
+    if launch == "fsdp2":
+        weights, weight_scales = fsdp2_weight_bytes(model, nproc)
+        counted, _ = fsdp2_optimizer(optimizer, nproc)  # shard-shaped parameters
+        notes.append(f"fsdp2 x {nproc}: weights, gradients and optimizer states are rank 0's "
+                     f"shards (ceil(rows/{nproc}) rows); not counted: the unsharded weights of "
+                     f"the FSDP unit being all-gathered (the largest holds "
+                     f"{largest_unit_bytes(model):,} bytes) and its gradients before their "
+                     f"reduce-scatter")
+    else:
+        weights, weight_scales = weight_bytes(model)
+    opt = optimizer_bytes(counted, names)
+    if counted is not optimizer:  # the side table describes whole weights
+        opt.sides = optimizer_bytes(optimizer, names).sides
+    if launch == "ddp":
+        grads, grad_detail = ddp_gradient_bytes(model, optimizer, per_layer=per_layer,
+                                                grad_accum=grad_accum)
+    else:
+        grads = gradient_bytes(counted, per_layer=per_layer, grad_accum=grad_accum)
     act = activation_bytes(model, batch, seq_len, checkpointing=checkpointing)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     settings = {"batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "activation_checkpointing": checkpointing, "per_layer": per_layer,
-                "grad_accum": grad_accum, "weight_dtypes": dtypes,
+                "grad_accum": grad_accum, "weight_dtypes": dtypes, "launch": launch,
+                "nproc": nproc, "gradient_detail": grad_detail,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "projected_weights": opt.low_rank_weights,
                 "full_rank_weights": opt.full_rank_weights}
     group = optimizer.param_groups[0]
     for key in ("rule", "state_format", "projector", "residual", "rank", "proj_type"):
         settings[key] = group.get(key)
-    notes = list(notes)
     window = sum(g.get("refresh_window", 0) * sum(optimizer.is_low_rank(p, g) for p in g["params"])
                  for g in optimizer.param_groups if g.get("refresh") == "adaptive")
     if window:  # created at the second refresh (refresh.py), so not in the first step's state
@@ -159,11 +180,14 @@ def weight_dtype(spec, dtype: str | torch.dtype | None = None) -> tuple[torch.dt
 
 
 def plan_memory(spec, overrides: Iterable[str] = (), *,
-                dtype: str | torch.dtype | None = None) -> MemoryPlan:
+                dtype: str | torch.dtype | None = None, launch: str | None = None,
+                nproc: int | None = None) -> MemoryPlan:
     """Memory of training `spec` (a RunSpec or a TOML path), with the two baselines.
 
     `overrides` are `table.key=value` strings as for `--set`; `dtype` is the weights'
     storage dtype ("bfloat16" for the papers' pure-BF16 training; default: the spec's).
+    `launch` ("none", "ddp", "fsdp2"; default: the spec's [train].parallel) and `nproc`
+    give one rank's figures, baselines launched the same way (`ranks.py`).
     """
     if isinstance(spec, (str, Path)):
         from ..train.spec import load_spec
@@ -173,26 +197,48 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
     dtype_, notes = weight_dtype(spec, dtype)
     t = spec.train
     parallel = getattr(t, "parallel", "none")
-    if parallel != "none":  # the planner plans one process; say what a rank holds instead
+    launch, nproc = _launch(parallel, launch, nproc, t.batch_size)
+    if parallel != "none" and launch == "none":  # one process planned; say what a rank holds
         notes.append(f"parallel = {parallel!r}: figures are for one process holding everything; "
-                     + ("each DDP rank holds all of it" if parallel == "ddp" else
-                        "FSDP2 shards weights, gradients and optimizer states over the ranks "
-                        "(divide those three by the world size), activations are per rank"))
+                     f"`gradproj memory SPEC --nproc N` gives one rank's")
     trace_dtype = torch.bfloat16 if t.autocast == "bf16" and dtype_ == torch.float32 else dtype_
-    common = dict(batch=t.batch_size, seq_len=spec.data.seq_len,
-                  checkpointing=t.activation_checkpointing)
+    common = dict(batch=t.batch_size // nproc, seq_len=spec.data.seq_len,
+                  checkpointing=t.activation_checkpointing, launch=launch, nproc=nproc)
     ours = plan_setup("spec", _meta_model(spec, dtype_), spec.optimizer.build,
                       per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes, **common)
     if trace_dtype != dtype_:  # autocast: activations of the bf16 compute
         bf16 = _meta_model(spec, trace_dtype)()
         spec.optimizer.build(bf16)  # same layers converted (INT8) as the real model
-        act = activation_bytes(bf16, t.batch_size, spec.data.seq_len,
+        act = activation_bytes(bf16, t.batch_size // nproc, spec.data.seq_len,
                                checkpointing=t.activation_checkpointing)
         ours.activations, ours.activation_detail = act.total, act.as_dict()
     baselines = {name: plan_setup(name, _meta_model(spec, torch.bfloat16), _full_rank(fmt),
                                   **common)
                  for name, fmt in (("adamw-bf16", "bf16"), ("adam-8bit", "q8"))}
     return MemoryPlan(spec=ours, baselines=baselines)
+
+
+def _launch(parallel: str, launch: str | None, nproc: int | None,
+            batch_size: int) -> tuple[str, int]:
+    """(launch, ranks) to plan; ValueError naming the option for a bad combination."""
+    if launch is not None and launch not in LAUNCHES:
+        raise ValueError(f"plan_memory: launch must be one of {', '.join(LAUNCHES)}, "
+                         f"got {launch!r}")
+    if nproc is None:
+        if launch not in (None, "none"):
+            raise ValueError(f"plan_memory: launch {launch!r} needs nproc, the number of ranks "
+                             f"(e.g. --nproc 8)")
+        return "none", 1
+    if nproc < 1:
+        raise ValueError(f"plan_memory: nproc must be >= 1, got {nproc}")
+    launch = parallel if launch is None else launch
+    if launch == "none" and nproc > 1:
+        raise ValueError(f"plan_memory: nproc = {nproc} needs launch 'ddp' or 'fsdp2' (the "
+                         f"spec's [train].parallel is 'none'; e.g. --launch ddp)")
+    if batch_size % nproc:
+        raise ValueError(f"plan_memory: [train].batch_size = {batch_size} is the global batch "
+                         f"and must be a multiple of nproc = {nproc}")
+    return launch, nproc
 
 
 __all__ = ["COMPONENTS", "MemoryPlan", "Plan", "plan_memory", "plan_setup", "weight_dtype"]

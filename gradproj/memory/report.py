@@ -45,6 +45,8 @@ def _describe(plan: Plan) -> str:
                   f"proj_type {s['proj_type']}", f"residual {s['residual']}"]
     parts.append("weights " + "+".join(s["weight_dtypes"]))
     parts.append("per-layer" if s["per_layer"] else "whole-model gradients")
+    if s.get("launch", "none") != "none":
+        parts.append(f"one rank of {s['launch']} x {s['nproc']}")
     return ", ".join(parts)
 
 
@@ -78,6 +80,10 @@ def format_table(plan: MemoryPlan, source: str = "spec") -> str:
     if a.get("checkpointing"):
         lines += ["", f"activations: {gb(a['kept'], unit)} kept between forward and backward "
                       f"+ {gb(a['recompute'], unit)} for the one layer recomputed at a time"]
+    detail = s.get("gradient_detail") or {}
+    if detail:
+        lines += ["", "gradients on one rank: " + ", ".join(f"{name} {gb(n, unit)}"
+                                                         for name, n in detail.items())]
     lines += ["", *plan.spec.notes, COUNTED]
     return "\n".join(lines)
 

@@ -308,6 +308,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         group = self._group_of(p) if group is None else group
         return self.is_low_rank(p, group) and not self.plugins(group)[3].uses_full_grad
 
+    def refresh_due(self, p: torch.Tensor, group: dict | None = None) -> bool:
+        """Whether p's next step (or `project_grad`) refits its basis first."""
+        group = self._group_of(p) if group is None else group
+        state = self._state_of(p, group)
+        return "next_refresh" in state and state["step"] >= state["next_refresh"]
+
     @torch.no_grad()
     def project_grad(self, p: torch.Tensor, grad: torch.Tensor,
                      group: dict | None = None) -> torch.Tensor:
@@ -319,7 +325,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         state = self._state_of(p, group)
         side = self.side(p, group)
         g = grad.float().reshape(matrix_shape(p))
-        if state["step"] >= state["next_refresh"]:
+        if self.refresh_due(p, group):
             refresh_subspace(self.plugins(group), g, state, group, side, state["step"],
                              compute_dtype(p))
         projector = self.plugins(group)[1]

@@ -33,7 +33,6 @@ from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_te
 from .loggers import open_loggers
 from .metrics import METRICS_FILE, MIB, PLOT_FILE, Progress, plot_runs
 from .model import build_model, count_parameters
-from .perlayer import PerLayerStepper
 from .spec import RunSpec, TrainSpec, write_resolved
 from .tokenizer import load_tokenizer
 
@@ -109,11 +108,12 @@ class Trainer:
                                  vocab, "eval")
         model = build_model(spec.model, seed=t.seed, device=self.device,
                             activation_checkpointing=t.activation_checkpointing)
-        self.model = self.dist.wrap(model.to(getattr(torch, t.dtype)))
+        self.model = self.dist.wrap(model.to(getattr(torch, t.dtype)), per_layer=t.per_layer)
         # after wrapping: under FSDP2 the optimizer must hold the sharded (DTensor) weights
         self.opt = self.dist.optimizer(spec.optimizer.build(self.dist.module(self.model)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))
-        self.stepper = PerLayerStepper(self.opt, t.grad_accum) if t.per_layer else None
+        self.stepper = (self.dist.per_layer_stepper(self.opt, t.grad_accum, self.model)
+                        if t.per_layer else None)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.progress = Progress(t.steps, stream=stream,
                                  enabled=spec.log.progress and self.dist.is_main)
@@ -166,7 +166,8 @@ class Trainer:
             self.opt.step()
         else:
             grads = [p.grad for p in self.params if p.grad is not None]
-            peak = sum(g.numel() * g.element_size() for g in grads)
+            # + DDP's reducer buckets: a flat copy of every gradient, alive all run
+            peak = sum(g.numel() * g.element_size() for g in grads) + self.dist.bucket_bytes(self.model)
             if not bad and grads:
                 if t.grad_clip > 0:
                     norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)

@@ -302,10 +302,6 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
         out.add("train", "grad_clip", "expected 0 with per_layer = true (each weight is updated "
                                       "during backward, before a global norm exists), "
                                       f"got {train['grad_clip']}")
-    if train["per_layer"] and train["parallel"] == "ddp":
-        out.add("train", "per_layer", "expected false with parallel = 'ddp' (per-layer updates "
-                                      "run inside backward, before DDP's all-reduce has averaged "
-                                      "the gradient); use parallel = 'fsdp2'")
     if "warmup" in given:
         if "warmup_steps" in given:
             out.add("train", "warmup", "expected warmup (a fraction of the steps) or "

@@ -98,14 +98,12 @@ def test_parallel_needs_a_process_group_and_none_refuses_a_multi_process_launch(
         init_distributed("zero3")
 
 
-def test_spec_accepts_ddp_and_fsdp2_and_refuses_per_layer_ddp(tmp_path):
-    from gradproj.train.checks import SpecError
+def test_spec_accepts_ddp_and_fsdp2(tmp_path):
     from gradproj.train.spec import load_spec
     path = tmp_path / "s.toml"
     path.write_text("[train]\nsteps = 2\n")
     assert load_spec(path, ['train.parallel="fsdp2"']).train.parallel == "fsdp2"
-    with pytest.raises(SpecError, match="per_layer"):
-        load_spec(path, ['train.parallel="ddp"', "train.per_layer=true"])
+    # per-layer under DDP: test_perlayer_ddp.py
 
 
 # -- 2 processes: equivalence with one process -----------------------------------------------
