@@ -62,6 +62,22 @@ class RunContext:
         from ..train.perlayer import PerLayerStepper
         return PerLayerStepper(optimizer, grad_accum, **options)
 
+    def average_unreduced_grads(self, params) -> None:
+        """Average over the ranks the gradients DDP's reducer does not see: it reduces the
+        parameters that require grad, and an INT8 `QuantLinear` weight does not (its float
+        gradient is written by the layer's own backward). Called after backward, before
+        the norm, clipping and the step, so every rank steps the same weights."""
+        if self.env.parallel != "ddp":
+            return
+        grads = [p.grad for p in params if p.grad is not None and not p.requires_grad]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(self.env.world_size)
+        for grad, value in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(value)
+
     @staticmethod
     def bucket_bytes(model: torch.nn.Module) -> int:
         """Bytes of DDP's gradient buckets: the reducer keeps every parameter that requires

@@ -165,6 +165,8 @@ class Trainer:
             # a no-op; it keeps the LR scheduler's optimizer-before-scheduler check honest
             self.opt.step()
         else:
+            if not bad:
+                self.dist.average_unreduced_grads(self.params)  # INT8 weights under DDP
             grads = [p.grad for p in self.params if p.grad is not None]
             # + DDP's reducer buckets: a flat copy of every gradient, alive all run
             peak = sum(g.numel() * g.element_size() for g in grads) + self.dist.bucket_bytes(self.model)

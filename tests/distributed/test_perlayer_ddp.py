@@ -157,3 +157,10 @@ def test_per_layer_ddp_reduces_int8_weights_too(results):
     assert "error" not in result, result.get("error")
     assert result["int8_weights"] == 7  # q, k, v, o, gate, up, down of the one layer
     assert result["weights_identical"] and result["bases_identical"]
+
+
+@pytest.mark.slow
+def test_plain_ddp_averages_int8_weight_gradients(results):
+    result = results["int8_plain"]
+    assert "error" not in result, result.get("error")
+    assert result["weights_identical"] and result["bases_identical"]

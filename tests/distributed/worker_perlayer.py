@@ -164,6 +164,32 @@ def check_int8(env: DistEnv) -> dict:
             "weights_identical": bool(same), "bases_identical": bases_identical(opt)}
 
 
+def check_int8_plain_ddp(env: DistEnv) -> dict:
+    """The same under plain DDP: the reducer skips the INT8 weights (requires_grad False),
+    so `RunContext.average_unreduced_grads` averages them; without it the ranks' weights
+    part at the first step."""
+    from gradproj.distributed.run import RunContext
+    ctx = RunContext(env)
+    bare = build_model(model_config("tiny", n_layers=1), seed=0)
+    opt = ctx.optimizer(gp.build_optimizer(bare, "q-galore", rank=32))  # quantizes, then DDP
+    model = ctx.wrap(bare)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    vocab = model_config("tiny").vocab_size
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 * env.rank + 10 * step)
+        x = torch.randint(0, vocab, (2, 16), generator=gen)
+        model(x, x).backward()
+        ctx.average_unreduced_grads(params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    same = True
+    for p in ctx.module(model).parameters():
+        parts = [torch.empty_like(p) for _ in range(env.world_size)]
+        dist.all_gather(parts, p.detach().contiguous())
+        same &= all(torch.equal(parts[0], part) for part in parts)
+    return {"weights_identical": bool(same), "bases_identical": bases_identical(opt)}
+
+
 SPEC = """
 [model]
 preset = "tiny"
@@ -231,7 +257,7 @@ def main() -> None:
     torch.set_num_threads(1)  # two ranks on two cores
     env = init_distributed("ddp", device="cpu")
     results = {}
-    special = {"memory": check_memory, "int8": check_int8,
+    special = {"memory": check_memory, "int8": check_int8, "int8_plain": check_int8_plain_ddp,
                "trainer": lambda env: check_trainer(env, out)}
     for name in [*CHECKS, *special]:
         try:
