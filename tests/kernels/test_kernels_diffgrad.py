@@ -1,0 +1,60 @@
+"""diffGrad's step through every state format: the reference against the paper spelled out,
+and 8-/4-bit moments (≥ 4096 values, so stored as codes) through read → reference → write."""
+import math
+
+import pytest
+import torch
+
+import gradproj as gp
+from gradproj.kernels.diffgrad import diffgrad_step, diffgrad_step_ref
+
+KEYS = ("exp_avg", "exp_avg_sq", "previous_grad")
+
+
+def test_reference_is_diffgrad_spelled_out():
+    gen = torch.Generator().manual_seed(0)
+    g, m, v, prev = (torch.randn(300, generator=gen) for _ in range(4))
+    v = v.abs()
+    b1, b2, eps, s = 0.9, 0.999, 1e-8, 0.3
+    m_new, v_new = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    xi = torch.sigmoid((prev - g).abs())
+    want = s * xi * m_new / (v_new.sqrt() + eps)
+    for fn in (diffgrad_step, diffgrad_step_ref):  # on CPU the host runs the reference
+        states = [x.clone() for x in (m, v, prev)]
+        got = fn(g, *states, b1, b2, eps, s)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)  # m_new may cancel
+        torch.testing.assert_close(states[0], m_new, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(states[1], v_new, rtol=1e-6, atol=0)
+        assert torch.equal(states[2], g)
+    with pytest.raises(ValueError, match="must be contiguous and match"):
+        diffgrad_step(g, m[:10], v, prev, b1, b2, eps, s)
+
+
+@pytest.mark.parametrize("fmt_name", ["q8", "q4", "bf16"])
+def test_format_step_is_read_reference_write(fmt_name):
+    """The format's `diffgrad_step` equals dequantize → the reference → quantize, with the
+    three 64×128 moments (8192 values) really stored as codes for q8/q4."""
+    fmt = gp.STATE_FORMATS.create(fmt_name)
+    shape = (64, 128)
+    state: dict = {}
+    for key, signed in zip(KEYS, (True, False, True)):
+        fmt.zeros(state, key, shape, "cpu", signed)
+    if fmt_name != "bf16":
+        assert all(f"{key}.codes" in state for key in KEYS) and not any(k in state for k in KEYS)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(1, 4):
+        g = torch.randn(shape, generator=gen) * (1 + t)
+        before = [fmt.read(state, key) for key in KEYS]
+        s = math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        want = diffgrad_step_ref(g, *before, 0.9, 0.999, 1e-8, s)
+        mirror: dict = {}
+        for key, value in zip(KEYS, before):
+            fmt.zeros(mirror, key, shape, "cpu", key != "exp_avg_sq")
+            fmt.write(mirror, key, value)
+        got = fmt.diffgrad_step(state, *KEYS, g, 0.9, 0.999, 1e-8, s)
+        assert torch.equal(got, want)
+        for key in KEYS:  # the stored codes are the quantized reference moments
+            assert torch.equal(fmt.read(state, key), fmt.read(mirror, key)), key
+    # the quantized previous gradient is G to within its code spacing (q4: 16 codes)
+    err = (fmt.read(state, "previous_grad") - g).abs().max() / g.abs().max()
+    assert err < {"q8": 0.02, "q4": 0.2, "bf16": 2 ** -8}[fmt_name]
