@@ -159,6 +159,16 @@ def test_lamb_zero_weight_takes_the_plain_adam_step():
     torch.testing.assert_close(w.detach(), -0.1 * g / (g.abs() + 1e-6), rtol=1e-6, atol=1e-9)
 
 
+def test_lamb_zero_update_leaves_the_weight_alone():
+    """‖u‖ = 0 (a zero gradient, no decay): ratio 1, W unchanged — not 0·∞ = NaN."""
+    w = nn.Parameter(torch.randn(3, 4))
+    before = w.detach().clone()
+    opt = LowRankOptimizer([w], rule="lamb", lr=0.1)
+    w.grad = torch.zeros(3, 4)
+    opt.step()
+    assert torch.equal(w.detach(), before)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_adamp_matches_the_paper_spelled_out(nesterov):
     detected: set = set()
