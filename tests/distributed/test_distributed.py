@@ -123,6 +123,7 @@ def test_fsdp2_refuses_a_left_basis_and_row_reducing_rules(results):
     messages = results["errors"]["messages"]
     assert "proj_type" in (messages["proj_type"] or "")
     assert "adafactor" in (messages["rule"] or "")
+    assert "lamb" in (messages["finishing_rule"] or "")  # its trust ratio spans all rows
 
 
 # -- 2 processes: the CLI, SIGKILL in the middle of a checkpoint, resume -----------------------

@@ -102,7 +102,8 @@ def check_errors(env: DistEnv) -> dict:
     """Unsupported FSDP2 combinations fail with a message naming the option."""
     fenv = DistEnv("fsdp2", env.rank, env.world_size, env.local_rank, env.backend, env.device)
     messages = {}
-    for label, options in (("proj_type", {"proj_type": "left"}), ("rule", {"rule": "adafactor"})):
+    for label, options in (("proj_type", {"proj_type": "left"}), ("rule", {"rule": "adafactor"}),
+                           ("finishing_rule", {"rule": "lamb"})):
         try:
             model, opt = build(fenv, {"projector": "svd", **options})
             train(model, opt, fenv, 0, 1)
