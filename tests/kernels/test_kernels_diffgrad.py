@@ -58,3 +58,30 @@ def test_format_step_is_read_reference_write(fmt_name):
     # the quantized previous gradient is G to within its code spacing (q4: 16 codes)
     err = (fmt.read(state, "previous_grad") - g).abs().max() / g.abs().max()
     assert err < {"q8": 0.02, "q4": 0.2, "bf16": 2 ** -8}[fmt_name]
+
+
+def test_q8_host_equals_its_reference_and_the_format_calls_it(monkeypatch):
+    """On CPU the fused 8-bit host runs the C codec around the reference math: the same
+    codes as `diffgrad_q8_step_ref` (PyTorch codec); Q8Format hands its codes to it."""
+    from gradproj.kernels import diffgrad_q8, q8
+
+    gen = torch.Generator().manual_seed(2)
+    n = 5000  # a partial last block
+    grad = torch.randn(n, generator=gen)
+    states = [*q8.q8_quantize_ref(torch.randn(n, generator=gen), True),
+              *q8.q8_quantize_ref(torch.rand(n, generator=gen), False),
+              *q8.q8_quantize_ref(torch.randn(n, generator=gen), True)]
+    ref_states = [t.clone() for t in states]
+    d = diffgrad_q8.diffgrad_q8_step(grad, *states, 0.9, 0.999, 1e-8, 0.5)
+    d_r = diffgrad_q8.diffgrad_q8_step_ref(grad, *ref_states, 0.9, 0.999, 1e-8, 0.5)
+    assert torch.equal(d, d_r) and all(torch.equal(a, b) for a, b in zip(states, ref_states))
+    with pytest.raises(ValueError, match="absmax must hold"):
+        diffgrad_q8.diffgrad_q8_step(grad, *states[:5], states[5][:3], 0.9, 0.999, 1e-8, 0.5)
+    calls = []
+    monkeypatch.setattr("gradproj.formats.q8.diffgrad_q8_step",
+                        lambda *a: calls.append(a) or diffgrad_q8.diffgrad_q8_step(*a))
+    fmt, state = gp.STATE_FORMATS.create("q8"), {}
+    for key, signed in zip(KEYS, (True, False, True)):
+        fmt.zeros(state, key, (n,), "cpu", signed)
+    fmt.diffgrad_step(state, *KEYS, grad, 0.9, 0.999, 1e-8, 0.5)
+    assert len(calls) == 1

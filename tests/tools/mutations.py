@@ -24,7 +24,7 @@ GUARDS = [
     ("gradproj/rules/base.py", RULE_TESTS + ["tests/family/test_refresh.py"]),
     ("gradproj/rules/", RULE_TESTS),
     ("gradproj/kernels/lion.py", RULE_TESTS),
-    ("gradproj/kernels/diffgrad.py", RULE_TESTS + ["tests/kernels/test_kernels_diffgrad.py"]),
+    ("gradproj/kernels/diffgrad", RULE_TESTS + ["tests/kernels/test_kernels_diffgrad.py"]),  # and _q8
     ("gradproj/residuals/", ["tests/family/test_residuals_family.py", "tests/properties/test_plugins.py"]),
     ("gradproj/optimizers/refresh.py", ["tests/family/test_refresh.py"]),
     ("gradproj/memory/", ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
@@ -124,6 +124,7 @@ MUTATIONS = [
     ("gradproj/kernels/diffgrad.py", "friction = torch.div(1.0, 1.0 + torch.exp(-(previous_grad.float() - grad).abs_()))",
      "friction = torch.div(1.0, 1.0 + torch.exp((previous_grad.float() - grad).abs_()))"),
     ("gradproj/kernels/diffgrad.py", "    previous_grad.copy_(grad)\n", "\n"),
+    ("gradproj/kernels/diffgrad_q8.py", "SIGNS = (True, False, True)", "SIGNS = (True, True, True)"),
     ("gradproj/rules/diffgrad.py", '("previous_grad", True)', '("previous_grad", False)'),
     ("gradproj/rules/adamp.py", "for rows in (weights.shape[1], 1):", "for rows in (weights.shape[1],):"),
     ("gradproj/rules/adamp.py", "signal = update if grad is None else grad", "signal = update"),
