@@ -85,3 +85,52 @@ def test_q8_host_equals_its_reference_and_the_format_calls_it(monkeypatch):
         fmt.zeros(state, key, (n,), "cpu", signed)
     fmt.diffgrad_step(state, *KEYS, grad, 0.9, 0.999, 1e-8, 0.5)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [1, 257, 4097, 1 << 20])
+def test_diffgrad_kernels_cuda(n):
+    """GPU lane: the dense (fp32, bf16 states) and 8-bit kernels against their references,
+    with the interpreter lane's bounds; NVIDIA's approximate exp is inside the 4u of ξ."""
+    from kernel_helpers import (U, adam_direction_bound, adam_moment_bounds, assert_within,
+                                codes_agree, storage_rounding)
+
+    from gradproj.kernels import diffgrad_q8, q8
+    from gradproj.kernels.qmaps import tables
+
+    gen = torch.Generator().manual_seed(n)
+    g = torch.randn(n, generator=gen)
+    b1, b2, eps, s = 0.9, 0.999, 1e-8, 0.7
+    for storage in (torch.float32, torch.bfloat16):
+        init = [(torch.randn(n, generator=gen) * 0.1).to(storage),
+                (torch.rand(n, generator=gen) * 0.01).to(storage),
+                (g + torch.randn(n, generator=gen)).to(storage)]
+        dev, ref = [x.cuda() for x in init], [x.clone() for x in init]
+        d = diffgrad_step(g.cuda(), *dev, b1, b2, eps, s).cpu()
+        dr = diffgrad_step_ref(g, *ref, b1, b2, eps, s)
+        err_m, err_v = adam_moment_bounds(g, init[0].float(), init[1].float(), b1, b2)
+        m, v = init[0].float() * b1 + (1 - b1) * g, init[1].float() * b2 + (1 - b2) * g * g
+        adam_n = (s * m.abs() / (v.sqrt() + eps)).double()
+        delta = (init[2].float() - g).abs().double()
+        bound = adam_direction_bound(m, v, err_m, err_v, eps, s) + (4 + delta) * U[torch.float32] * adam_n
+        assert_within(d, dr, bound, f"direction ({storage})")
+        assert_within(dev[0].cpu().float(), ref[0].float(), err_m + 2 * storage_rounding(m, storage), "m")
+        assert_within(dev[2].cpu().float(), ref[2].float(), 2 * storage_rounding(g, storage), "G_prev")
+    states = [*q8.q8_quantize_ref(torch.randn(n, generator=gen) * 1e-2, True),
+              *q8.q8_quantize_ref(torch.rand(n, generator=gen) * 1e-4, False),
+              *q8.q8_quantize_ref(torch.randn(n, generator=gen) * 1e-2, True)]
+    dev, ref = [x.cuda() for x in states], [x.clone() for x in states]
+    d = diffgrad_q8.diffgrad_q8_step(g.cuda(), *dev, b1, b2, eps, s).cpu()
+    dr = diffgrad_q8.diffgrad_q8_step_ref(g, *ref, b1, b2, eps, s)
+    m0, v0 = (q8.q8_dequantize_ref(states[0], states[1], True),
+              q8.q8_dequantize_ref(states[2], states[3], False))
+    p0 = q8.q8_dequantize_ref(states[4], states[5], True)
+    m, v = m0 * b1 + (1 - b1) * g, v0 * b2 + (1 - b2) * g * g
+    err_m, err_v = adam_moment_bounds(g, m0, v0, b1, b2)
+    adam_n = (s * m.abs() / (v.sqrt() + eps)).double()
+    bound = (adam_direction_bound(m, v, err_m, err_v, eps, s)
+             + (4 + (p0 - g).abs().double()) * U[torch.float32] * adam_n)
+    assert_within(d, dr, bound, "q8 direction")
+    _, mids = tables(8, True, "cpu")
+    scaled = (g.reshape(-1) / ref[5].repeat_interleave(256)[:n].clamp(min=1e-38)).clamp(-1, 1)
+    codes_agree(dev[4].cpu(), ref[4], scaled, mids, 2 * U[torch.float32])  # G_prev's codes
