@@ -358,3 +358,37 @@ def test_int8_weights_hand_the_rule_their_dequantized_values(monkeypatch):
     # is −lr to within ~step/‖W‖ ≈ 4e-4; a second decay would add −lr·wd·W·U'/|U'|² ≈ −0.05
     out = seen["out"][0]
     assert abs((moved * out).sum().item() / (out * out).sum().item() + 0.05) < 2e-3
+
+
+@pytest.mark.parametrize("rule", ["lamb", "adamp"])
+def test_per_layer_accumulated_projection_finishes_the_update_too(rule):
+    """Per-layer mode summing projected micro-batches hands the step R only (no full G):
+    LAMB still moves W by lr·φ(‖W‖); AdamP detects on the full-size update instead of G,
+    and its step equals the one it takes when that update is also what it is given as G."""
+    torch.manual_seed(7)
+    w = nn.Parameter(torch.randn(24, 16))
+    opt = LowRankOptimizer([{"params": [w], "lowrank": True, "rank": 4}], rule=rule, lr=1e-2,
+                           weight_decay=0.1)
+    low = sum(opt.project_grad(w, torch.randn(24, 16)) for _ in range(3))
+    before = w.detach().clone()
+    seen = {}
+    finisher = opt.plugins(opt.param_groups[0])[0]
+    original = finisher.finish_update
+
+    def spy(weights, update, grad, group):
+        seen["grad"], seen["update"] = grad, update.clone()
+        return original(weights, update, grad, group)
+    finisher.finish_update = spy
+    try:
+        opt.step_param(w, low_grad=low)
+    finally:
+        del finisher.finish_update
+    assert seen["grad"] is None
+    step = w.detach() - before
+    assert torch.isfinite(step).all()
+    if rule == "lamb":
+        assert math.isclose(step.norm().item(), 1e-2 * min(before.norm().item(), 10.0), rel_tol=1e-4)
+    else:
+        want = original(before.unsqueeze(0), seen["update"].clone(), seen["update"].clone(),
+                        opt.param_groups[0])
+        torch.testing.assert_close(step, -1e-2 * want[0], rtol=1e-4, atol=1e-7)
