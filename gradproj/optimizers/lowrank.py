@@ -7,6 +7,8 @@ For a weight W (m×n) in a low-rank group, with gradient G:
     N = rule.update(R)                         moments stored through `state_format`
     U = residual.combine(G, R, N, back, c)     "drop": U = scale · back(N)
     W ← W − lr·U;  W ← W − lr·wd·W             decoupled weight decay after the step
+                                               (a rule that `finishes_update` makes U' from
+                                               W and U, its decay inside: W ← W − lr·U')
 
 Everything else (1-D, embeddings, groups without `lowrank`) runs the same rule at full
 rank: U = N. All per-parameter state is tensors and plain scalars.
