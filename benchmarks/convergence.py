@@ -25,8 +25,8 @@ own `Trainer` on the tiny byte-level model (0.86M parameters), 2000 steps × 204
   full-rank AdamW. Only the projection differs.
 
 Cost: one 2000-step run of the tiny model takes 8.6 CPU-minutes (measured on this 2-core VM:
-514 s of CPU, 24 min of wall time at load 4); the full benchmark is ≈ 9 methods × (3 lrs +
-~1 extension + 1 seed) ≈ 45 runs ≈ 6.5 CPU-hours: `--jobs N` runs N at a time, one
+514 s of CPU, 24 min of wall time at load 4); the full benchmark is ≈ 15 methods × (3 lrs +
+~1 extension + 1 seed) ≈ 75 runs ≈ 11 CPU-hours: `--jobs N` runs N at a time, one
 thread each (each phase's runs are independent).
 
 Writes, under --out: `results.md` (per method the lr sweep, final eval loss per seed,
@@ -74,6 +74,15 @@ METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "FRUGAL": ("frugal", {}, ADAMW_GRID),
     "APOLLO": ("apollo", {}, LOW),
     "APOLLO-Mini": ("apollo-mini", {"rank": 1}, LOW),  # rank 1 by definition
+    # the other base optimizers, at full rank (as "AdamW": no projected weights) and behind
+    # GaLore's projection. LAMB's trust ratio fixes each step's norm at lr·min(‖W‖, 10), so
+    # GaLore's α no longer shrinks it: AdamW's grid for both.
+    "LAMB": ("lamb", NO_PROJECTION, ADAMW_GRID),
+    "GaLore-LAMB": ("lamb", {}, ADAMW_GRID),
+    "diffGrad": ("diffgrad", NO_PROJECTION, ADAMW_GRID),
+    "GaLore-diffGrad": ("diffgrad", {}, LOW),
+    "AdamP": ("adamp", NO_PROJECTION, ADAMW_GRID),
+    "GaLore-AdamP": ("adamp", {}, LOW),
 }
 LOWRANK_KEYS = {"projector", "rank", "update_gap", "scale", "residual", "targets"}
 

@@ -67,7 +67,8 @@ class DistributedLowRankOptimizer(LowRankOptimizer):
         key = id(projector), id(residual)
         if key not in self._wrapped:
             if self.parallel == "fsdp2":
-                if not rule.batched:  # elementwise rules are shard-local
+                # elementwise rules are shard-local; a finishing rule's norms (LAMB, AdamP) span all rows
+                if not rule.batched or rule.finishes_update:
                     raise ValueError(f"rule {group['rule']!r} is not supported under parallel = "
                                      f"\"fsdp2\": it reduces across the rows FSDP2 splits between "
                                      f"ranks; use an elementwise rule (adamw, lion, sgdm, adabelief)")

@@ -10,7 +10,8 @@ state dict under a key prefix, so state stays tensors and plain scalars only:
 `nbytes(shape, signed)` is the exact storage cost (codes + scales), used by
 `proj_type="auto"` and the memory planner, so they agree with what training allocates.
 
-A format also owns the fused moment updates that need its layout (`adam_step`): the
+A format also owns the fused moment updates that need its layout (`adam_step`,
+`lion_step`, `diffgrad_step`): the
 rule passes numbers and the moments' key names, and the format hands its own tensors
 to the kernel. Rules never read a format's keys.
 
@@ -26,6 +27,7 @@ import math
 import torch
 
 from ..kernels.adam import adam_step, adam_step_ref
+from ..kernels.diffgrad import diffgrad_step, diffgrad_step_ref
 from ..kernels.lion import lion_update, lion_update_ref
 from ..registry import STATE_FORMATS
 
@@ -74,6 +76,17 @@ class StateFormat:
         self.write(state, m_key, m)
         return direction
 
+    def diffgrad_step(self, state: dict, m_key: str, v_key: str, prev_key: str,
+                      grad: torch.Tensor, beta1: float, beta2: float, eps: float,
+                      step_size: float) -> torch.Tensor:
+        """Adam's moments, ξ = sigmoid(|G_prev − G|), G_prev ← G; return step_size·ξ·M/(√V + ε)
+        (diffGrad). Default: read the three, the reference math, write them back."""
+        m, v, prev = (self.read(state, key) for key in (m_key, v_key, prev_key))
+        direction = diffgrad_step_ref(grad, m, v, prev, beta1, beta2, eps, step_size)
+        for key, value in ((m_key, m), (v_key, v), (prev_key, prev)):
+            self.write(state, key, value)
+        return direction
+
 
 class DenseFormat(StateFormat):
     """A plain tensor of one dtype under `state[key]`."""
@@ -100,6 +113,10 @@ class DenseFormat(StateFormat):
 
     def lion_step(self, state, m_key, grad, beta1, beta2):
         return lion_update(grad, state[m_key], beta1, beta2)
+
+    def diffgrad_step(self, state, m_key, v_key, prev_key, grad, beta1, beta2, eps, step_size):
+        return diffgrad_step(grad, state[m_key], state[v_key], state[prev_key], beta1, beta2,
+                             eps, step_size)
 
 
 @STATE_FORMATS.register("fp32", aliases=("float32",))

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..kernels.adam import adam_step
+from ..kernels.diffgrad import diffgrad_step
 from .base import StateFormat
 
 MIN_QUANTIZED_NUMEL = 4096
@@ -45,6 +46,13 @@ class BlockwiseFormat(StateFormat):
         return self.fused_adam(grad, state[f"{m_key}.codes"], state[f"{m_key}.absmax"],
                                state[f"{v_key}.codes"], state[f"{v_key}.absmax"], beta1, beta2,
                                eps, step_size)
+
+    def diffgrad_step(self, state, m_key, v_key, prev_key, grad, beta1, beta2, eps, step_size):
+        if m_key in state:  # small moments are fp32 tensors; codes: read → reference → write
+            return diffgrad_step(grad, state[m_key], state[v_key], state[prev_key], beta1,
+                                 beta2, eps, step_size)
+        return super().diffgrad_step(state, m_key, v_key, prev_key, grad, beta1, beta2, eps,
+                                     step_size)
 
     @staticmethod
     def stores_codes(shape: tuple[int, ...]) -> bool:

@@ -7,6 +7,8 @@ For a weight W (m×n) in a low-rank group, with gradient G:
     N = rule.update(R)                         moments stored through `state_format`
     U = residual.combine(G, R, N, back, c)     "drop": U = scale · back(N)
     W ← W − lr·U;  W ← W − lr·wd·W             decoupled weight decay after the step
+                                               (a rule that `finishes_update` makes U' from
+                                               W and U, its decay inside: W ← W − lr·U')
 
 Everything else (1-D, embeddings, groups without `lowrank`) runs the same rule at full
 rank: U = N. All per-parameter state is tensors and plain scalars.
@@ -240,7 +242,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         stacked = bucket.state(members, states)
         if not bucket.low_rank:
             direction = self._rule_update(rule, fmt, grad, stacked, states, group)
-            self._write_weights(params, direction, stacked, group)
+            self._write_weights(params, direction, stacked, group, _finisher(rule, grad, group))
             return
         side, shape = bucket.side, matrix_shape(params[0])
 
@@ -258,7 +260,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
             low = (projector.project(grad, stacked, side) if projector.batched
                    else each(lambda g, state: projector.project(g, state, side), grad))
         direction = self._rule_update(rule, fmt, low, stacked, states, group)
-        if residual.fuses_back_projection and self._fusable(params, projector, side, direction):
+        if (residual.fuses_back_projection and not rule.finishes_update
+                and self._fusable(params, projector, side, direction)):
             residual.fused_step([p.view(shape) for p in params],
                                 projector.load_basis(stacked, side, shape), direction, side, group)
             return
@@ -270,7 +273,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 return residual.combine(g, r, n, lambda x: projector.project_back(x, state, side, shape),
                                         state, group, folded)
             update = each(combine_one, grad, low, direction)
-        self._write_weights(params, update, stacked, group)
+        self._write_weights(params, update, stacked, group, _finisher(rule, grad, group))
 
     @staticmethod
     def _fusable(params, projector, side, direction) -> bool:
@@ -289,13 +292,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return torch.stack([rule.update(g, state, group, fmt) for g, state in zip(grad, states)])
 
     @staticmethod
-    def _write_weights(params, update, stacked, group) -> None:
+    def _write_weights(params, update, stacked, group, finish=None) -> None:
         """W ← W − lr·U, then decoupled weight decay W ← W − lr·wd·W, for a bucket's weights
-        (U stacked k×…); INT8 `QuantLinear` weights dequantize, step and re-quantize."""
+        (U stacked k×…); INT8 `QuantLinear` weights dequantize, step and re-quantize.
+        `finish(W, U)` (a rule that `finishes_update`) gives the final U', decay included."""
         if is_quantized(params[0]):
-            apply_quantized_updates(params, update, stacked, group)
+            apply_quantized_updates(params, update, stacked, group, finish)
             return
         lr, decay = group["lr"], group["weight_decay"]
+        if finish is not None:
+            weights = torch.stack([p.detach().float() for p in params])
+            update = finish(weights, update.float().reshape(weights.shape))
+            decay = 0.0
         update = update.to(params[0].dtype).reshape(len(params), *params[0].shape)
         torch._foreach_add_(params, update.unbind(0), alpha=-lr)
         if decay:
@@ -350,6 +358,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 continue
             self.state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
                              for k, v in saved.items()}
+
+
+def _finisher(rule, grad: torch.Tensor | None, group: dict):
+    """`finish(W, U)` for `_write_weights` where the rule `finishes_update`, else None;
+    G (k×m×n in a low-rank bucket) is handed over in the weights' own shape."""
+    if not rule.finishes_update:
+        return None
+
+    def finish(weights: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        g = None if grad is None else grad.reshape(weights.shape)
+        return rule.finish_update(weights, update, g, group)
+    return finish
 
 
 def count_refreshes(optimizer: LowRankOptimizer) -> int:

@@ -43,6 +43,21 @@ PRESETS.add("apollo", {
 PRESETS.add("apollo-mini", {**PRESETS.get("apollo"), "rank": 1, "scale_type": "tensor", "scale": 128.0},
             description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (SGD-like memory)")
 
+# The seeds' other base optimizers behind GaLore's projection (any projector composes); the
+# rule options are each paper's defaults, named so a spec shows them.
+PRESETS.add("lamb", {**PRESETS.get("galore"), "rule": "lamb", "betas": (0.9, 0.999), "eps": 1e-6,
+                     "correct_bias": True, "clamp_value": 10.0},
+            description="LAMB (You et al. 2020): Adam + decay rescaled per weight by the trust "
+                        "ratio ‖W‖/‖u‖ of the full-size update, φ clamp 10")
+PRESETS.add("diffgrad", {**PRESETS.get("galore"), "rule": "diffgrad", "betas": (0.9, 0.999),
+                         "eps": 1e-8},
+            description="diffGrad (Dubey et al. 2019): Adam with friction sigmoid(|G_prev − G|) "
+                        "on the first moment")
+PRESETS.add("adamp", {**PRESETS.get("galore"), "rule": "adamp", "betas": (0.9, 0.999),
+                      "eps": 1e-8, "delta": 0.1, "wd_ratio": 0.1, "nesterov": False},
+            description="AdamP (Heo et al. 2021): Adam with the radial part removed on "
+                        "scale-invariant weights, δ 0.1, wd_ratio 0.1")
+
 #: preset keys that configure the model (weight quantization), not the optimizer
 MODEL_KEYS = ("quantize_weights", "weight_group_size")
 

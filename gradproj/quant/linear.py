@@ -151,7 +151,7 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
 
 @torch.no_grad()
 def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
-                            state: StackedState, group: dict) -> None:
+                            state: StackedState, group: dict, finish=None) -> None:
     """W ← W − lr·U − lr·wd·W on k INT8 weights of one shape (U stacked k×…): dequantize,
     step in fp32, re-quantize with stochastic rounding seeded by each weight's seed and step.
 
@@ -171,6 +171,8 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
     scales = torch.stack([m.weight_scale for m in modules])
     w = int8_dequantize_rows(codes, scales, size)
+    if finish is not None:  # a rule that finishes the update owns its decay (rules/base.py)
+        update, decay = finish(w, update.reshape(w.shape).float()), 0.0
     w.add_(update.reshape(w.shape).float(), alpha=-lr)
     if decay:
         w.add_(w, alpha=-lr * decay)  # as the float path: after the step

@@ -31,8 +31,15 @@ class Rule:
           moment stacked the same way) and gives each slice what it would give that
           weight alone. Adam, Lion, AdaBelief and SGDM are; Adafactor (row/column means,
           update clipping by the RMS of the whole update) is not.
+      `finishes_update` (False): the rule also sees the full-size update U the weight
+          receives — after back-projection and the residual, as a k×… stack with the
+          weights W — and returns the final U' with `finish_update`; the optimizer then
+          applies W ← W − lr·U' and no weight decay of its own (the rule owns it: LAMB's
+          trust ratio is taken over U + wd·W, AdamP scales wd by its wd_ratio). Such a
+          rule never runs fused into the back-projection (`Residual.fuses_back_projection`
+          writes W without forming U).
     FSDP2 steps a rule on each rank's rows only where `batched` holds (an elementwise
-    rule is shard-local).
+    rule is shard-local) and `finishes_update` does not (its norms span all rows).
     """
 
     #: option name -> default value; merged into the optimizer's defaults
@@ -40,6 +47,7 @@ class Rule:
     #: names of the moment tensors kept per parameter, and whether each is signed
     moments: tuple[tuple[str, bool], ...] = ()
     batched: bool = False
+    finishes_update: bool = False
 
     def step_scale(self, t: int, group: dict) -> float:
         """The factor this rule folds into its direction at step t (Adam's bias
@@ -59,6 +67,14 @@ class Rule:
 
         `state["step"]` has already been incremented: it is t = 1 on the first call.
         """
+        raise NotImplementedError
+
+    def finish_update(self, weights: torch.Tensor, update: torch.Tensor,
+                      grad: torch.Tensor | None, group: dict) -> torch.Tensor:
+        """U' from the full-size update U, only where `finishes_update`: weights W and U are
+        fp32 k×(weight shape) stacks (W read-only; norms are per slice), grad the full-size
+        gradient G of the same shape, or None where the step only has its projection (per-layer
+        mode accumulating R). U' must include the rule's weight decay."""
         raise NotImplementedError
 
     def state_nbytes(self, shape: tuple[int, ...], fmt: StateFormat) -> int:

@@ -58,6 +58,11 @@ CASES = {
     # moments of >= 4096 values, so q8/q4 store codes (stacked for q8: whole 256-blocks)
     "galore8bit-codes": {"rank": 32, "width": 128},
     "fira-q4-codes": {"rank": 32, "width": 128, "state_format": "q4"},
+    # rules that finish the full-size update: per-slice norms over the stacked bucket
+    "lamb-fira-wd": {"residual": "fira", "weight_decay": 0.1},
+    "diffgrad-rotate": {"moments": "rotate"},
+    "adamp-nesterov-q8-codes": {"rank": 32, "width": 128, "state_format": "q8", "nesterov": True,
+                                "weight_decay": 0.1},
 }
 
 

@@ -142,6 +142,7 @@ def test_row_sharded_range_finder_equals_the_one_process_finder(results):
 def test_fsdp2_refuses_row_reducing_rules(results):
     messages = results["errors"]["messages"]
     assert "adafactor" in (messages["rule"] or "")
+    assert "lamb" in (messages["finishing_rule"] or "")  # its trust ratio spans all rows
 
 
 # -- FSDP2 checkpoints (torch.distributed.checkpoint): written by 2 ranks, read by 1, 2, 4 --------

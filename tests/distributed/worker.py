@@ -112,10 +112,10 @@ def check_rangefinder(env: DistEnv) -> dict:
 
 
 def check_errors(env: DistEnv) -> dict:
-    """An unsupported FSDP2 combination fails with a message naming the option."""
+    """Unsupported FSDP2 combinations fail with a message naming the option."""
     fenv = DistEnv("fsdp2", env.rank, env.world_size, env.local_rank, env.backend, env.device)
     messages = {}
-    for label, options in (("rule", {"rule": "adafactor"}),):
+    for label, options in (("rule", {"rule": "adafactor"}), ("finishing_rule", {"rule": "lamb"})):
         try:
             model, opt = build(fenv, {"projector": "svd", **options})
             train(model, opt, fenv, 0, 1)

@@ -240,7 +240,7 @@ def _train(state_format, rule, mode, monkeypatch, steps=4):
 
 
 @pytest.mark.parametrize("state_format", ["q8", "q4"])
-@pytest.mark.parametrize("rule", ["adamw", "lion", "adabelief", "sgdm"])
+@pytest.mark.parametrize("rule", ["adamw", "lion", "adabelief", "sgdm", "diffgrad"])
 def test_optimizer_on_c_path_is_bit_identical_to_reference(state_format, rule, monkeypatch):
     """Four steps (one refresh of the projected layer) through LowRankOptimizer: weights and
     every state tensor equal the GRADPROJ_KERNELS=reference run's; adamw takes the fused C

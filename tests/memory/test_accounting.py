@@ -21,6 +21,8 @@ SETUPS = {
     "q4-gaussian-auto": dict(preset="apollo", rank=32, state_format="q4", proj_type="auto"),
     "q-galore-int8-weights": dict(preset="q-galore", rank=32,
                                   projector_options={"inner": "randomized", "group_size": 256}),
+    # three moments (G_prev too), quantized, the side chosen by their bytes
+    "diffgrad-q8-auto": dict(preset="diffgrad", rank=32, state_format="q8", proj_type="auto"),
 }
 DTYPES = {"galore-bf16-weights": torch.bfloat16, "q-galore-int8-weights": torch.bfloat16}
 

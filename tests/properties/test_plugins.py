@@ -149,3 +149,28 @@ def test_residual_properties(name, data, side):
         assert tuple(update.shape) == shape and torch.isfinite(update).all()
     assert all(plain(v) for v in state.values())
     roundtrip(state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rule_name=st.sampled_from([n for n in gp.RULES.names() if gp.RULES.get(n).finishes_update]),
+       shape=st.sampled_from([(7,), (5, 9), (9, 5), (3, 4, 5), (1, 8)]), k=st.integers(1, 3),
+       scale=st.sampled_from([1.0, 0.0, 1e-3, 1e3]), weight_decay=st.sampled_from([0.0, 0.1]),
+       with_grad=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_finish_update_properties(rule_name, shape, k, scale, weight_decay, with_grad, seed):
+    """A rule that finishes the full-size update: finite U' of U's shape, W left untouched,
+    and each slice of a bucket's stack gets what that weight alone gets (per-slice norms)."""
+    rule = gp.RULES.create(rule_name)
+    group = {"weight_decay": weight_decay, **rule.defaults}
+    rule.validate(group)
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randn(k, *shape, generator=gen) * scale  # scale 0: zero norms
+    update = torch.randn(k, *shape, generator=gen)
+    grad = torch.randn(k, *shape, generator=gen) if with_grad else None
+    w_copy = weights.clone()
+    out = rule.finish_update(weights, update.clone(), grad, group)
+    assert out.shape == update.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(weights, w_copy)
+    for i in range(k):
+        alone = rule.finish_update(weights[i:i + 1], update[i:i + 1].clone(),
+                                   None if grad is None else grad[i:i + 1], group)
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=4 * EPS, atol=0)

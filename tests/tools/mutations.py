@@ -5,7 +5,7 @@ CODEC_TESTS = ["tests/kernels/test_qmaps_golden.py", "tests/kernels/test_kernels
 PROJ_TESTS = ["tests/core/test_projectors.py", "tests/core/test_projector_distributions.py",
               "tests/properties/test_plugins.py"]
 RULE_TESTS = ["tests/family/test_rules_family.py", "tests/core/test_galore_equivalence.py",
-              "tests/properties/test_plugins.py"]
+              "tests/properties/test_plugins.py", "tests/family/test_rules_lamb_diffgrad_adamp.py"]
 GUARDS = [
     ("gradproj/kernels/qmaps.py", CODEC_TESTS),
     ("gradproj/kernels/q8.py", CODEC_TESTS),
@@ -24,6 +24,7 @@ GUARDS = [
     ("gradproj/rules/base.py", RULE_TESTS + ["tests/family/test_refresh.py"]),
     ("gradproj/rules/", RULE_TESTS),
     ("gradproj/kernels/lion.py", RULE_TESTS),
+    ("gradproj/kernels/diffgrad", RULE_TESTS + ["tests/kernels/test_kernels_diffgrad.py"]),  # and _q8
     ("gradproj/residuals/", ["tests/family/test_residuals_family.py", "tests/properties/test_plugins.py"]),
     ("gradproj/optimizers/refresh.py", ["tests/family/test_refresh.py"]),
     ("gradproj/memory/", ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
@@ -113,6 +114,24 @@ MUTATIONS = [
     ("gradproj/rules/adafactor.py", "update.mul_(min(1e-2, 1.0 / math.sqrt(step)))", "update.mul_(min(1e-2, 1.0 / step))"),
     ("gradproj/rules/adafactor.py", "fmt.write(state, ROW, (left * left) @ fmt.read(state, ROW))", "fmt.write(state, ROW, left @ fmt.read(state, ROW))"),
     ("gradproj/rules/adafactor.py", "exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)", "exp_avg.mul_(beta1).add_(update, alpha=beta1)"),
+    # --- LAMB, diffGrad, AdamP (tests/family/test_rules_lamb_diffgrad_adamp.py)
+    ("gradproj/rules/lamb.py", "w_norm = torch.linalg.vector_norm(weights.reshape(k, -1), dim=1).clamp_(max=clamp_value)",
+     "w_norm = torch.linalg.vector_norm(weights.reshape(k, -1), dim=1)"),
+    ("gradproj/rules/lamb.py", "ok = (w_norm > 0) & (u_norm > 0)", "ok = w_norm > 0"),
+    ("gradproj/rules/lamb.py", "            eps *= math.sqrt(1.0 - beta2 ** t)\n", "            pass\n"),
+    ("gradproj/rules/lamb.py", 'u = update.add(weights, alpha=group["weight_decay"]) if group["weight_decay"] else update',
+     "u = update"),
+    ("gradproj/kernels/diffgrad.py", "friction = torch.div(1.0, 1.0 + torch.exp(-(previous_grad.float() - grad).abs_()))",
+     "friction = torch.div(1.0, 1.0 + torch.exp((previous_grad.float() - grad).abs_()))"),
+    ("gradproj/kernels/diffgrad.py", "    previous_grad.copy_(grad)\n", "\n"),
+    ("gradproj/kernels/diffgrad_q8.py", "SIGNS = (True, False, True)", "SIGNS = (True, True, True)"),
+    ("gradproj/rules/diffgrad.py", '("previous_grad", True)', '("previous_grad", False)'),
+    ("gradproj/rules/adamp.py", "for rows in (weights.shape[1], 1):", "for rows in (weights.shape[1],):"),
+    ("gradproj/rules/adamp.py", "signal = update if grad is None else grad", "signal = update"),
+    ("gradproj/rules/adamp.py", 'decay = torch.where(invariant, decay * group["wd_ratio"], decay)', "pass"),
+    ("gradproj/rules/adamp.py", "lookahead = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1)", "lookahead = exp_avg.clone()"),
+    ("gradproj/rules/adamp.py", "hit = (cosine.amax(dim=1) < delta / math.sqrt(w.shape[2])) & ~done",
+     "hit = (cosine.amax(dim=1) < delta / math.sqrt(w.shape[2]))"),
     # --- residuals
     ("gradproj/residuals/base.py", 'return back(direction).mul_(group["scale"])', "return back(direction)"),
     ("gradproj/residuals/fira.py", "outside = grad - back(low_grad)", "outside = grad - back(direction)"),

@@ -1,0 +1,93 @@
+"""AdamP (Heo et al., ICLR 2021, "AdamP: Slowing Down the Slowdown for Momentum Optimizers
+on Scale-invariant Weights")."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import RULES
+from .base import Rule, check_betas, check_positive, rule_step
+from .lamb import check_flag
+
+
+@RULES.register("adamp")
+class AdamP(Rule):
+    """Adam whose update loses its radial part on scale-invariant weights (wd × wd_ratio there).
+
+    p = m̂/(√v̂ + ε) (Nesterov: (β1·m + (1−β1)·g)/…); for a weight of ≥ 2 dims, under the
+    channel view (rows W_i) and then the layer view (W flattened): if max |cos(G_i, W_i)| <
+    δ/√(view dim), W is taken as scale-invariant: p ← p − Ŵ·⟨Ŵ, p⟩ per view row
+    (Ŵ = W/(‖W‖ + ε)) and the decay becomes wd·wd_ratio. W ← W − lr·(p + wd'·W), which is
+    the official `adamp` package's W(1 − lr·wd') − lr·p. The first view that detects wins.
+    In a low-rank group p is the full-size update the weight receives (back-projection and
+    residual applied) and the cosine is taken with the full gradient G; where the step only
+    has G's projection (per-layer mode accumulating R) the update stands in for G.
+    ε is the paper's and the package's, added to √v̂: m̂/(√v̂ + ε) = c·m/(√v + ε·√(1−β2ᵗ))
+    with c = √(1−β2ᵗ)/(1−β1ᵗ), so the format's fused Adam pass runs it with ε·√(1−β2ᵗ)
+    (galore-torch's convention, ε beside √v, differs by up to ε/√v relative: 3e-4 for
+    a gradient of 1e-3 at step 1 — 2.5e-5 on the weights of a 25-step test run).
+    """
+
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-8, "delta": 0.1, "wd_ratio": 0.1,
+                "nesterov": False}
+    moments = (("exp_avg", True), ("exp_avg_sq", False))
+    batched = True
+    finishes_update = True
+
+    def validate(self, group):
+        check_betas(group)
+        check_positive(group, "eps", allow_zero=True)
+        check_positive(group, "delta")
+        ratio = group.get("wd_ratio")
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
+            raise ValueError(f"option 'wd_ratio' must be a number in [0, 1], got {ratio!r}")
+        check_flag(group, "nesterov")
+
+    def step_scale(self, t, group):
+        beta1, beta2 = group["betas"]
+        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t) if t >= 1 else 1.0
+
+    def update(self, grad, state, group, fmt):
+        beta1, beta2 = group["betas"]
+        t = rule_step(state)
+        eps, scale = group["eps"] * math.sqrt(1.0 - beta2 ** t), self.step_scale(t, group)
+        if not group["nesterov"]:  # the format's fused Adam pass
+            return fmt.adam_step(state, "exp_avg", "exp_avg_sq", grad, beta1, beta2, eps, scale)
+        exp_avg, exp_avg_sq = fmt.read(state, "exp_avg"), fmt.read(state, "exp_avg_sq")
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        fmt.write(state, "exp_avg", exp_avg)
+        fmt.write(state, "exp_avg_sq", exp_avg_sq)
+        lookahead = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1)
+        return lookahead.div_(exp_avg_sq.sqrt().add_(eps)).mul_(scale)
+
+    def finish_update(self, weights, update, grad, group):
+        decay = torch.full((len(weights),), float(group["weight_decay"]), device=weights.device)
+        if weights.dim() > 2:  # weights of ≥ 2 dims (the stack adds one)
+            signal = update if grad is None else grad
+            update, invariant = project_scale_invariant(weights, update, signal, group["delta"],
+                                                        group["eps"])
+            decay = torch.where(invariant, decay * group["wd_ratio"], decay)
+        return update.add_(weights * decay.view(-1, *([1] * (weights.dim() - 1))))
+
+
+def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
+                            delta: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamP's projection over a k×… stack: (update, k bools: slice detected scale-invariant).
+
+    Views, in order: channel (k×out×rest) then layer (k×1×all); a slice takes the first
+    view whose max |cos| is below δ/√(view width) and keeps its update otherwise."""
+    k = len(weights)
+    done = torch.zeros(k, dtype=torch.bool, device=weights.device)
+    out = update.clone()
+    for rows in (weights.shape[1], 1):
+        w, g, u = (x.reshape(k, rows, -1) for x in (weights, grad, update))
+        cosine = F.cosine_similarity(g, w, dim=2, eps=eps).abs_()
+        hit = (cosine.amax(dim=1) < delta / math.sqrt(w.shape[2])) & ~done
+        w_hat = w / torch.linalg.vector_norm(w, dim=2, keepdim=True).add_(eps)
+        projected = u - w_hat * (w_hat * u).sum(dim=2, keepdim=True)
+        out = torch.where(hit.view(k, 1, 1), projected, out.reshape(k, rows, -1)).reshape(update.shape)
+        done |= hit
+    return out, done
