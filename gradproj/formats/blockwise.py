@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..kernels.adam import adam_step
+from ..kernels.sophia import sophia_step
 from .base import StateFormat
 
 MIN_QUANTIZED_NUMEL = 4096
@@ -45,6 +46,12 @@ class BlockwiseFormat(StateFormat):
         return self.fused_adam(grad, state[f"{m_key}.codes"], state[f"{m_key}.absmax"],
                                state[f"{v_key}.codes"], state[f"{v_key}.absmax"], beta1, beta2,
                                eps, step_size)
+
+    def sophia_step(self, state, m_key, h_key, grad, beta1, rho, eps):
+        if m_key in state:  # small moments are fp32 tensors: the fused dense kernel
+            return sophia_step(grad, state[m_key], state[h_key], beta1, rho, eps)
+        # codes: dequantize M and H, the reference, re-quantize M (H is only read)
+        return super().sophia_step(state, m_key, h_key, grad, beta1, rho, eps)
 
     @staticmethod
     def stores_codes(shape: tuple[int, ...]) -> bool:

@@ -33,6 +33,9 @@ class Rule:
           update clipping by the RMS of the whole update) is not.
     FSDP2 steps a rule on each rank's rows only where `batched` holds (an elementwise
     rule is shard-local).
+      `uses_curvature` (False): the rule keeps a curvature estimate that the optimizer's
+          `update_curvature` call advances through `update_curvature` below (Sophia's h,
+          optimizers/curvature.py); the optimizer refuses that call for other rules.
     """
 
     #: option name -> default value; merged into the optimizer's defaults
@@ -40,6 +43,7 @@ class Rule:
     #: names of the moment tensors kept per parameter, and whether each is signed
     moments: tuple[tuple[str, bool], ...] = ()
     batched: bool = False
+    uses_curvature: bool = False
 
     def step_scale(self, t: int, group: dict) -> float:
         """The factor this rule folds into its direction at step t (Adam's bias
@@ -60,6 +64,11 @@ class Rule:
         `state["step"]` has already been incremented: it is t = 1 on the first call.
         """
         raise NotImplementedError
+
+    def update_curvature(self, estimate: torch.Tensor, state: dict, group: dict,
+                         fmt: StateFormat) -> None:
+        """Fold a fresh curvature estimate ĥ (fp32, the moments' shape) into the state."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no curvature estimate")
 
     def state_nbytes(self, shape: tuple[int, ...], fmt: StateFormat) -> int:
         """Exact bytes of this rule's state for a gradient of `shape` in format `fmt`."""
