@@ -307,3 +307,17 @@ def test_low_rank_hutchinson_expectation_is_the_projected_hessian_diagonal():
     diag = h_low.diagonal()
     t = hoeffding(2 * (h_low.abs().sum(1) - diag.abs()), 8, draws)
     assert ((mean - diag).abs() <= t).all(), (mean, diag, t)
+
+
+def test_defaults_are_the_papers_and_the_official_codes():
+    rule, preset = gp.RULES.get("sophia").defaults, gp.preset_options("sophia")
+    assert (rule["betas"], rule["rho"], rule["eps"], rule["curvature_every"]) == (
+        (0.965, 0.99), 0.04, 1e-15, 10)
+    assert {k: preset[k] for k in ("rule", "betas", "rho", "weight_decay", "curvature_every")} == {
+        "rule": "sophia", "betas": (0.965, 0.99), "rho": 0.04, "weight_decay": 0.1,
+        "curvature_every": 10}
+    sophia_opt = pytest.importorskip("sophia_opt")
+    import inspect
+    official = inspect.signature(sophia_opt.SophiaG.__init__).parameters
+    assert official["betas"].default == rule["betas"] and official["rho"].default == rule["rho"]
+    assert official["weight_decay"].default == preset["weight_decay"]
