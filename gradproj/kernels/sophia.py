@@ -4,8 +4,8 @@
 
 H, the curvature EMA, is only read here: it changes every k steps, when the optimizer's
 `update_curvature` feeds the rule an estimate (optimizers/curvature.py). So the step
-reads G, M, H once and writes M and N once (5 passes; the unfused PyTorch chain makes
-~8 and 2 temporaries). M and H may be stored fp32, bf16 or fp16 (math in fp32; N is
+reads G, M, H once and writes M and N once: 5 tensor passes, where the reference's op
+chain (mul_, add_, mul, clamp_, div, clamp_) makes 14 and one temporary. M and H may be stored fp32, bf16 or fp16 (math in fp32; N is
 computed from the fp32 M before it is rounded to storage, as the reference does).
 max(ρ·H, ε) is the paper's denominator; the official code adds ε instead (ρ·H + ε),
 which equals it up to ε/(ρ·H) relative for H ≥ 0 and, for Hutchinson's estimate, which

@@ -247,9 +247,10 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
 
 def _check_curvature(effective: dict, train: dict, out: _Collector) -> None:
     """Sophia's curvature pass (train/curvature.py): what the loop cannot run."""
-    estimator = effective.get("curvature_estimator")
-    if estimator is None:  # the rule keeps no curvature estimate
+    rule = effective.get("rule")
+    if rule not in RULES or not RULES.get(rule).uses_curvature:
         return
+    estimator = effective["curvature_estimator"]
     if train["parallel"] != "none":
         out.add("optimizer", "curvature_every", f"the curvature pass runs in single-process "
                 f"training only, got [train].parallel = {train['parallel']!r}")

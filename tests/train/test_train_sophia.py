@@ -81,7 +81,9 @@ def test_resume_repeats_the_run_exactly(tmp_path, monkeypatch, variant):
     (lambda t: t.replace("curvature_every = 2", 'curvature_every = 2\ncurvature_estimator = "hutchinson"')
               .replace("threads = 1", "threads = 1\nper_layer = true"),
      ["[optimizer].curvature_estimator", "per_layer", "got 'hutchinson'"]),
-], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer"])
+    (lambda t: t.replace("threads = 1", 'threads = 1\nparallel = "ddp"'),
+     ["[optimizer].curvature_every", "single-process", "'ddp'"]),
+], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer", "ddp"])
 def test_bad_curvature_settings_name_the_key(tmp_path, capsys, change, needles):
     spec = write_spec(tmp_path, change(SOPHIA))
     assert main(["train", str(spec)]) == 2
