@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import gradproj as gp
-from gradproj.formats import blockwise
 from gradproj.kernels.q8 import q8_dequantize, q8_quantize
 from gradproj.kernels.sophia import sophia_step_ref
 
