@@ -64,6 +64,7 @@ NO_PROJECTION = {"lowrank": {"targets": ["(none)"]}}
 # 2000 steps there was 2e-2, 1e-2 worse). The middle value is --quick's lr.
 ADAMW_GRID = (1e-3, 3e-3, 1e-2)
 LOW = (3e-3, 1e-2, 3e-2)
+SOPHIA_GRID = (3e-4, 1e-3, 3e-3)
 METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "AdamW": ("galore", NO_PROJECTION, ADAMW_GRID),
     "GaLore (svd)": ("galore", {}, LOW),
@@ -83,6 +84,11 @@ METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "GaLore-diffGrad": ("diffgrad", {}, LOW),
     "AdamP": ("adamp", NO_PROJECTION, ADAMW_GRID),
     "GaLore-AdamP": ("adamp", {}, LOW),
+    # Sophia-G, full rank (as the paper) and in GaLore's subspace; its steps are at most lr
+    # per coordinate (clipped, Lion-like), so its grid sits below AdamW's (the official
+    # GPT-2 small recipe: lr 6e-4). Its GNB curvature pass runs every 10 steps
+    "Sophia": ("sophia", NO_PROJECTION, SOPHIA_GRID),
+    "GaLore-Sophia": ("sophia", {}, SOPHIA_GRID),
 }
 LOWRANK_KEYS = {"projector", "rank", "update_gap", "scale", "residual", "targets"}
 

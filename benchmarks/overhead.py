@@ -196,7 +196,7 @@ def bench_list(key: str, rounds: int, only: list[str] | None, peers: bool = True
     print(f"\n## {spec['title']}: {spec['layers']} layers, hidden {spec['dim']}, intermediate "
           f"{spec['ffn']}, vocab {spec['vocab']}; {low} projected matrices at rank {RANK} "
           f"+ {full} full-rank tensors, T {GAP}")
-    opts, rows, skipped = {}, {}, {}
+    opts, rows, skipped, models = {}, {}, {}, {}
     for name, build in contenders(peers).items():
         if only and name != BASELINE and not any(o.lower() in name.lower() for o in only):
             continue
@@ -217,6 +217,7 @@ def bench_list(key: str, rounds: int, only: list[str] | None, peers: bool = True
                 opt.step()
             counts.append(counter.ops)
         opts[name] = (opt, before)
+        models[name] = model  # alive: Q-GaLore's INT8 weights hold their QuantLinear weakly
         rows[name] = {"optimizer": name, "ops_per_counted_step": [sum(c.values()) for c in counts],
                       "top_ops": {str(f): n for f, n in counts[-1].most_common(12)}, "host_us_rounds": []}
     names = list(opts)

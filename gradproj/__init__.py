@@ -10,6 +10,7 @@ from .optimizers import (DEFAULT_TARGETS, GaLoreAdamW, LowRankOptimizer, build_o
                          param_groups, preset_options)
 from .quant import QuantLinear, quantize_weights
 from .memory import plan_memory
+from .optimizers.curvature import sampled_label_loss
 from .optimizers.refresh import subspace_similarity
 from .registry import (KERNELS, PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS, Registry,
                        load_plugins)
@@ -22,4 +23,4 @@ __all__ = ["DEFAULT_TARGETS", "GaLoreAdamW", "KERNELS", "LowRankOptimizer", "PRE
            "PROJECTORS", "RESIDUALS", "RULES", "Registry", "STATE_FORMATS", "build_optimizer",
            "count_refreshes", "count_svd_fallbacks", "load_plugins", "optimizer_state_nbytes",
            "param_groups", "plan_memory", "preset_options", "QuantLinear", "quantize_weights",
-           "subspace_similarity"]
+           "sampled_label_loss", "subspace_similarity"]

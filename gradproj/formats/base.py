@@ -29,6 +29,7 @@ import torch
 from ..kernels.adam import adam_step, adam_step_ref
 from ..kernels.diffgrad import diffgrad_step, diffgrad_step_ref
 from ..kernels.lion import lion_update, lion_update_ref
+from ..kernels.sophia import sophia_step, sophia_step_ref
 from ..registry import STATE_FORMATS
 
 
@@ -87,6 +88,15 @@ class StateFormat:
             self.write(state, key, value)
         return direction
 
+    def sophia_step(self, state: dict, m_key: str, h_key: str, grad: torch.Tensor, beta1: float,
+                    rho: float, eps: float) -> torch.Tensor:
+        """M ← β1·M + (1−β1)·G; return clip(M / max(ρ·H, ε), 1) (Sophia; H is only read).
+        Default: read both, the reference math, write M back."""
+        m, h = self.read(state, m_key), self.read(state, h_key)
+        direction = sophia_step_ref(grad, m, h, beta1, rho, eps)
+        self.write(state, m_key, m)
+        return direction
+
 
 class DenseFormat(StateFormat):
     """A plain tensor of one dtype under `state[key]`."""
@@ -117,6 +127,9 @@ class DenseFormat(StateFormat):
     def diffgrad_step(self, state, m_key, v_key, prev_key, grad, beta1, beta2, eps, step_size):
         return diffgrad_step(grad, state[m_key], state[v_key], state[prev_key], beta1, beta2,
                              eps, step_size)
+
+    def sophia_step(self, state, m_key, h_key, grad, beta1, rho, eps):
+        return sophia_step(grad, state[m_key], state[h_key], beta1, rho, eps)
 
 
 @STATE_FORMATS.register("fp32", aliases=("float32",))

@@ -14,6 +14,7 @@ import torch
 
 from ..kernels.adam import adam_step
 from ..kernels.diffgrad import diffgrad_step
+from ..kernels.sophia import sophia_step
 from .base import StateFormat
 
 MIN_QUANTIZED_NUMEL = 4096
@@ -53,6 +54,12 @@ class BlockwiseFormat(StateFormat):
                                  beta2, eps, step_size)
         return super().diffgrad_step(state, m_key, v_key, prev_key, grad, beta1, beta2, eps,
                                      step_size)
+
+    def sophia_step(self, state, m_key, h_key, grad, beta1, rho, eps):
+        if m_key in state:  # small moments are fp32 tensors: the fused dense kernel
+            return sophia_step(grad, state[m_key], state[h_key], beta1, rho, eps)
+        # codes: dequantize M and H, the reference, re-quantize M (H is only read)
+        return super().sophia_step(state, m_key, h_key, grad, beta1, rho, eps)
 
     @staticmethod
     def stores_codes(shape: tuple[int, ...]) -> bool:

@@ -35,6 +35,7 @@ from ..rules.base import rule_step
 from ..seeds import param_seed
 from ..stacked_state import StackedState
 from .buckets import Bucket, partition
+from .curvature import update_curvature
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 from .refresh import refresh_subspace
 
@@ -308,6 +309,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(params, update.unbind(0), alpha=-lr)
         if decay:
             torch._foreach_add_(params, params, alpha=-lr * decay)
+
+    # -- curvature (Sophia) ------------------------------------------------------------
+    def update_curvature(self, estimator: str = "gnb", *, batch_size: int | None = None,
+                         loss: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> None:
+        """Feed a fresh diagonal curvature estimate to every weight whose rule keeps one.
+
+        "gnb": after back-propagating `sampled_label_loss` (labels drawn from the model's
+        logits), with `batch_size` B the number of labels it averaged: ĥ = B·ĝ⊙ĝ from
+        `.grad`. "hutchinson": `loss` (graph alive) and a `generator` for the probes:
+        ĥ = u⊙Hu. In a low-rank group in the weight's current subspace. Raises for rules
+        without a curvature estimate. See optimizers/curvature.py.
+        """
+        update_curvature(self, estimator, batch_size=batch_size, loss=loss, generator=generator)
 
     # -- gradient accumulation in the subspace (per-layer mode) ---------------------
     def accumulates_low_rank(self, p: torch.Tensor, group: dict | None = None) -> bool:

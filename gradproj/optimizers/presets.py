@@ -57,6 +57,13 @@ PRESETS.add("adamp", {**PRESETS.get("galore"), "rule": "adamp", "betas": (0.9, 0
                       "eps": 1e-8, "delta": 0.1, "wd_ratio": 0.1, "nesterov": False},
             description="AdamP (Heo et al. 2021): Adam with the radial part removed on "
                         "scale-invariant weights, δ 0.1, wd_ratio 0.1")
+PRESETS.add("sophia", {
+    # GaLore's projection around Sophia-G with the paper's defaults (official SophiaG:
+    # β (0.965, 0.99), ρ 0.04 with B in tokens, wd 0.1, ε 1e-15; curvature every k = 10)
+    **PRESETS.get("galore"), "rule": "sophia", "betas": (0.965, 0.99), "rho": 0.04,
+    "eps": 1e-15, "weight_decay": 0.1, "curvature_every": 10, "curvature_estimator": "gnb",
+}, description="Sophia-G (Liu et al. 2023) in GaLore's subspace: clipped momentum over a GNB "
+               "curvature EMA (every 10 steps), rho 0.04, wd 0.1")
 
 #: preset keys that configure the model (weight quantization), not the optimizer
 MODEL_KEYS = ("quantize_weights", "weight_group_size")

@@ -38,6 +38,9 @@ class Rule:
           trust ratio is taken over U + wd·W, AdamP scales wd by its wd_ratio). Such a
           rule never runs fused into the back-projection (`Residual.fuses_back_projection`
           writes W without forming U).
+      `uses_curvature` (False): the rule keeps a curvature estimate that the optimizer's
+          `update_curvature` call advances through `update_curvature` below (Sophia's h,
+          optimizers/curvature.py); the optimizer refuses that call for other rules.
     FSDP2 steps a rule on each rank's rows only where `batched` holds (an elementwise
     rule is shard-local) and `finishes_update` does not (its norms span all rows).
     """
@@ -48,6 +51,7 @@ class Rule:
     moments: tuple[tuple[str, bool], ...] = ()
     batched: bool = False
     finishes_update: bool = False
+    uses_curvature: bool = False
 
     def step_scale(self, t: int, group: dict) -> float:
         """The factor this rule folds into its direction at step t (Adam's bias
@@ -76,6 +80,11 @@ class Rule:
         gradient G of the same shape, or None where the step only has its projection (per-layer
         mode accumulating R). U' must include the rule's weight decay."""
         raise NotImplementedError
+
+    def update_curvature(self, estimate: torch.Tensor, state: dict, group: dict,
+                         fmt: StateFormat) -> None:
+        """Fold a fresh curvature estimate ĥ (fp32, the moments' shape) into the state."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no curvature estimate")
 
     def state_nbytes(self, shape: tuple[int, ...], fmt: StateFormat) -> int:
         """Exact bytes of this rule's state for a gradient of `shape` in format `fmt`."""

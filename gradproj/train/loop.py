@@ -29,6 +29,7 @@ import torch
 from ..distributed.rank0 import Rank0
 from ..distributed.run import RunContext
 from ..optimizers import count_refreshes, optimizer_state_nbytes
+from .curvature import CurvaturePass
 from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_text, load_tokens
 from .loggers import open_loggers
 from .metrics import METRICS_FILE, MIB, PLOT_FILE, Progress, plot_runs
@@ -115,6 +116,7 @@ class Trainer:
         self.stepper = (self.dist.per_layer_stepper(self.opt, t.grad_accum, self.model)
                         if t.per_layer else None)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.curvature = CurvaturePass(self.opt, spec, self.corpus, self.device)  # Sophia's h
         self.progress = Progress(t.steps, stream=stream,
                                  enabled=spec.log.progress and self.dist.is_main)
         self.step, self.skipped, self.bad_in_row, self.tokens = 0, 0, 0, 0
@@ -179,6 +181,8 @@ class Trainer:
                 if not bad:
                     self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        if not bad and self.curvature.due(step + 1):
+            self.curvature.run(self.dist.module(self.model), step, self._autocast, self.stepper)
         self.scheduler.step()
         return sum(losses) / len(losses), bad, peak
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..optimizers import LowRankOptimizer
+from ..optimizers.curvature import gnb_update, project_current
 from ..quant.linear import OWNER_ATTR
 
 
@@ -61,6 +62,7 @@ class PerLayerStepper:
         self.held_bytes = 0          # bytes of .grad tensors alive right now
         self.grad_peak_bytes = 0     # max of held_bytes since reset_peak()
         self.accum_peak_bytes = 0    # max bytes of the projected-sum buffers
+        self.curvature_batch: int | None = None  # set during a GNB pass (train/curvature.py)
         self._handles = [self._register(p) for p in self.group_index]
 
     def _register(self, p: torch.Tensor):
@@ -101,6 +103,9 @@ class PerLayerStepper:
         self.grad_peak_bytes = max(self.grad_peak_bytes, self.held_bytes)
         last = self.micro == self.grad_accum - 1
         group = self.opt.param_groups[self.group_index[p]]
+        if self.curvature_batch is not None:
+            self._curvature_hook(p, group, last)
+            return
         if p in self.bad or not torch.isfinite(p.grad).all():
             if self.track_norms:
                 self.norms[p] = torch.tensor(float("nan"))
@@ -126,6 +131,38 @@ class PerLayerStepper:
             if self.track_norms:
                 self.norms[p] = torch.linalg.vector_norm(p.grad)
             self.opt.step_param(p, group)
+            self._release(p)
+
+    # -- Sophia's GNB pass: the same hooks feed the curvature instead of a step -------
+    def begin_curvature(self, batch_size: int) -> None:
+        """The next backward(s) (grad_accum micro-batches) are a GNB pass with B labels."""
+        self.curvature_batch = batch_size
+
+    def end_curvature(self) -> None:
+        self.curvature_batch = None
+        self.abort()
+
+    def _curvature_hook(self, p: torch.Tensor, group: dict, last: bool) -> None:
+        if not self.opt.plugins(group)[0].uses_curvature or p in self.bad:
+            self._release(p)
+            return
+        if not torch.isfinite(p.grad).all():  # skip this weight's estimate, as a step would
+            self.bad.add(p)
+            self.low_sums.pop(p, None)
+            self._release(p)
+            return
+        if self.opt.is_low_rank(p, group):  # ĝ summed in the subspace: r×n, not m×n
+            low = project_current(self.opt, p, group, p.grad)
+            self._release(p)
+            total = self.low_sums.get(p)
+            total = low if total is None else total.add_(low)
+            if last:
+                gnb_update(self.opt, p, group, self.low_sums.pop(p, total), self.curvature_batch,
+                           projected=True)
+            else:
+                self.low_sums[p] = total
+        elif last:
+            gnb_update(self.opt, p, group, p.grad, self.curvature_batch)
             self._release(p)
 
     def _release(self, p: torch.Tensor) -> None:

@@ -230,6 +230,7 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                                            f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
+    _check_curvature(optimizer.effective, train, out)
     _check_log(parsed["log"], out)
     width = model.width if isinstance(model, HFModelSpec) else model.dim
     optimizer = optimizer.with_width(width)
@@ -242,6 +243,23 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                    optimizer=optimizer, train=TrainSpec(**train),
                    checkpoint=CheckpointSpec(**ckpt), log=LogSpec(**{**_defaults(LogSpec),
                                                                      **parsed["log"]}))
+
+
+def _check_curvature(effective: dict, train: dict, out: _Collector) -> None:
+    """Sophia's curvature pass (train/curvature.py): what the loop cannot run."""
+    rule = effective.get("rule")
+    if rule not in RULES or not RULES.get(rule).uses_curvature:
+        return
+    estimator = effective["curvature_estimator"]
+    if train["parallel"] != "none":
+        out.add("optimizer", "curvature_every", f"the curvature pass runs in single-process "
+                f"training only, got [train].parallel = {train['parallel']!r}")
+    if estimator == "hutchinson" and train["per_layer"]:
+        out.add("optimizer", "curvature_estimator", "expected 'gnb' with [train].per_layer = "
+                "true (its hooks cannot take a Hessian-vector product), got 'hutchinson'")
+    if estimator == "hutchinson" and effective.get("quantize_weights"):
+        out.add("optimizer", "curvature_estimator", "expected 'gnb' with INT8 weights "
+                "(quantize_weights: no Hessian-vector product through them), got 'hutchinson'")
 
 
 def _check_data(data: dict, given: dict, out: _Collector) -> None:

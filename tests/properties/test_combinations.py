@@ -81,6 +81,10 @@ def train(model, opt, grads):
         for p, g in zip(model.parameters(), step):
             p.grad = g
         opt.step()
+        if opt.plugins(opt.param_groups[0])[0].uses_curvature:
+            # the step's G stands in for a GNB gradient (B = 4): h lives in the subspace
+            # and is kept / reset / rotated by the refresh policy like the other moments
+            opt.update_curvature("gnb", batch_size=4)
 
 
 def check_config(options, dtype, steps=6, split=3):

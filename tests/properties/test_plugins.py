@@ -99,6 +99,8 @@ def run_rule(rule, fmt, grads, state, group):
     for g in grads:
         state["step"] += 1
         out.append(rule.update(g.float(), state, group, fmt))
+        if rule.uses_curvature:  # a GNB-like estimate ĥ = B·g⊙g (B = 8) after each step
+            rule.update_curvature(g.float().square().mul(8), state, group, fmt)
     return out
 
 

@@ -1,0 +1,43 @@
+"""Interpreter lane: the fused Sophia kernel against its reference."""
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from kernel_helpers import STORAGE_DTYPES, U, assert_within, size_strategy, storage_rounding
+
+from gradproj.kernels.sophia import sophia_step, sophia_step_ref
+
+pytestmark = pytest.mark.interpreter
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=size_strategy, storage=st.sampled_from(STORAGE_DTYPES),
+       rho=st.sampled_from([0.04, 1.0, 0.0]), hutchinson=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+@example(n=1, storage=torch.float32, rho=0.04, hutchinson=False, seed=0)
+@example(n=1025, storage=torch.bfloat16, rho=0.04, hutchinson=True, seed=1)
+def test_sophia_step_matches_reference(n, storage, rho, hutchinson, seed):
+    gen = torch.Generator().manual_seed(seed)
+    beta1, eps = 0.965, 1e-15
+    grad = torch.randn(n, generator=gen)
+    m0 = (torch.randn(n, generator=gen) * 0.1).to(storage)
+    # GNB's h is >= 0; Hutchinson's may be negative (max(ρ·h, ε) then gives ε); some zeros
+    h0 = torch.randn(n, generator=gen) * 2.0
+    h0 = (h0 if hutchinson else h0.abs()) * (torch.rand(n, generator=gen) > 0.1)
+    h0 = h0.to(storage)
+    m_k, m_r, h_k = m0.clone(), m0.clone(), h0.clone()
+    d_k = sophia_step(grad, m_k, h_k, beta1, rho, eps)
+    d_r = sophia_step_ref(grad, m_r, h0.clone(), beta1, rho, eps)
+    u = U[torch.float32]
+    m32 = m0.double()
+    m_fp32 = m32 * beta1 + (1 - beta1) * grad.double()
+    # M: two roundings of its terms' sum (the kernel may fuse the multiply-add)
+    err_m = 2 * u * ((beta1 * m32).abs() + ((1 - beta1) * grad.double()).abs())
+    # N = clip(M / D, 1) with the same D = max(fl(ρ·h), ε) in both: |ΔM|/D plus one
+    # division rounding each; the clip is 1-Lipschitz
+    den = (h0.double() * rho).float().double().clamp(min=eps)
+    bound = err_m / den + 2 * u * (m_fp32.abs() / den).clamp(max=1.0)
+    assert_within(d_k, d_r, bound, "direction")
+    assert (d_k.abs() <= 1).all() and d_k.dtype == torch.float32
+    assert_within(m_k.float(), m_r.float(), err_m + 2 * storage_rounding(m_fp32, storage), "exp_avg")
+    assert torch.equal(h_k, h0)  # H is read, never written
