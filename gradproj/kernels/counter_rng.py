@@ -68,24 +68,35 @@ def uniform_bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
 def _streams(seeds, numel: int, device, start: int = 0, stride: int = 1,
              offset: int = 0) -> torch.Tensor:
     """k×numel fp32: row i = (bits of indices start + stride·j under seeds[i]'s keys
-    + offset)·2⁻²⁴. On CPU the C loop of `cpu_counter_rng.py` (the same bits), else (or
-    with GRADPROJ_KERNELS≠auto) the tensor arithmetic below."""
-    on_cpu = torch.device(device if device is not None else "cpu").type == "cpu"
-    if on_cpu and not torch.is_tensor(seeds):
-        pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
-        fast = cpu_counter_rng.uniform_rows([a for a, _ in pairs], [b for _, b in pairs], numel,
-                                            start, stride, offset)
-        if fast is not None:
-            return fast
-    k0, k1 = keys(seeds, device)
+    + offset)·2⁻²⁴ (seeds as `keys` takes them)."""
+    if torch.is_tensor(seeds):
+        k0, k1 = keys(seeds, device)
+        return _from_keys(k0, k1, numel, device, start, stride, offset)
+    pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
+    return _from_keys([a for a, _ in pairs], [b for _, b in pairs], numel, device, start,
+                      stride, offset)
+
+
+def _from_keys(k0, k1, numel: int, device, start: int = 0, stride: int = 1,
+               offset: int = 0) -> torch.Tensor:
+    """The streams of key pairs (lists of ints, or k×1 tensors): on CPU the C loop of
+    `cpu_counter_rng.py` (the same bits), else (or with GRADPROJ_KERNELS≠auto) the
+    tensor arithmetic below."""
+    if isinstance(k0, list):
+        if torch.device(device if device is not None else "cpu").type == "cpu":
+            fast = cpu_counter_rng.uniform_rows(k0, k1, numel, start, stride, offset)
+            if fast is not None:
+                return fast
+        k0 = torch.tensor(k0, dtype=torch.int64, device=device).reshape(-1, 1)
+        k1 = torch.tensor(k1, dtype=torch.int64, device=device).reshape(-1, 1)
     index = torch.arange(numel, dtype=torch.int64, device=device) * stride + start
     return (uniform_bits(index, k0, k1) + offset).float() * 2.0 ** -24
 
 
 def uniform(numel: int, seed: int, device=None) -> torch.Tensor:
     """The fp32 stream u ∈ [0, 1) of one seed (what `int8_sr` rounds with)."""
-    seed_keys(seed)  # the range check
-    return _streams([seed], numel, device)[0]
+    k0, k1 = seed_keys(seed)  # the whole 64-bit seed (a bucket's `keys` take it mod 2⁶³)
+    return _from_keys([k0], [k1], numel, device)[0]
 
 
 def uniforms(seeds: list[int], numel: int, device) -> torch.Tensor:

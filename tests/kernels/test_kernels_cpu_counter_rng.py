@@ -40,13 +40,17 @@ def test_c_streams_equal_the_tensor_reference(seeds, numel, start, stride, offse
 
 
 def test_public_streams_match_with_and_without_the_c_path(monkeypatch):
-    fast = (counter_rng.uniform(4097, 7), counter_rng.uniforms([1, 2 ** 63 + 9], 513, "cpu"),
-            counter_rng.normals([5, 6], 1001, "cpu"))
+    def streams():
+        return (counter_rng.uniform(4097, 7), counter_rng.uniform(300, 2 ** 64 - 1),
+                counter_rng.uniforms([1, 2 ** 63 + 9], 513, "cpu"),
+                counter_rng.normals([5, 6], 1001, "cpu"))
+    fast = streams()
     monkeypatch.setenv("GRADPROJ_KERNELS", "reference")
-    ref = (counter_rng.uniform(4097, 7), counter_rng.uniforms([1, 2 ** 63 + 9], 513, "cpu"),
-           counter_rng.normals([5, 6], 1001, "cpu"))
-    for a, b in zip(fast, ref):
+    for a, b in zip(fast, streams()):
         assert torch.equal(a, b)
+    # one seed's stream takes all 64 bits of it (the Triton kernel's keys), unlike a bucket's
+    k0, k1 = counter_rng.seed_keys(2 ** 64 - 1)
+    assert fast[1][5].item() == (counter_rng.hash32(counter_rng.hash32(5 ^ k0) ^ k1) >> 8) * 2.0 ** -24
 
 
 def test_indices_past_two_to_the_32_keep_the_reference_bits(monkeypatch):
