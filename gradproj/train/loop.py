@@ -36,6 +36,7 @@ from .model import build_model, count_parameters
 from .perlayer import PerLayerStepper
 from .spec import RunSpec, TrainSpec, write_resolved
 from .tokenizer import load_tokenizer
+from .zeroth_order import ZerothOrder
 
 SPEC_FILE = "spec.toml"
 
@@ -115,6 +116,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))
         self.stepper = PerLayerStepper(self.opt, t.grad_accum) if t.per_layer else None
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.zo = (ZerothOrder(self.opt, eps=t.zo_eps, perturbations=t.zo_perturbations,
+                               subspace=t.zo_subspace, seed=t.seed)
+                   if t.gradient == "zeroth-order" else None)
         self.progress = Progress(t.steps, stream=stream,
                                  enabled=spec.log.progress and self.dist.is_main)
         self.step, self.skipped, self.bad_in_row, self.tokens = 0, 0, 0, 0
@@ -141,6 +145,8 @@ class Trainer:
     def train_step(self) -> tuple[float, bool, int]:
         """One optimizer step; (mean micro-batch loss, skipped?, peak gradient bytes)."""
         t, step = self.spec.train, self.step
+        if self.zo:
+            return self._zo_step()
         losses = []
         bad = False
         if self.stepper:
@@ -179,9 +185,34 @@ class Trainer:
         self.scheduler.step()
         return sum(losses) / len(losses), bad, peak
 
+    @torch.no_grad()
+    def _zo_step(self) -> tuple[float, bool, int]:
+        """A zeroth-order step (train/zeroth_order.py): forwards only, no gradient tensors."""
+        t, step = self.spec.train, self.step
+
+        def loss_fn() -> float:  # this rank's mean loss over the step's micro-batches
+            total = 0.0
+            for micro in range(t.grad_accum):
+                x, y = self.dist.shard(*self.train_data.batch(step, micro))
+                with self._autocast():
+                    total += self.model(x.to(self.device), y.to(self.device)).item()
+            return total / t.grad_accum
+
+        self.model.eval()  # as MeZO: L₊ and L₋ must differ by the perturbation alone (no dropout)
+        try:
+            loss, ok = self.zo.step(loss_fn, mean=self.dist.mean_all)
+        finally:
+            self.model.train()
+        self.opt.step()  # no .grad anywhere: a no-op that keeps the LR scheduler's check honest
+        self.scheduler.step()
+        return loss, not ok, 0
+
     def _loop_state(self) -> dict:
-        return {"skipped": self.skipped, "bad_in_row": self.bad_in_row, "tokens": self.tokens,
-                "elapsed": self.elapsed, "last_eval": self.last_eval}
+        state = {"skipped": self.skipped, "bad_in_row": self.bad_in_row, "tokens": self.tokens,
+                 "elapsed": self.elapsed, "last_eval": self.last_eval}
+        if self.zo:  # the perturbation seed stream's position
+            state["zeroth_order"] = self.zo.state_dict()
+        return state
 
     def _save(self) -> None:
         self.ckpt.save(self.step, self.model, self.opt, self.scheduler, self._loop_state())
@@ -195,6 +226,8 @@ class Trainer:
             self.step = loaded.step
             for key in ("skipped", "bad_in_row", "tokens", "elapsed", "last_eval"):
                 setattr(self, key, loaded.loop[key])
+            if self.zo:
+                self.zo.load_state_dict(loaded.loop["zeroth_order"])
             metrics = Rank0(lambda: open_loggers(spec.log.backends, self.run_dir,
                                                  resume_step=self.step, config=spec.resolved()))
             self.progress.start = self.step
