@@ -21,7 +21,7 @@ import torch
 
 from ..optimizers.lowrank import LowRankOptimizer
 from .accounting import gradient_bytes, optimizer_bytes, weight_bytes
-from .activations import activation_bytes
+from .activations import activation_bytes, forward_peak_bytes
 
 COMPONENTS = ("weights", "gradients", "optimizer_states", "projector_bases",
               "quantization_scales", "activations")
@@ -88,19 +88,27 @@ class MemoryPlan:
 def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                build_optimizer: Callable[[torch.nn.Module], LowRankOptimizer], *,
                batch: int, seq_len: int, checkpointing: bool = False, per_layer: bool = False,
-               grad_accum: int = 1, notes: Iterable[str] = ()) -> Plan:
-    """Plan one setup: `build_model()` must return a model on the meta device."""
+               grad_accum: int = 1, notes: Iterable[str] = (),
+               gradient: str = "backprop") -> Plan:
+    """Plan one setup: `build_model()` must return a model on the meta device.
+
+    `gradient = "zeroth-order"` (MeZO, train/zeroth_order.py): no gradient tensors, and
+    the activations are the peak working set of one no-grad forward (nothing is saved
+    for a backward); the update's one-weight temporaries go in a note."""
     model = build_model()
     optimizer = build_optimizer(model)  # may swap Linear layers for INT8 ones in place
     names = {p: name for name, p in model.named_parameters()}
     weights, weight_scales = weight_bytes(model)
     opt = optimizer_bytes(optimizer, names)
-    grads = gradient_bytes(optimizer, per_layer=per_layer, grad_accum=grad_accum)
-    act = activation_bytes(model, batch, seq_len, checkpointing=checkpointing)
+    zeroth_order = gradient == "zeroth-order"
+    grads = 0 if zeroth_order else gradient_bytes(optimizer, per_layer=per_layer,
+                                                  grad_accum=grad_accum)
+    act = (forward_activations(model, batch, seq_len) if zeroth_order
+           else activation_bytes(model, batch, seq_len, checkpointing=checkpointing))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     settings = {"batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "activation_checkpointing": checkpointing, "per_layer": per_layer,
-                "grad_accum": grad_accum, "weight_dtypes": dtypes,
+                "grad_accum": grad_accum, "weight_dtypes": dtypes, "gradient": gradient,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "projected_weights": opt.low_rank_weights,
                 "full_rank_weights": opt.full_rank_weights}
@@ -108,6 +116,12 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
     for key in ("rule", "state_format", "projector", "residual", "rank", "proj_type"):
         settings[key] = group.get(key)
     notes = list(notes)
+    if zeroth_order:
+        largest = max((p.numel() for p in model.parameters()), default=0)
+        notes.append(f"zeroth-order: no gradient tensors and no saved activations (forwards "
+                     f"under no_grad); between and after the forwards one weight's fp32 z, and "
+                     f"in the update its fp32 estimate, exist at a time: {4 * largest:,} bytes "
+                     f"for the largest weight (x2 with zo_perturbations > 1), not in the total")
     window = sum(g.get("refresh_window", 0) * sum(optimizer.is_low_rank(p, g) for p in g["params"])
                  for g in optimizer.param_groups if g.get("refresh") == "adaptive")
     if window:  # created at the second refresh (refresh.py), so not in the first step's state
@@ -122,6 +136,14 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                         "projector_bases": opt.basis_scales},
                 settings=settings, sides=opt.sides, activation_detail=act.as_dict(),
                 notes=notes)
+
+
+def forward_activations(model, batch: int, seq_len: int):
+    """An ActivationTrace holding the no-grad forward's peak (zeroth-order training)."""
+    from .activations import ActivationTrace
+    peak = forward_peak_bytes(model, batch, seq_len)
+    return ActivationTrace(total=peak, kept=peak, recompute=0, batch=batch, seq_len=seq_len,
+                           checkpointing=False)
 
 
 def _meta_model(spec, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
@@ -181,13 +203,19 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
     trace_dtype = torch.bfloat16 if t.autocast == "bf16" and dtype_ == torch.float32 else dtype_
     common = dict(batch=t.batch_size, seq_len=spec.data.seq_len,
                   checkpointing=t.activation_checkpointing)
+    gradient = t.gradient
+    # zeroth-order: nothing to recompute without a backward (the baselines keep the spec's)
     ours = plan_setup("spec", _meta_model(spec, dtype_), spec.optimizer.build,
-                      per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes, **common)
+                      per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes,
+                      gradient=gradient, **{**common, "checkpointing": common["checkpointing"]
+                                            and gradient != "zeroth-order"})
     if trace_dtype != dtype_:  # autocast: activations of the bf16 compute
         bf16 = _meta_model(spec, trace_dtype)()
         spec.optimizer.build(bf16)  # same layers converted (INT8) as the real model
-        act = activation_bytes(bf16, t.batch_size, spec.data.seq_len,
-                               checkpointing=t.activation_checkpointing)
+        act = (forward_activations(bf16, t.batch_size, spec.data.seq_len)
+               if gradient == "zeroth-order" else
+               activation_bytes(bf16, t.batch_size, spec.data.seq_len,
+                                checkpointing=t.activation_checkpointing))
         ours.activations, ours.activation_detail = act.total, act.as_dict()
     baselines = {name: plan_setup(name, _meta_model(spec, torch.bfloat16), _full_rank(fmt),
                                   **common)

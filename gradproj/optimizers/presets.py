@@ -43,6 +43,11 @@ PRESETS.add("apollo", {
 PRESETS.add("apollo-mini", {**PRESETS.get("apollo"), "rank": 1, "scale_type": "tensor", "scale": 128.0},
             description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128 (SGD-like memory)")
 
+PRESETS.add("mezo", {"rule": "sgdm", "momentum": 0.0, "dampening": 0.0, "nesterov": False,
+                     "weight_decay": 0.0, "state_format": "fp32"},
+            description="MeZO (Malladi et al. 2023): ZO-SGD, sgdm with momentum 0 on SPSA "
+                        "estimates; needs [train] gradient = \"zeroth-order\" (zo_eps 1e-3)")
+
 #: preset keys that configure the model (weight quantization), not the optimizer
 MODEL_KEYS = ("quantize_weights", "weight_group_size")
 
