@@ -64,13 +64,15 @@ class ZerothOrder:
         self.opt = optimizer
         self.eps, self.n, self.subspace, self.base = float(eps), perturbations, subspace, int(seed)
         self.position = 0  # perturbations drawn so far: the seed stream's state
-        self.params: list[tuple[int, torch.Tensor, dict]] = []
-        for group in optimizer.param_groups:
+        # (index, parameter, group index): load_state_dict replaces the group dicts (and the
+        # LR scheduler writes into the new ones), so a group is looked up at each use
+        self._params: list[tuple[int, torch.Tensor, int]] = []
+        for g, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if is_quantized(p):
                     raise ValueError("zeroth-order training perturbs weights in place; INT8 "
                                      "weights (quantize_weights) cannot take θ ± ε·z")
-                self.params.append((len(self.params), p, group))
+                self._params.append((len(self._params), p, g))
         if subspace:
             for _, p, group in self.params:
                 if optimizer.is_low_rank(p, group) and not optimizer.accumulates_low_rank(p, group):
@@ -78,6 +80,11 @@ class ZerothOrder:
                                      f"{group['residual']!r} reads the full gradient; use a "
                                      f"residual that reads R only ('drop')")
         self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def params(self) -> list[tuple[int, torch.Tensor, dict]]:
+        groups = self.opt.param_groups
+        return [(j, p, groups[g]) for j, p, g in self._params]
 
     # -- the seed stream (checkpointed) ---------------------------------------------------
     def state_dict(self) -> dict:
@@ -159,7 +166,7 @@ class ZerothOrder:
         if not all(map(math.isfinite, [*diffs, level])):
             return level, False
         projected = [d / (2 * self.eps) for d in diffs]
-        for (j, p, group), low in zip(self.params, layout):
+        for (j, p, group), low in zip(self.params, layout):  # groups as they are now (lr)
             estimate = None
             for seed, g in zip(seeds, projected):
                 z = self._direction(j, p, group, low, seed, full=False)
