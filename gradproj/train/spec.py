@@ -148,7 +148,8 @@ class RunSpec:
                 model["n_kv_heads"] = self.model.kv_heads
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
-                "train": {k: v for k, v in asdict(self.train).items() if v is not None},
+                "train": {k: v for k, v in asdict(self.train).items() if v is not None
+                          and (k not in ZO_KEYS or self.train.gradient == "zeroth-order")},
                 "checkpoint": asdict(self.checkpoint),
                 "log": {**asdict(self.log), "backends": list(self.log.backends)}}
 
