@@ -172,3 +172,11 @@ def test_spec_notices_grad_clip_is_not_applied(tmp_path):
     spec = load_spec(write_spec(tmp_path), ["train.gradient='zeroth-order'", "train.grad_clip=1.0"])
     assert any("grad_clip" in i.place for i in spec.notices)
     assert spec.resolved()["train"]["gradient"] == "zeroth-order"
+    # the resolved spec (what `gradproj resume` reads) loads back, with or without zo keys
+    from gradproj.train.spec import write_resolved
+    for overrides in (["train.gradient='zeroth-order'", "train.zo_perturbations=3"], []):
+        saved = tmp_path / "resolved.toml"
+        write_resolved(load_spec(write_spec(tmp_path), overrides), saved)
+        again = load_spec(saved).train
+        assert (again.gradient, again.zo_perturbations) == (
+            ("zeroth-order", 3) if overrides else ("backprop", 1))
