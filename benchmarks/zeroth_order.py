@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{method:<24} lr {lr:g} seed {seed}: eval {r['eval_before']:.4f} -> "
                       f"{r['eval_after']:.4f}  ({r['entries']:,} entries of z, "
                       f"{r['seconds']:.0f} s)", flush=True)
-    lines = [f"# Zeroth-order: low-rank vs full perturbations ({args.steps} steps x 512 tokens, "
-             f"ZO-SGD, tiny model)", "",
+    title = (f"# Zeroth-order: low-rank vs full perturbations ({args.steps} steps x 512 "
+             f"tokens, ZO-SGD, tiny model)")
+    lines = [title, "",
              "| method | lr | entries of z | eval before | eval after (mean over seeds) | drop |",
              "|---|---|---|---|---|---|"]
     for lr in lrs:

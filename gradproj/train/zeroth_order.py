@@ -40,7 +40,7 @@ saved in the checkpoint (`state_dict`) and restored on resume.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

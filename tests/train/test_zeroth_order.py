@@ -16,14 +16,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trainhelpers import write_spec
 
 from gradproj.optimizers import LowRankOptimizer
 from gradproj.train.checks import SpecError
 from gradproj.train.spec import load_spec
 from gradproj.train.zeroth_order import ZerothOrder
-
-from trainhelpers import MICRO_SPEC, write_spec
 
 M, N, SAMPLES, CLASSES = 6, 10, 32, 6
 
@@ -130,7 +130,7 @@ def test_no_gradient_tensor_and_no_graph_in_a_step():
 
 
 def test_a_non_finite_loss_restores_the_weights_and_skips_the_step():
-    x, y, w = problem(2)
+    _, _, w = problem(2)
     opt = LowRankOptimizer([{"params": [w], "lowrank": False}], rule="sgdm", momentum=0.0, lr=1.0)
     before = w.detach().clone()
     calls = iter([1.0, float("nan")])

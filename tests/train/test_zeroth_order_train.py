@@ -4,14 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from trainhelpers import MICRO_SPEC, write_spec
 
 import gradproj as gp
 from gradproj.train import loop
 from gradproj.train.loop import Trainer
 from gradproj.train.metrics import read_metrics
 from gradproj.train.spec import load_spec
-
-from trainhelpers import write_spec, MICRO_SPEC
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 ZO = ["train.gradient='zeroth-order'"]
