@@ -7,8 +7,11 @@ Per step: k = grad_accum micro-batches, each loss scaled by 1/k and back-propaga
 (normal mode) the global gradient norm is taken, clipped if asked, and a non-finite norm
 skips the step; or (per-layer mode) the hooks of `PerLayerStepper` have already updated
 every weight during the last backward. The LR scheduler steps once per optimizer step in
-both modes. A step whose loss or gradient is not finite is skipped and counted;
-`max_bad_steps` of them in a row stop the run with a message.
+both modes. With `[train] gradient = "zeroth-order"` a step is two no-grad forwards per
+SPSA perturbation and no backward (`ZerothOrder`, train/zeroth_order.py), whose
+estimate the optimizer steps one weight at a time. A step whose loss or gradient is not
+finite is skipped and counted; `max_bad_steps` of them in a row stop the run with a
+message.
 
 The data for step s is a pure function of (seed, s), and checkpoints hold the model,
 optimizer, scheduler, RNG and counters, so a resumed run repeats the uninterrupted
