@@ -65,6 +65,7 @@ NO_PROJECTION = {"lowrank": {"targets": ["(none)"]}}
 ADAMW_GRID = (1e-3, 3e-3, 1e-2)
 LOW = (3e-3, 1e-2, 3e-2)
 SOPHIA_GRID = (3e-4, 1e-3, 3e-3)
+ZO_GRID = (1e-4, 3e-4, 1e-3)
 METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "AdamW": ("galore", NO_PROJECTION, ADAMW_GRID),
     "GaLore (svd)": ("galore", {}, LOW),
@@ -89,6 +90,12 @@ METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     # GPT-2 small recipe: lr 6e-4). Its GNB curvature pass runs every 10 steps
     "Sophia": ("sophia", NO_PROJECTION, SOPHIA_GRID),
     "GaLore-Sophia": ("sophia", {}, SOPHIA_GRID),
+    # zeroth-order (MeZO, ZO-SGD: forwards only, see benchmarks/zeroth_order.py): full z on
+    # every weight, and z in the projected weights' basis (zo_subspace); `train` keys go
+    # to [train]. Grid below the backprop methods': at 8 x 64 tokens 2e-3 diverged
+    "MeZO": ("mezo", {**NO_PROJECTION, "train": {"gradient": "zeroth-order"}}, ZO_GRID),
+    "MeZO (low-rank z)": ("mezo", {"train": {"gradient": "zeroth-order", "zo_subspace": True}},
+                          ZO_GRID),
 }
 LOWRANK_KEYS = {"projector", "rank", "update_gap", "scale", "residual", "targets"}
 
@@ -101,7 +108,10 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
     preset, overrides, _ = METHODS[name]
     optimizer: dict = {"lr": lr, "weight_decay": 0.0, "preset": preset}
     lowrank: dict = {"rank": RANK, "update_gap": GAP}
+    train = dict(overrides.get("train", {}))
     for key, value in overrides.items():
+        if key == "train":
+            continue
         if key == "lowrank":
             lowrank.update(value)
         else:
@@ -115,7 +125,7 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
                   "warmup_steps": max(1, steps // 10),     # 10 % warmup, cosine to 0.1·lr
                   "lr_schedule": "cosine", "seed": seed, "grad_clip": 0.0,
                   "eval_every": max(1, steps // 10), "eval_batches": args.eval_batches,
-                  "threads": args.threads},
+                  "threads": args.threads, **train},
         "checkpoint": {"dir": str(run_dir), "every": 0, "keep_last": 1},
         "log": {"every": 10, "progress": False, "plot": False},
     }

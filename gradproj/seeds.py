@@ -28,3 +28,13 @@ def rounding_seed(seed: int, step: int) -> int:
     """The stochastic-rounding seed of an INT8 weight's update at `step`."""
     return (int(seed) * SEED_STRIDE + int(step) * 7_919 + 17) % (1 << 62)
 
+
+
+def zo_seed(seed: int, k: int) -> int:
+    """The seed of the k-th SPSA perturbation of a zeroth-order run (train/zeroth_order.py)."""
+    return (int(seed) * SEED_STRIDE + int(k) * 104_729 + 31) % (1 << 62)
+
+
+def zo_param_seed(perturbation_seed: int, index: int) -> int:
+    """The seed of the index-th parameter's z within one perturbation."""
+    return (int(perturbation_seed) * SEED_STRIDE + int(index)) % (1 << 62)

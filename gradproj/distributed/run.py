@@ -118,6 +118,15 @@ class RunContext:
         dist.all_reduce(t)
         return float(t.item()) / self.env.world_size
 
+    def mean_all(self, values) -> list[float]:
+        """`mean` of several floats in one all-reduce (zeroth-order: one per perturbation)."""
+        values = [float(v) for v in values]
+        if not self.env.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t)
+        return [float(v) / self.env.world_size for v in t.tolist()]
+
     @staticmethod
     def total_norm(norm: torch.Tensor) -> float:
         """A gradient norm as a float (FSDP2's is a DTensor over the shards)."""

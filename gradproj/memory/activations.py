@@ -19,12 +19,15 @@ so the peak adds the largest single layer's saved bytes.
 """
 from __future__ import annotations
 
+import gc
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass(frozen=True)
@@ -162,4 +165,75 @@ def activation_bytes(model: torch.nn.Module, batch: int, seq_len: int, *,
                            batch=batch, seq_len=seq_len, checkpointing=checkpointing)
 
 
-__all__ = ["ActivationTrace", "activation_bytes"]
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages ops create and keep alive (a no-grad forward's working set).
+
+    Every op output's storage is counted from its creation until the last tensor that views
+    it is garbage-collected (a `weakref.finalize` per tensor, a count per storage), which is
+    when the caching allocator gets it back; storages of weights, buffers and the inputs
+    are left out."""
+
+    def __init__(self, excluded: set[int]):
+        super().__init__()
+        self.excluded = excluded
+        self.live: dict[int, list[int]] = {}   # storage key -> [bytes, tensors viewing it]
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.excluded:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+
+def forward_peak_bytes(model: torch.nn.Module, batch: int, seq_len: int) -> int:
+    """Peak bytes of the activations alive at once in `model(tokens, targets)` under
+    `torch.no_grad()`: the working set of an inference forward (zeroth-order training),
+    where each intermediate is freed as soon as nothing refers to it. For the gradproj
+    LLaMA at a real vocabulary the peak is at the loss: bf16 logits, their fp32 copy and
+    the fp32 log-softmax (B·T·V·10 bytes) and two fp32 scalars (loss, total weight); at
+    the tiny preset's vocabulary of 256 the MLP's intermediates are larger."""
+    if batch < 1 or seq_len < 1:
+        raise ValueError(f"forward_peak_bytes: batch and seq_len must be >= 1, got {batch}, {seq_len}")
+    device = next(model.parameters()).device
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    targets = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    excluded = {t.untyped_storage()._cdata
+                for t in (*model.parameters(), *model.buffers(), tokens, targets)}
+    was_training = model.training
+    model.eval()
+    recorder = _LiveBytes(excluded)
+    try:
+        with torch.no_grad(), _FusedAttention(), recorder:
+            loss = model(tokens, targets)
+            del loss
+        gc.collect()
+    finally:
+        model.train(was_training)
+    return recorder.peak
+
+
+__all__ = ["ActivationTrace", "activation_bytes", "forward_peak_bytes"]

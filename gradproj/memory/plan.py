@@ -21,7 +21,7 @@ import torch
 
 from ..optimizers.lowrank import LowRankOptimizer
 from .accounting import gradient_bytes, optimizer_bytes, weight_bytes
-from .activations import activation_bytes
+from .activations import activation_bytes, forward_peak_bytes
 from .ranks import (LAUNCHES, ddp_gradient_bytes, fsdp2_optimizer, fsdp2_weight_bytes,
                     largest_unit_bytes)
 
@@ -91,14 +91,19 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                build_optimizer: Callable[[torch.nn.Module], LowRankOptimizer], *,
                batch: int, seq_len: int, checkpointing: bool = False, per_layer: bool = False,
                grad_accum: int = 1, notes: Iterable[str] = (), launch: str = "none",
-               nproc: int = 1) -> Plan:
+               nproc: int = 1, gradient: str = "backprop") -> Plan:
     """Plan one setup: `build_model()` must return a model on the meta device. With
     `launch` "ddp" / "fsdp2" the figures are one of `nproc` ranks' (`ranks.py`); `batch`
-    is then that rank's share of the micro-batch."""
+    is then that rank's share of the micro-batch.
+
+    `gradient = "zeroth-order"` (MeZO, train/zeroth_order.py): no gradient tensors, and
+    the activations are the peak working set of one no-grad forward (nothing is saved
+    for a backward); the update's one-weight temporaries go in a note."""
     model = build_model()
     optimizer = build_optimizer(model)  # may swap Linear layers for INT8 ones in place
     names = {p: name for name, p in model.named_parameters()}
     counted, grad_detail, notes = optimizer, {}, list(notes)
+    zeroth_order = gradient == "zeroth-order"
     if launch == "fsdp2":
         weights, weight_scales = fsdp2_weight_bytes(model, nproc)
         counted, _ = fsdp2_optimizer(optimizer, nproc)  # shard-shaped parameters
@@ -112,23 +117,32 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
     opt = optimizer_bytes(counted, names)
     if counted is not optimizer:  # the side table describes whole weights
         opt.sides = optimizer_bytes(optimizer, names).sides
-    if launch == "ddp":
+    if zeroth_order:
+        grads = 0
+    elif launch == "ddp":
         grads, grad_detail = ddp_gradient_bytes(model, optimizer, per_layer=per_layer,
                                                 grad_accum=grad_accum)
     else:
         grads = gradient_bytes(counted, per_layer=per_layer, grad_accum=grad_accum)
-    act = activation_bytes(model, batch, seq_len, checkpointing=checkpointing)
+    act = (forward_activations(model, batch, seq_len) if zeroth_order
+           else activation_bytes(model, batch, seq_len, checkpointing=checkpointing))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     settings = {"batch": batch, "seq_len": seq_len, "tokens": batch * seq_len,
                 "activation_checkpointing": checkpointing, "per_layer": per_layer,
                 "grad_accum": grad_accum, "weight_dtypes": dtypes, "launch": launch,
-                "nproc": nproc, "gradient_detail": grad_detail,
+                "nproc": nproc, "gradient_detail": grad_detail, "gradient": gradient,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "projected_weights": opt.low_rank_weights,
                 "full_rank_weights": opt.full_rank_weights}
     group = optimizer.param_groups[0]
     for key in ("rule", "state_format", "projector", "residual", "rank", "proj_type"):
         settings[key] = group.get(key)
+    if zeroth_order:
+        largest = max((p.numel() for p in model.parameters()), default=0)
+        notes.append(f"zeroth-order: no gradient tensors and no saved activations (forwards "
+                     f"under no_grad); between and after the forwards one weight's fp32 z, and "
+                     f"in the update its fp32 estimate, exist at a time: {4 * largest:,} bytes "
+                     f"for the largest weight (x2 with zo_perturbations > 1), not in the total")
     window = sum(g.get("refresh_window", 0) * sum(optimizer.is_low_rank(p, g) for p in g["params"])
                  for g in optimizer.param_groups if g.get("refresh") == "adaptive")
     if window:  # created at the second refresh (refresh.py), so not in the first step's state
@@ -143,6 +157,14 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                         "projector_bases": opt.basis_scales},
                 settings=settings, sides=opt.sides, activation_detail=act.as_dict(),
                 notes=notes)
+
+
+def forward_activations(model, batch: int, seq_len: int):
+    """An ActivationTrace holding the no-grad forward's peak (zeroth-order training)."""
+    from .activations import ActivationTrace
+    peak = forward_peak_bytes(model, batch, seq_len)
+    return ActivationTrace(total=peak, kept=peak, recompute=0, batch=batch, seq_len=seq_len,
+                           checkpointing=False)
 
 
 def _meta_model(spec, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
@@ -204,13 +226,19 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
     trace_dtype = torch.bfloat16 if t.autocast == "bf16" and dtype_ == torch.float32 else dtype_
     common = dict(batch=t.batch_size // nproc, seq_len=spec.data.seq_len,
                   checkpointing=t.activation_checkpointing, launch=launch, nproc=nproc)
+    gradient = t.gradient
+    # zeroth-order: nothing to recompute without a backward (the baselines keep the spec's)
     ours = plan_setup("spec", _meta_model(spec, dtype_), spec.optimizer.build,
-                      per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes, **common)
+                      per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes,
+                      gradient=gradient, **{**common, "checkpointing": common["checkpointing"]
+                                            and gradient != "zeroth-order"})
     if trace_dtype != dtype_:  # autocast: activations of the bf16 compute
         bf16 = _meta_model(spec, trace_dtype)()
         spec.optimizer.build(bf16)  # same layers converted (INT8) as the real model
-        act = activation_bytes(bf16, t.batch_size // nproc, spec.data.seq_len,
-                               checkpointing=t.activation_checkpointing)
+        act = (forward_activations(bf16, t.batch_size // nproc, spec.data.seq_len)
+               if gradient == "zeroth-order" else
+               activation_bytes(bf16, t.batch_size // nproc, spec.data.seq_len,
+                                checkpointing=t.activation_checkpointing))
         ours.activations, ours.activation_detail = act.total, act.as_dict()
     baselines = {name: plan_setup(name, _meta_model(spec, torch.bfloat16), _full_rank(fmt),
                                   **common)

@@ -44,7 +44,9 @@ def _describe(plan: Plan) -> str:
         parts += [f"projector {s['projector']}", f"rank {s['rank']}",
                   f"proj_type {s['proj_type']}", f"residual {s['residual']}"]
     parts.append("weights " + "+".join(s["weight_dtypes"]))
-    parts.append("per-layer" if s["per_layer"] else "whole-model gradients")
+    parts.append("zeroth-order (forwards only, no gradients)"
+                 if s.get("gradient") == "zeroth-order"
+                 else "per-layer" if s["per_layer"] else "whole-model gradients")
     if s.get("launch", "none") != "none":
         parts.append(f"one rank of {s['launch']} x {s['nproc']}")
     return ", ".join(parts)

@@ -64,6 +64,10 @@ PRESETS.add("sophia", {
     "eps": 1e-15, "weight_decay": 0.1, "curvature_every": 10, "curvature_estimator": "gnb",
 }, description="Sophia-G (Liu et al. 2023) in GaLore's subspace: clipped momentum over a GNB "
                "curvature EMA (every 10 steps), rho 0.04, wd 0.1")
+PRESETS.add("mezo", {"rule": "sgdm", "momentum": 0.0, "dampening": 0.0, "nesterov": False,
+                     "weight_decay": 0.0, "state_format": "fp32"},
+            description="MeZO (Malladi et al. 2023): ZO-SGD, sgdm with momentum 0 on SPSA "
+                        "estimates; needs [train] gradient = \"zeroth-order\" (zo_eps 1e-3)")
 
 #: preset keys that configure the model (weight quantization), not the optimizer
 MODEL_KEYS = ("quantize_weights", "weight_group_size")

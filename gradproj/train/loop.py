@@ -7,8 +7,11 @@ Per step: k = grad_accum micro-batches, each loss scaled by 1/k and back-propaga
 (normal mode) the global gradient norm is taken, clipped if asked, and a non-finite norm
 skips the step; or (per-layer mode) the hooks of `PerLayerStepper` have already updated
 every weight during the last backward. The LR scheduler steps once per optimizer step in
-both modes. A step whose loss or gradient is not finite is skipped and counted;
-`max_bad_steps` of them in a row stop the run with a message.
+both modes. With `[train] gradient = "zeroth-order"` a step is two no-grad forwards per
+SPSA perturbation and no backward (`ZerothOrder`, train/zeroth_order.py), whose
+estimate the optimizer steps one weight at a time. A step whose loss or gradient is not
+finite is skipped and counted; `max_bad_steps` of them in a row stop the run with a
+message.
 
 The data for step s is a pure function of (seed, s), and checkpoints hold the model,
 optimizer, scheduler, RNG and counters, so a resumed run repeats the uninterrupted
@@ -36,6 +39,7 @@ from .metrics import METRICS_FILE, MIB, PLOT_FILE, Progress, plot_runs
 from .model import build_model, count_parameters
 from .spec import RunSpec, TrainSpec, write_resolved
 from .tokenizer import load_tokenizer
+from .zeroth_order import ZerothOrder
 
 SPEC_FILE = "spec.toml"
 
@@ -117,6 +121,9 @@ class Trainer:
                         if t.per_layer else None)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.curvature = CurvaturePass(self.opt, spec, self.corpus, self.device)  # Sophia's h
+        self.zo = (ZerothOrder(self.opt, eps=t.zo_eps, perturbations=t.zo_perturbations,
+                               subspace=t.zo_subspace, seed=t.seed)
+                   if t.gradient == "zeroth-order" else None)
         self.progress = Progress(t.steps, stream=stream,
                                  enabled=spec.log.progress and self.dist.is_main)
         self.step, self.skipped, self.bad_in_row, self.tokens = 0, 0, 0, 0
@@ -143,6 +150,8 @@ class Trainer:
     def train_step(self) -> tuple[float, bool, int]:
         """One optimizer step; (mean micro-batch loss, skipped?, peak gradient bytes)."""
         t, step = self.spec.train, self.step
+        if self.zo:
+            return self._zo_step()
         losses = []
         bad = False
         if self.stepper:
@@ -186,9 +195,34 @@ class Trainer:
         self.scheduler.step()
         return sum(losses) / len(losses), bad, peak
 
+    @torch.no_grad()
+    def _zo_step(self) -> tuple[float, bool, int]:
+        """A zeroth-order step (train/zeroth_order.py): forwards only, no gradient tensors."""
+        t, step = self.spec.train, self.step
+
+        def loss_fn() -> float:  # this rank's mean loss over the step's micro-batches
+            total = 0.0
+            for micro in range(t.grad_accum):
+                x, y = self.dist.shard(*self.train_data.batch(step, micro))
+                with self._autocast():
+                    total += self.model(x.to(self.device), y.to(self.device)).item()
+            return total / t.grad_accum
+
+        self.model.eval()  # as MeZO: L₊ and L₋ must differ by the perturbation alone (no dropout)
+        try:
+            loss, ok = self.zo.step(loss_fn, mean=self.dist.mean_all)
+        finally:
+            self.model.train()
+        self.opt.step()  # no .grad anywhere: a no-op that keeps the LR scheduler's check honest
+        self.scheduler.step()
+        return loss, not ok, 0
+
     def _loop_state(self) -> dict:
-        return {"skipped": self.skipped, "bad_in_row": self.bad_in_row, "tokens": self.tokens,
-                "elapsed": self.elapsed, "last_eval": self.last_eval}
+        state = {"skipped": self.skipped, "bad_in_row": self.bad_in_row, "tokens": self.tokens,
+                 "elapsed": self.elapsed, "last_eval": self.last_eval}
+        if self.zo:  # the perturbation seed stream's position
+            state["zeroth_order"] = self.zo.state_dict()
+        return state
 
     def _save(self) -> None:
         self.ckpt.save(self.step, self.model, self.opt, self.scheduler, self._loop_state())
@@ -202,6 +236,8 @@ class Trainer:
             self.step = loaded.step
             for key in ("skipped", "bad_in_row", "tokens", "elapsed", "last_eval"):
                 setattr(self, key, loaded.loop[key])
+            if self.zo:
+                self.zo.load_state_dict(loaded.loop["zeroth_order"])
             metrics = Rank0(lambda: open_loggers(spec.log.backends, self.run_dir,
                                                  resume_step=self.step, config=spec.resolved()))
             self.progress.start = self.step

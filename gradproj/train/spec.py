@@ -95,6 +95,13 @@ class TrainSpec:
     eval_batches: int = spec_field(8, integer(1), "held-out batches per eval")
     device: str = spec_field("cpu", choice("cpu", "cuda", "auto"), "where to train")
     threads: int = spec_field(0, integer(0), "torch CPU threads; 0 = torch's default")
+    gradient: str = spec_field("backprop", choice("backprop", "zeroth-order"),
+                               "backprop | zeroth-order (MeZO: SPSA from two forwards, no backward)")
+    zo_eps: float = spec_field(1e-3, number(0, lo_open=True),
+                               "zeroth-order: perturbation scale ε (MeZO's 1e-3)")
+    zo_perturbations: int = spec_field(1, integer(1), "zeroth-order: SPSA perturbations per step")
+    zo_subspace: bool = spec_field(False, boolean(), "zeroth-order: perturb projected weights in "
+                                   "their optimizer basis, z = P·z_low")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,7 +148,8 @@ class RunSpec:
                 model["n_kv_heads"] = self.model.kv_heads
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
-                "train": {k: v for k, v in asdict(self.train).items() if v is not None},
+                "train": {k: v for k, v in asdict(self.train).items() if v is not None
+                          and (k not in ZO_KEYS or self.train.gradient == "zeroth-order")},
                 "checkpoint": asdict(self.checkpoint),
                 "log": {**asdict(self.log), "backends": list(self.log.backends)}}
 
@@ -231,6 +239,7 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
 
     _check_train(train, parsed["train"], out)
     _check_curvature(optimizer.effective, train, out)
+    _check_zeroth_order(train, parsed["train"], optimizer, out)
     _check_log(parsed["log"], out)
     width = model.width if isinstance(model, HFModelSpec) else model.dim
     optimizer = optimizer.with_width(width)
@@ -340,6 +349,41 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
     if train["device"] == "cuda" and not torch.cuda.is_available():
         out.add("train", "device", "expected a device this machine has, got 'cuda' "
                                    "(torch sees no CUDA GPU; use 'cpu' or 'auto')")
+
+
+ZO_KEYS = ("zo_eps", "zo_perturbations", "zo_subspace")
+
+
+def _check_zeroth_order(train: dict, given: dict, optimizer: OptimizerSpec, out: _Collector) -> None:
+    """`[train].gradient = "zeroth-order"`: what it cannot combine with (train/zeroth_order.py)."""
+    if train["gradient"] != "zeroth-order":
+        for key in ZO_KEYS:
+            if key in given:
+                out.add("train", key, f"is only read when [train].gradient = 'zeroth-order', "
+                                      f"got gradient {train['gradient']!r}")
+        return
+    if train["per_layer"]:
+        out.add("train", "gradient", "expected 'backprop' with per_layer = true (per-layer mode "
+                                     "steps inside backward; zeroth-order has none)")
+    if train["parallel"] == "fsdp2":
+        out.add("train", "gradient", "expected 'backprop' with parallel = 'fsdp2' (zeroth-order "
+                                     "perturbs whole weights in place; use 'ddp' or 'none')")
+    if train["activation_checkpointing"]:
+        out.notices.append(Issue(out.place("train", "activation_checkpointing"),
+                                 "not used with zeroth-order gradients (no backward to recompute for)"))
+    if train["grad_clip"] > 0:
+        out.notices.append(Issue(out.place("train", "grad_clip"),
+                                 f"{train['grad_clip']} is not applied with [train].gradient = "
+                                 f"'zeroth-order' (MeZO does not clip its estimate)"))
+    options = optimizer.effective
+    if options.get("quantize_weights"):
+        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights): "
+                                     "zeroth-order perturbs the weights in place")
+    residual = options.get("residual")
+    if (train["zo_subspace"] and residual in RESIDUALS
+            and RESIDUALS.get(residual).uses_full_grad):
+        out.add("train", "zo_subspace", f"expected false with residual {residual!r}, which reads "
+                                        f"the full gradient; use residual = 'drop'")
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> RunSpec:

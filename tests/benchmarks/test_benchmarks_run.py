@@ -51,6 +51,17 @@ def test_convergence_smallest(tmp_path, capsys):
     assert set(results["methods"]["AdamW"]["seeds"]) == {"0", "1"}  # two seeds, spread reported
 
 
+def test_zeroth_order_smallest(tmp_path, capsys):
+    zeroth_order = load("zeroth_order")
+    zeroth_order.main(["--steps", "2", "--lrs", "1e-3", "--eval-batches", "1", "--out", str(tmp_path)])
+    table = (tmp_path / "results.md").read_text()
+    for method in zeroth_order.METHODS:
+        assert f"| {method} | 0.001 |" in table
+    rows = json.loads((tmp_path / "results.json").read_text())
+    entries = {r["method"]: r["entries"] for r in rows}
+    assert entries["low-rank z"] < entries["full z"] == entries["full z + projected step"]
+
+
 def test_convergence_sweep_runs_full_length_until_the_best_lr_is_inside(monkeypatch, tmp_path):
     """The sweep logic with a stand-in for training (eval loss = distance in decades from
     a per-method optimum): every run is full length, the grid grows past an edge until the
