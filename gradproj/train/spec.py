@@ -260,6 +260,10 @@ def _check_curvature(effective: dict, train: dict, out: _Collector) -> None:
     if rule not in RULES or not RULES.get(rule).uses_curvature:
         return
     estimator = effective["curvature_estimator"]
+    if train.get("gradient") == "zeroth-order":
+        out.add("optimizer", "curvature_every", "the curvature pass needs backprop gradients, "
+                "got [train].gradient = 'zeroth-order' (use a rule without curvature, e.g. "
+                "the mezo preset's sgdm)")
     if train["parallel"] != "none":
         out.add("optimizer", "curvature_every", f"the curvature pass runs in single-process "
                 f"training only, got [train].parallel = {train['parallel']!r}")

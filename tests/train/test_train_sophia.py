@@ -83,7 +83,9 @@ def test_resume_repeats_the_run_exactly(tmp_path, monkeypatch, variant):
      ["[optimizer].curvature_estimator", "per_layer", "got 'hutchinson'"]),
     (lambda t: t.replace("threads = 1", 'threads = 1\nparallel = "ddp"'),
      ["[optimizer].curvature_every", "single-process", "'ddp'"]),
-], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer", "ddp"])
+    (lambda t: t.replace("threads = 1", 'threads = 1\ngradient = "zeroth-order"'),
+     ["[optimizer].curvature_every", "backprop", "'zeroth-order'"]),
+], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer", "ddp", "zeroth-order"])
 def test_bad_curvature_settings_name_the_key(tmp_path, capsys, change, needles):
     spec = write_spec(tmp_path, change(SOPHIA))
     assert main(["train", str(spec)]) == 2
