@@ -139,7 +139,7 @@ class SLTrain(Parametrization):
     def validate(self) -> None:
         self._int("rank")
         self._number("alpha", 0)
-        self._number("density", 0, 1)
+        self._number("density", 0, 1, open_lo=False)  # 0: pure low-rank B·A (their baseline)
         self._int("seed", 0)
         if not isinstance(self.options["project_factors"], bool):
             raise ValueError(f"option 'project_factors' must be true or false, got "
