@@ -185,6 +185,10 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
                   checkpointing=t.activation_checkpointing)
     ours = plan_setup("spec", _meta_model(spec, dtype_), spec.optimizer.build,
                       per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes, **common)
+    param = spec.optimizer.parametrization
+    if param:
+        from ..parametrizations import create_parametrization
+        ours.notes.extend(create_parametrization(param).plan_notes(ours.parametrization))
     if trace_dtype != dtype_:  # autocast: activations of the bf16 compute
         bf16 = _meta_model(spec, trace_dtype)()
         spec.optimizer.build(bf16)  # same layers converted (INT8) as the real model

@@ -121,6 +121,11 @@ class Parametrization:
                    loss_of: Callable[[int], torch.Tensor]) -> None:
         """Data-dependent init (`needs_data`): `loss_of(i)` is the loss on batch i."""
 
+    def plan_notes(self, breakdown: dict[str, int]) -> list[str]:
+        """Lines the memory planner prints for this transform, given the model's summed
+        `byte_breakdown` (e.g. a one-time init cost that is in no component)."""
+        return []
+
     # -- option checks shared by plugins ---------------------------------------------
     def _int(self, key: str, lo: int = 1) -> None:
         v = self.options[key]

@@ -100,6 +100,12 @@ class LoRAGA(LoRA):
                              f"{self.options['rank']}")
         return super().convert(linear, index)
 
+    def plan_notes(self, breakdown: dict[str, int]) -> list[str]:
+        frozen = breakdown.get("frozen", 0)
+        return [f"lora-ga: its init holds the gradient of every targeted weight once, before "
+                f"step 0 ({frozen:,} bytes, the size of the frozen weights) plus one fp32 "
+                f"weight-sized SVD input at a time; freed before training, not in the figures"]
+
     def initialize(self, model: nn.Module, modules: dict[str, ParametrizedLinear],
                    loss_of: Callable[[int], torch.Tensor]) -> None:
         """Step 1 (mean gradient of each targeted W over `batches` batches), then 2–5."""

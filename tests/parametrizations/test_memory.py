@@ -116,3 +116,13 @@ def test_sltrain_7b_reproduces_the_papers_73_percent_cut():
     assert plan.spec.parametrization["seeds"] == 8 * 7 * layers
     cut = 1 - plan.spec.total / plan.baselines["adamw-bf16"].total
     assert 0.73 <= cut <= 0.75, cut  # 73.8 % here
+
+
+def test_lora_ga_plan_notes_its_one_time_init_gradient(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text('[model]\npreset = "tiny"\nn_layers = 2\n[model.parametrization]\n'
+                    'kind = "lora-ga"\nrank = 8\n')
+    plan = gp.plan_memory(path, dtype="float32")
+    frozen = expected_breakdown({"kind": "lora", "rank": 8})["frozen"]
+    assert plan.spec.parametrization["frozen"] == frozen
+    assert any(n.startswith("lora-ga:") and f"{frozen:,} bytes" in n for n in plan.spec.notes)
