@@ -154,3 +154,25 @@ def test_planner_goes_through_the_same_build(tmp_path):
     scales = sum(4 * m.weight_scale.numel() for m in model.modules() if isinstance(m, Int8Linear))
     assert plan.parametrization == {"codes": codes, "scales": scales}
     assert plan.scales["weights"] == scales
+
+
+def test_quantize_weights_and_another_kind_is_one_line_naming_both_keys(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(spec_of(tmp_path, '[model.parametrization]\nkind = "lora"\n', 'preset = "q-galore"'))
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 and "[model.parametrization].kind" in lines[0]
+    assert "[optimizer].quantize_weights = false" in lines[0]
+    with pytest.raises(ValueError, match="cannot be combined with parametrization 'lora'"):
+        gp.build_optimizer(torch.nn.ModuleDict({"attn": torch.nn.Linear(8, 8)}), preset="q-galore",
+                           parametrization="lora")
+
+
+def test_resolved_spec_keeps_every_option_and_loads_back(tmp_path):
+    from gradproj.train.spec import write_resolved
+    spec = load_spec(spec_of(tmp_path, '[model.parametrization]\nkind = "lora-ga"\nrank = 2\n'
+                                       'projector = "randomized"\nprojector_options = {oversample = 4}\n'))
+    write_resolved(spec, tmp_path / "resolved.toml")
+    again = load_spec(tmp_path / "resolved.toml")
+    assert again.optimizer.parametrization == spec.optimizer.parametrization
+    assert again.optimizer.parametrization["batches"] == 8  # the default, written out
+    assert again.optimizer.parametrization["projector_options"] == {"oversample": 4}
