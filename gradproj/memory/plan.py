@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..optimizers.lowrank import LowRankOptimizer
-from .accounting import gradient_bytes, optimizer_bytes, weight_bytes
+from .accounting import gradient_bytes, optimizer_bytes, parametrization_bytes, weight_bytes
 from .activations import activation_bytes, forward_peak_bytes
 from .ranks import (LAUNCHES, ddp_gradient_bytes, fsdp2_optimizer, fsdp2_weight_bytes,
                     largest_unit_bytes)
@@ -47,6 +47,7 @@ class Plan:
     sides: list = field(default_factory=list)     # SideChoice rows (projected weights)
     activation_detail: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    parametrization: dict = field(default_factory=dict)  # byte_breakdown of parametrized layers
 
     @property
     def total(self) -> int:
@@ -67,6 +68,7 @@ class Plan:
         out["activation_detail"] = dict(self.activation_detail)
         out["projection_sides"] = [s.as_dict() for s in self.sides]
         out["notes"] = list(self.notes)
+        out["parametrization"] = dict(self.parametrization)
         return out
 
 
@@ -156,7 +158,7 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                 scales={"weights": weight_scales, "optimizer_states": opt.state_scales,
                         "projector_bases": opt.basis_scales},
                 settings=settings, sides=opt.sides, activation_detail=act.as_dict(),
-                notes=notes)
+                notes=notes, parametrization=parametrization_bytes(model))
 
 
 def forward_activations(model, batch: int, seq_len: int):
@@ -232,6 +234,10 @@ def plan_memory(spec, overrides: Iterable[str] = (), *,
                       per_layer=t.per_layer, grad_accum=t.grad_accum, notes=notes,
                       gradient=gradient, **{**common, "checkpointing": common["checkpointing"]
                                             and gradient != "zeroth-order"})
+    param = spec.optimizer.parametrization
+    if param:
+        from ..parametrizations import create_parametrization
+        ours.notes.extend(create_parametrization(param).plan_notes(ours.parametrization))
     if trace_dtype != dtype_:  # autocast: activations of the bf16 compute
         bf16 = _meta_model(spec, trace_dtype)()
         spec.optimizer.build(bf16)  # same layers converted (INT8) as the real model

@@ -78,6 +78,10 @@ def format_table(plan: MemoryPlan, source: str = "spec") -> str:
         for row in sides:
             m, n = row.shape
             lines.append(f"  {row.name} ({m}x{n}) x{row.count}: {row.side} -- {row.reason}")
+    parts = plan.spec.parametrization
+    if parts:  # weight-side transform: what its weights are made of (inside "weights")
+        lines += ["", "parametrized layers: " + ", ".join(
+            f"{k.replace('_', ' ')} {gb(v, unit)}" for k, v in parts.items())]
     a = plan.spec.activation_detail
     if a.get("checkpointing"):
         lines += ["", f"activations: {gb(a['kept'], unit)} kept between forward and backward "

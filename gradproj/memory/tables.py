@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from ..train.spec import load_spec
 from .plan import MemoryPlan, plan_memory
@@ -29,6 +30,37 @@ METHODS: dict[str, list[str] | None] = {
                     'optimizer.lowrank.residual="apollo"', 'optimizer.lowrank.proj_type="auto"',
                     "optimizer.lowrank.scale=1.0", *PER_LAYER],
 }
+
+
+# Weight-side methods (a [model.parametrization]), a table of their own: total training
+# memory against BF16 AdamW's total, the figure their papers quote. A method maps a size
+# to its overrides of the size's GaLore example.
+SLTRAIN = {"60m": (128, 0.03), "130m": (256, 0.03), "350m": (256, 0.03), "1b": (512, 0.03),
+           "7b": (1024, 0.05)}  # their scripts' rank (= the GaLore examples') and density
+WEIGHT_SIDE: dict[str, Callable[[str], list[str]]] = {
+    # SLTrain (Han et al. 2024): W = B·A + S, Adam 8-bit states on the factors and values,
+    # per-layer updates — the paper's "up to 73 % less memory" setting at 7B
+    "SLTrain 8-bit": lambda size: [
+        "model.parametrization={kind=\"sltrain\", rank=%d, density=%s}" % SLTRAIN[size],
+        'optimizer.state_format="q8"', *PER_LAYER],
+}
+
+
+def weight_side_table(sizes=SIZES, root: Path | None = None) -> tuple[str, dict]:
+    """Markdown table (total GB, % less than BF16 AdamW's total) and the plans' totals."""
+    totals: dict[tuple[str, str], tuple[int, int]] = {}
+    for size in sizes:
+        for method, overrides in WEIGHT_SIDE.items():
+            plan = plan_memory(load_spec(example(size, root), overrides(size)), dtype="bfloat16")
+            totals[size, method] = (plan.spec.total, plan.baselines["adamw-bf16"].total)
+    lines = ["| model | AdamW BF16 total | " + " | ".join(WEIGHT_SIDE) + " |",
+             "|" + "---|" * (len(WEIGHT_SIDE) + 2)]
+    for size in sizes:
+        base = totals[size, next(iter(WEIGHT_SIDE))][1]
+        cells = [f"{t / GB:.2f} ({change(1 - t / b)})" for (t, b) in
+                 (totals[size, m] for m in WEIGHT_SIDE)]
+        lines.append(f"| {size.upper()} | {base / GB:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), totals
 
 
 def example(size: str, root: Path | None = None) -> Path:
@@ -80,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     for method, overrides in METHODS.items():
         if overrides:
             print(f"  {method}: " + " ".join(f"--set {o}" for o in overrides))
+    text, _ = weight_side_table(args.sizes)
+    print("\nweight-side methods ([model.parametrization]): total training memory, GB "
+          "(% less than BF16 AdamW's total), same setting")
+    print(text)
+    for method, overrides in WEIGHT_SIDE.items():
+        print(f"  {method} (7B; per size: tables.SLTRAIN): "
+              + " ".join(f"--set '{o}'" for o in overrides("7b")))
     return 0
 
 

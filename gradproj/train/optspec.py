@@ -81,6 +81,7 @@ class OptimizerSpec:
     effective: dict = field(default_factory=dict)  # every option the optimizer will use
     lowrank_keys: frozenset = frozenset(LOWRANK_KEYS)
     rank_fraction: str | None = None               # "1/4": resolved against the model width
+    parametrization: dict | None = None            # [model.parametrization], resolved
 
     def with_width(self, width: int) -> "OptimizerSpec":
         """The spec with a fractional rank turned into an integer for this model width."""
@@ -92,7 +93,8 @@ class OptimizerSpec:
                        rank_fraction=None)
 
     def build(self, model: torch.nn.Module) -> LowRankOptimizer:
-        """The optimizer for `model`, through the same `build_optimizer` scripts use; for a
+        """The optimizer for `model`, through the same `build_optimizer` scripts use (which
+        first applies `[model.parametrization]` to the targeted layers); for a
         transformers model, or `targets = ["all-linear"]`, targets are matched as HF's
         Trainer matches `optim_target_modules` (integrations/targets.py)."""
         from ..integrations.targets import is_all_linear
@@ -102,8 +104,28 @@ class OptimizerSpec:
             from ..integrations.targets import target_parameter_names
             targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
             return build_by_names(model, self.preset, target_parameter_names(model, targets),
-                                  **self.options)
-        return build_optimizer(model, self.preset, self.targets, **self.options)
+                                  parametrization=self.parametrization, **self.options)
+        return build_optimizer(model, self.preset, self.targets,
+                               parametrization=self.parametrization, **self.options)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Apply the parametrization (or the preset's INT8 weights) to `model` in place,
+        before it is wrapped for DDP/FSDP; `build` then finds the layers converted."""
+        from ..parametrizations import apply_parametrization, from_options, linear_module_names
+        param = from_options(self.parametrization, {**(dict(PRESETS.get(self.preset))
+                                                       if self.preset else {}), **self.options})
+        if param is None:
+            return
+        from ..integrations.targets import is_all_linear
+        from .hfmodel import HFCausalLM
+        if isinstance(model, HFCausalLM) or is_all_linear(self.targets):
+            from ..integrations.targets import target_parameter_names
+            targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
+            names = list(dict.fromkeys(n.rsplit(".", 1)[0]
+                                       for n in target_parameter_names(model, targets)))
+        else:
+            names = linear_module_names(model, self.targets)
+        apply_parametrization(model, param, names)
 
     def resolved(self) -> dict:
         opt: dict[str, Any] = {"preset": self.preset} if self.preset else {}

@@ -14,7 +14,7 @@ optimizer's effective options) is what `write_resolved` saves into the run folde
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +29,7 @@ from .model import MODEL_PRESETS, ModelConfig, model_config
 from .spec_hf import check_hf_model, tokenizer_vocab
 from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
+from .paramspec import TABLE as PARAM_TABLE, parse_parametrization
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
 TABLES = ("model", "data", "optimizer", "train", "checkpoint", "log")
@@ -146,6 +147,8 @@ class RunSpec:
             model = {"preset": self.model_preset, **asdict(self.model)}
             if model["n_kv_heads"] is None:
                 model["n_kv_heads"] = self.model.kv_heads
+        if self.optimizer.parametrization:
+            model["parametrization"] = dict(self.optimizer.parametrization)
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
                 "train": {k: v for k, v in asdict(self.train).items() if v is not None
@@ -204,11 +207,25 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
         if key not in TABLES:
             out.add(key, None, f"unknown table{did_you_mean(key, TABLES)} "
                                f"(expected one of: {', '.join(TABLES)})")
+    raw_model = raw.get("model", {})
+    raw_param = None
+    if isinstance(raw_model, dict) and "parametrization" in raw_model:
+        raw_model = dict(raw_model)
+        raw_param = raw_model.pop("parametrization")
+        raw = {**raw, "model": raw_model}
     parsed = {name: parse_table(cls, name, raw.get(name, {}), out) for name, cls in
               (("model", ModelSpec), ("data", DataSpec), ("train", TrainSpec),
                ("checkpoint", CheckpointSpec), ("log", LogSpec))}
     train = {**_defaults(TrainSpec), **parsed["train"]}
     optimizer = parse_optimizer(raw.get("optimizer", {}), out, seed=train["seed"])
+    if raw_param is not None:
+        table = parse_parametrization(raw_param, out)
+        if table is not None and table["kind"] != "int8" and optimizer.effective.get(
+                "quantize_weights", False):
+            out.add(PARAM_TABLE, "kind", f"{table['kind']!r} cannot be combined with "
+                    f"quantize_weights = true (INT8 weights; the q-galore preset sets it): set "
+                    f"[optimizer].quantize_weights = false, or kind = 'int8'")
+        optimizer = replace(optimizer, parametrization=table)
 
     data = {**_defaults(DataSpec), **parsed["data"]}
     for key in ("path", "eval_path"):
@@ -238,7 +255,7 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                                            f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
-    _check_curvature(optimizer.effective, train, out)
+    _check_curvature(optimizer.effective, train, out, int8_weights(optimizer))
     _check_zeroth_order(train, parsed["train"], optimizer, out)
     _check_log(parsed["log"], out)
     width = model.width if isinstance(model, HFModelSpec) else model.dim
@@ -254,7 +271,14 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                                                                      **parsed["log"]}))
 
 
-def _check_curvature(effective: dict, train: dict, out: _Collector) -> None:
+def int8_weights(optimizer) -> bool:
+    """Whether the spec's targeted layers become INT8 weights: the q-galore preset's
+    `quantize_weights`, or [model.parametrization] kind = "int8"."""
+    return bool(optimizer.effective.get("quantize_weights")
+                or (optimizer.parametrization or {}).get("kind") == "int8")
+
+
+def _check_curvature(effective: dict, train: dict, out: _Collector, int8: bool) -> None:
     """Sophia's curvature pass (train/curvature.py): what the loop cannot run."""
     rule = effective.get("rule")
     if rule not in RULES or not RULES.get(rule).uses_curvature:
@@ -270,7 +294,7 @@ def _check_curvature(effective: dict, train: dict, out: _Collector) -> None:
     if estimator == "hutchinson" and train["per_layer"]:
         out.add("optimizer", "curvature_estimator", "expected 'gnb' with [train].per_layer = "
                 "true (its hooks cannot take a Hessian-vector product), got 'hutchinson'")
-    if estimator == "hutchinson" and effective.get("quantize_weights"):
+    if estimator == "hutchinson" and int8:
         out.add("optimizer", "curvature_estimator", "expected 'gnb' with INT8 weights "
                 "(quantize_weights: no Hessian-vector product through them), got 'hutchinson'")
 
@@ -380,8 +404,9 @@ def _check_zeroth_order(train: dict, given: dict, optimizer: OptimizerSpec, out:
                                  f"{train['grad_clip']} is not applied with [train].gradient = "
                                  f"'zeroth-order' (MeZO does not clip its estimate)"))
     options = optimizer.effective
-    if options.get("quantize_weights"):
-        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights): "
+    if int8_weights(optimizer):
+        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights, or "
+                                     "[model.parametrization] kind = 'int8'): "
                                      "zeroth-order perturbs the weights in place")
     residual = options.get("residual")
     if (train["zo_subspace"] and residual in RESIDUALS

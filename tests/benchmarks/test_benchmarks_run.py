@@ -145,3 +145,10 @@ def test_kernels_cpu_smallest(capsys, monkeypatch):
     assert "| torch AdamW (foreach), fp32 | " in out and "| 1.00 |" in out
     assert "q8: C path and reference states and weights after the same steps: bit-identical" in out
     assert "q4: C path and reference states and weights after the same steps: bit-identical" in out
+
+
+def test_parametrizations_smoke(capsys):
+    load("parametrizations").main(["--smoke"])
+    out = capsys.readouterr().out
+    for line in ("lora     lr 1e-03", "lora-ga  lr 1e-03", "sltrain  r 32", "low-rank r 34"):
+        assert line in out
