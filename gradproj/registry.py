@@ -118,10 +118,12 @@ STATE_FORMATS = Registry("state format")
 RESIDUALS = Registry("residual")
 KERNELS = Registry("kernel")
 PRESETS = Registry("preset")
+PARAMETRIZATIONS = Registry("parametrization")  # weight-side model transforms
 
 ALL_REGISTRIES: dict[str, Registry] = {
     "projectors": PROJECTORS, "rules": RULES, "state_formats": STATE_FORMATS,
     "residuals": RESIDUALS, "kernels": KERNELS, "presets": PRESETS,
+    "parametrizations": PARAMETRIZATIONS,
 }
 
 _plugins_loaded = False

@@ -7,7 +7,8 @@ Parameter groups, as HF's Trainer and LLaMA-Factory form them:
 HF's own GaLore/APOLLO path drops `weight_decay` altogether (its groups carry none and
 galore-torch defaults to 0); LLaMA-Factory applies it as above, and so do we.
 A preset with `quantize_weights` (q-galore) first turns exactly the targeted `nn.Linear`
-layers into INT8 `QuantLinear`.
+layers into INT8 `QuantLinear` (the `int8` parametrization); `build_by_names` takes any
+registered parametrization the same way (`gradproj.parametrizations`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from torch import nn
 
 from ..optimizers import LowRankOptimizer
 from ..optimizers.presets import MODEL_KEYS, preset_options
-from ..quant.linear import QuantLinear, is_quantized
+from ..parametrizations import (ParametrizedLinear, apply_parametrization, from_options,
+                                role_of)
+from ..quant.linear import is_quantized
 from .hf_options import LLAMAFACTORY_ALL, Resolved
 from .targets import llamafactory_all_linear, target_parameter_names
 
@@ -47,9 +50,10 @@ def lowrank_groups(model: nn.Module, target_names: Sequence[str], weight_decay: 
             owners[f"{module_name}.{pname}" if module_name else pname] = module
     low, decay, plain = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad and not is_quantized(p):
+        role = _role(model, name, p, wanted)
+        if role is None:
             continue
-        if name in wanted:
+        if role == "lowrank":
             low.append(p)
         elif decays(name, owners.get(name)):
             decay.append(p)
@@ -61,31 +65,41 @@ def lowrank_groups(model: nn.Module, target_names: Sequence[str], weight_decay: 
     return [g for g in groups if g["params"]]
 
 
+def _role(model: nn.Module, name: str, p, wanted: set) -> str | None:
+    """"lowrank", "full" or None (no group): a parametrized layer decides for its tensors."""
+    module_name, _, local = name.rpartition(".")
+    owner = model.get_submodule(module_name) if module_name else model
+    if isinstance(owner, ParametrizedLinear):
+        return role_of(owner, local, p)
+    if not p.requires_grad and not is_quantized(p):
+        return None
+    return "lowrank" if name in wanted else "full"
+
+
+def _modules(names: Sequence[str]) -> list[str]:
+    return [n.rsplit(".", 1)[0] for n in names]
+
+
 def quantize_named(model: nn.Module, names: Sequence[str], group_size: int) -> None:
     """INT8 QuantLinear for exactly the nn.Linear layers owning `names` (q-galore)."""
-    for module_name in [n.rsplit(".", 1)[0] for n in names]:
-        module = model.get_submodule(module_name)
-        if type(module) is nn.Linear:
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    QuantLinear.from_linear(module, group_size))
+    apply_parametrization(model, {"kind": "int8", "group_size": group_size}, _modules(names))
 
 
 def build_by_names(model: nn.Module, preset: str | None, names: Sequence[str],
-                   **overrides) -> LowRankOptimizer:
+                   parametrization=None, **overrides) -> LowRankOptimizer:
     """`build_optimizer` with the projected weights given by parameter name: two groups,
     [projected, everything else], the options applying to both (run-spec semantics)."""
     options = preset_options(preset) if preset else {}
     options.update(overrides)
-    quantize = options.pop("quantize_weights", False)
-    group_size = options.pop("weight_group_size", 256)
-    if quantize:
-        quantize_named(model, names, group_size)
+    param = from_options(parametrization, options)
+    if param is not None:
+        apply_parametrization(model, param, _modules(names))
     wanted = set(names)
     low, rest = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad or is_quantized(p):
-            (low if name in wanted else rest).append(p)
+        role = _role(model, name, p, wanted)
+        if role is not None:
+            (low if role == "lowrank" else rest).append(p)
     groups = [{"params": low, "lowrank": True}, {"params": rest, "lowrank": False}]
     return LowRankOptimizer([g for g in groups if g["params"]], **options)
 
@@ -94,9 +108,9 @@ def prepare_model(model: nn.Module, choice: Resolved) -> None:
     """Convert the targeted Linear layers to INT8 when the choice asks for it (q-galore);
     idempotent. A Trainer calls it before loading a checkpoint, whose weights are INT8."""
     options = {**preset_options(choice.preset), **choice.options}
-    if options.get("quantize_weights", False):
-        quantize_named(model, resolve_target_names(model, choice.targets),
-                       options.get("weight_group_size", 256))
+    param = from_options(None, options)
+    if param is not None:
+        apply_parametrization(model, param, _modules(resolve_target_names(model, choice.targets)))
 
 
 def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,

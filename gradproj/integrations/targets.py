@@ -26,10 +26,11 @@ ALL_LINEAR = "all-linear"
 
 
 def linear_types() -> tuple[type, ...]:
-    """nn.Linear, our INT8 QuantLinear (a converted Linear), plus transformers' Conv1D
-    when transformers is already imported."""
+    """nn.Linear, our INT8 QuantLinear and any parametrized Linear (converted Linears),
+    plus transformers' Conv1D when transformers is already imported."""
+    from ..parametrizations.base import ParametrizedLinear
     from ..quant.linear import QuantLinear
-    types: tuple[type, ...] = (nn.Linear, QuantLinear)
+    types: tuple[type, ...] = (nn.Linear, QuantLinear, ParametrizedLinear)
     utils = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(utils, "Conv1D", None)
     return types + ((conv1d,) if conv1d is not None else ())

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..optimizers.lowrank import LowRankOptimizer, matrix_shape
+from ..parametrizations.base import ParametrizedLinear
 from ..projectors.base import basis_shape, low_rank_shape, sides_of
 from ..quant.linear import compute_dtype, is_quantized
 
@@ -67,10 +68,16 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(weight bytes, scale bytes) of the model's parameters and buffers.
 
     In a module that holds an integer tensor directly (an INT8 Linear), its floating
-    tensors other than a bias are that weight's quantization scales.
+    tensors other than a bias are that weight's quantization scales. A parametrized
+    layer says itself what its tensors are (`byte_breakdown`; its "scales" are scales).
     """
     values = scales = 0
     for module in model.modules():
+        if isinstance(module, ParametrizedLinear):
+            parts = module.byte_breakdown()
+            scales += parts.get("scales", 0)
+            values += sum(parts.values()) - parts.get("scales", 0)
+            continue
         own = dict(module.named_parameters(recurse=False))
         own.update(module.named_buffers(recurse=False))
         quantized = any(_is_integer(t) for t in own.values())
@@ -80,6 +87,17 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
             else:
                 values += nbytes(t)
     return values, scales
+
+
+def parametrization_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """{category: bytes} summed over the model's parametrized layers (`byte_breakdown`):
+    frozen weights, factors, sparse values and indices, INT8 codes and scales, ..."""
+    out: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, ParametrizedLinear):
+            for key, value in module.byte_breakdown().items():
+                out[key] = out.get(key, 0) + value
+    return out
 
 
 @dataclass
@@ -245,4 +263,4 @@ def gradient_bytes(optimizer: LowRankOptimizer, *, per_layer: bool = False,
 
 
 __all__ = ["OptimizerBytes", "SideChoice", "grad_nbytes", "gradient_bytes", "nbytes", "optimizer_bytes",
-           "split_codes_and_scales", "weight_bytes"]
+           "parametrization_bytes", "split_codes_and_scales", "weight_bytes"]

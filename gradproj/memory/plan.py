@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..optimizers.lowrank import LowRankOptimizer
-from .accounting import gradient_bytes, optimizer_bytes, weight_bytes
+from .accounting import gradient_bytes, optimizer_bytes, parametrization_bytes, weight_bytes
 from .activations import activation_bytes
 
 COMPONENTS = ("weights", "gradients", "optimizer_states", "projector_bases",
@@ -45,6 +45,7 @@ class Plan:
     sides: list = field(default_factory=list)     # SideChoice rows (projected weights)
     activation_detail: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    parametrization: dict = field(default_factory=dict)  # byte_breakdown of parametrized layers
 
     @property
     def total(self) -> int:
@@ -65,6 +66,7 @@ class Plan:
         out["activation_detail"] = dict(self.activation_detail)
         out["projection_sides"] = [s.as_dict() for s in self.sides]
         out["notes"] = list(self.notes)
+        out["parametrization"] = dict(self.parametrization)
         return out
 
 
@@ -121,7 +123,7 @@ def plan_setup(label: str, build_model: Callable[[], torch.nn.Module],
                 scales={"weights": weight_scales, "optimizer_states": opt.state_scales,
                         "projector_bases": opt.basis_scales},
                 settings=settings, sides=opt.sides, activation_detail=act.as_dict(),
-                notes=notes)
+                notes=notes, parametrization=parametrization_bytes(model))
 
 
 def _meta_model(spec, dtype: torch.dtype) -> Callable[[], torch.nn.Module]:

@@ -60,21 +60,23 @@ def GaLoreAdamW(params: Iterable, lr: float = 1e-3, **options: Any) -> LowRankOp
 
 
 def build_optimizer(model: torch.nn.Module, preset: str | None = None,
-                    targets: Sequence[str] = DEFAULT_TARGETS, **overrides: Any) -> LowRankOptimizer:
+                    targets: Sequence[str] = DEFAULT_TARGETS, parametrization: Any = None,
+                    **overrides: Any) -> LowRankOptimizer:
     """The whole optimizer for `model`: parameter split by `targets`, preset, overrides.
 
     This is the function the TOML run spec goes through, so a run and a script that call
-    it with the same options build the same optimizer. A preset (or override) with
-    `quantize_weights = True` first converts the targeted nn.Linear layers of `model` to
-    INT8 `QuantLinear` in place (group `weight_group_size`, 256), as Q-GaLore trains.
+    it with the same options build the same optimizer. `parametrization` (a registered
+    name, a `{"kind": ..., **options}` table or a Parametrization) first replaces the
+    targeted nn.Linear layers in place (`gradproj.parametrizations`); a preset (or
+    override) with `quantize_weights = True` is the `int8` parametrization (group
+    `weight_group_size`, 256), as Q-GaLore trains. The split then follows what each
+    parametrized layer declares: its `projected` tensors are low-rank, its other trainable
+    tensors full-rank, its frozen ones in no group.
     """
+    from ..parametrizations import apply_parametrization, from_options, linear_module_names
     options = preset_options(preset) if preset else {}
     options.update(overrides)
-    quantize = options.pop("quantize_weights", False)
-    group_size = options.pop("weight_group_size", 256)
-    if not isinstance(quantize, bool):
-        raise ValueError(f"option 'quantize_weights' must be true or false, got {quantize!r}")
-    if quantize:  # Q-GaLore: targeted Linear layers become INT8 QuantLinear before the split
-        from ..quant import quantize_weights
-        quantize_weights(model, targets=targets, group_size=group_size)
+    param = from_options(parametrization, options)
+    if param is not None:
+        apply_parametrization(model, param, linear_module_names(model, targets))
     return LowRankOptimizer(param_groups(model, targets), **options)

@@ -136,16 +136,12 @@ def quantize_weights(model: nn.Module, targets: Sequence[str] = ("attn", "mlp"),
     """Replace, in place, every nn.Linear whose qualified name contains a target by a QuantLinear.
 
     Same name matching as `param_groups` (substring of the module's name), so the layers
-    quantized are exactly the ones projected. Returns `model`.
+    quantized are exactly the ones projected. The `int8` parametrization does the work
+    (its layers are QuantLinear subclasses). Returns `model`.
     """
-    if isinstance(targets, str):
-        targets = (targets,)
-    swaps = [(name, module) for name, module in model.named_modules()
-             if type(module) is nn.Linear and any(t in name for t in targets)]
-    for name, module in swaps:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(module, group_size))
+    from ..parametrizations import apply_parametrization, linear_module_names
+    apply_parametrization(model, {"kind": "int8", "group_size": group_size},
+                          linear_module_names(model, targets))
     return model
 
 

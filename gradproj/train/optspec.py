@@ -81,6 +81,7 @@ class OptimizerSpec:
     effective: dict = field(default_factory=dict)  # every option the optimizer will use
     lowrank_keys: frozenset = frozenset(LOWRANK_KEYS)
     rank_fraction: str | None = None               # "1/4": resolved against the model width
+    parametrization: dict | None = None            # [model.parametrization], resolved
 
     def with_width(self, width: int) -> "OptimizerSpec":
         """The spec with a fractional rank turned into an integer for this model width."""
@@ -92,7 +93,8 @@ class OptimizerSpec:
                        rank_fraction=None)
 
     def build(self, model: torch.nn.Module) -> LowRankOptimizer:
-        """The optimizer for `model`, through the same `build_optimizer` scripts use; for a
+        """The optimizer for `model`, through the same `build_optimizer` scripts use (which
+        first applies `[model.parametrization]` to the targeted layers); for a
         transformers model, or `targets = ["all-linear"]`, targets are matched as HF's
         Trainer matches `optim_target_modules` (integrations/targets.py)."""
         from ..integrations.targets import is_all_linear
@@ -102,8 +104,9 @@ class OptimizerSpec:
             from ..integrations.targets import target_parameter_names
             targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
             return build_by_names(model, self.preset, target_parameter_names(model, targets),
-                                  **self.options)
-        return build_optimizer(model, self.preset, self.targets, **self.options)
+                                  parametrization=self.parametrization, **self.options)
+        return build_optimizer(model, self.preset, self.targets,
+                               parametrization=self.parametrization, **self.options)
 
     def resolved(self) -> dict:
         opt: dict[str, Any] = {"preset": self.preset} if self.preset else {}

@@ -14,7 +14,7 @@ optimizer's effective options) is what `write_resolved` saves into the run folde
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,6 +29,7 @@ from .model import MODEL_PRESETS, ModelConfig, model_config
 from .spec_hf import check_hf_model, tokenizer_vocab
 from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
+from .paramspec import TABLE as PARAM_TABLE, parse_parametrization
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
 TABLES = ("model", "data", "optimizer", "train", "checkpoint", "log")
@@ -139,6 +140,8 @@ class RunSpec:
             model = {"preset": self.model_preset, **asdict(self.model)}
             if model["n_kv_heads"] is None:
                 model["n_kv_heads"] = self.model.kv_heads
+        if self.optimizer.parametrization:
+            model["parametrization"] = dict(self.optimizer.parametrization)
         data = {k: v for k, v in asdict(self.data).items() if v is not None}
         return {"model": model, "data": data, "optimizer": self.optimizer.resolved(),
                 "train": {k: v for k, v in asdict(self.train).items() if v is not None},
@@ -196,11 +199,25 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
         if key not in TABLES:
             out.add(key, None, f"unknown table{did_you_mean(key, TABLES)} "
                                f"(expected one of: {', '.join(TABLES)})")
+    raw_model = raw.get("model", {})
+    raw_param = None
+    if isinstance(raw_model, dict) and "parametrization" in raw_model:
+        raw_model = dict(raw_model)
+        raw_param = raw_model.pop("parametrization")
+        raw = {**raw, "model": raw_model}
     parsed = {name: parse_table(cls, name, raw.get(name, {}), out) for name, cls in
               (("model", ModelSpec), ("data", DataSpec), ("train", TrainSpec),
                ("checkpoint", CheckpointSpec), ("log", LogSpec))}
     train = {**_defaults(TrainSpec), **parsed["train"]}
     optimizer = parse_optimizer(raw.get("optimizer", {}), out, seed=train["seed"])
+    if raw_param is not None:
+        table = parse_parametrization(raw_param, out)
+        if table is not None and table["kind"] != "int8" and optimizer.effective.get(
+                "quantize_weights", False):
+            out.add(PARAM_TABLE, "kind", f"{table['kind']!r} cannot be combined with "
+                    f"quantize_weights = true (INT8 weights; the q-galore preset sets it): set "
+                    f"[optimizer].quantize_weights = false, or kind = 'int8'")
+        optimizer = replace(optimizer, parametrization=table)
 
     data = {**_defaults(DataSpec), **parsed["data"]}
     for key in ("path", "eval_path"):
