@@ -111,6 +111,11 @@ class Parametrization:
     def convert(self, linear: nn.Linear, index: int) -> ParametrizedLinear:
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module, module_names: Sequence[str]) -> None:
+        """Called by `apply_parametrization` once, before the first `convert`, with every
+        name it will convert (in `index` order): a transform that decides across layers
+        (WeLore's one global rank threshold) reads the model here. Default: nothing."""
+
     def initialize(self, model: nn.Module, modules: dict[str, ParametrizedLinear],
                    loss_of: Callable[[int], torch.Tensor]) -> None:
         """Data-dependent init (`needs_data`): `loss_of(i)` is the loss on batch i."""
@@ -182,6 +187,8 @@ def apply_parametrization(model: nn.Module, parametrization, module_names: Seque
     out: dict[str, ParametrizedLinear] = {}
     if param is None:
         return out
+    if any(not isinstance(model.get_submodule(n), ParametrizedLinear) for n in module_names):
+        param.prepare(model, list(module_names))
     for index, name in enumerate(module_names):
         module = model.get_submodule(name)
         if isinstance(module, ParametrizedLinear):
