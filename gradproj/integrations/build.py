@@ -77,7 +77,8 @@ def _role(model: nn.Module, name: str, p, wanted: set) -> str | None:
 
 
 def _modules(names: Sequence[str]) -> list[str]:
-    return [n.rsplit(".", 1)[0] for n in names]
+    """The modules owning `names`, each once, in order."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
 
 
 def quantize_named(model: nn.Module, names: Sequence[str], group_size: int) -> None:

@@ -67,8 +67,14 @@ def target_parameter_names(model: nn.Module, targets: str | Sequence[str]) -> li
                          f"a regex string, or 'all-linear', got {targets!r}")
     everything = is_all_linear(targets)
     kinds = linear_types()
-    wanted = {f"{name}.weight" for name, module in model.named_modules()
-              if isinstance(module, kinds) and (everything or matches(targets, name))}
+    from ..parametrizations.base import ParametrizedLinear
+    wanted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, kinds) and (everything or matches(targets, name)):
+            # a parametrized layer (converted already) is named by all its own tensors
+            own = ([p for p, _ in module.named_parameters(recurse=False)]
+                   if isinstance(module, ParametrizedLinear) else ["weight"])
+            wanted.update(f"{name}.{p}" for p in own)
     found = [name for name, _ in model.named_parameters() if name in wanted]
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()

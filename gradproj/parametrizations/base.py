@@ -116,6 +116,12 @@ class Parametrization:
         name it will convert (in `index` order): a transform that decides across layers
         (WeLore's one global rank threshold) reads the model here. Default: nothing."""
 
+    def freezes_rest(self) -> bool:
+        """True when every tensor outside the parametrized layers is frozen (fine-tuning
+        adapters: LoRA trains only B·A); False keeps them trainable (SLTrain pre-trains
+        embeddings, norms and the head at full rank)."""
+        return False
+
     def initialize(self, model: nn.Module, modules: dict[str, ParametrizedLinear],
                    loss_of: Callable[[int], torch.Tensor]) -> None:
         """Data-dependent init (`needs_data`): `loss_of(i)` is the loss on batch i."""
@@ -201,7 +207,24 @@ def apply_parametrization(model: nn.Module, parametrization, module_names: Seque
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         out[name] = new
+    if param.freezes_rest():
+        inside = {id(p) for m in parametrized_modules(model).values() for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in inside:
+                p.requires_grad_(False)
     return out
+
+
+def initialize_parametrization(model: nn.Module, parametrization,
+                               loss_of: Callable[[int], torch.Tensor]) -> bool:
+    """Run a data-dependent init (`needs_data`, LoRA-GA) on the model's parametrized
+    layers; `loss_of(i)` is the loss on batch i. Returns whether one ran. Call it once on a
+    fresh model, after `apply_parametrization` and before training (not on resume)."""
+    param = create_parametrization(parametrization)
+    if param is None or not param.needs_data:
+        return False
+    param.initialize(model, parametrized_modules(model), loss_of)
+    return True
 
 
 def parametrized_modules(model: nn.Module) -> dict[str, ParametrizedLinear]:
@@ -226,7 +249,7 @@ def role_of(owner: ParametrizedLinear, local_name: str, p: torch.Tensor) -> str 
 
 
 __all__ = ["BYTE_CATEGORIES", "Parametrization", "ParametrizedLinear", "apply_parametrization",
-           "create_parametrization", "linear_module_names", "merge_parametrizations",
+           "create_parametrization", "initialize_parametrization", "linear_module_names", "merge_parametrizations",
            "parametrized_modules", "role_of"]
 
 

@@ -4,7 +4,7 @@ Every targeted matrix gets the rank its normalised singular-value spectrum suppo
 global threshold, searched so the targeted matrices lose `ratio` of their parameters
 (`welore_rank.py` has the math and its reading of the reference code). Low-rank components
 (LRCs) become `WeLoreLinear` factors B (m×k) · A (k×n), trained; the other matrices (N-LRCs)
-keep their dense weight, frozen. With `train_others = false` (default) every parameter
+keep their dense weight, frozen. With `train_rest = false` (default) every parameter
 outside the targeted layers is frozen too, so fine-tuning trains only the factors.
 
 Two ways in:
@@ -98,7 +98,7 @@ class WeLore(Parametrization):
         "ratio": 0.5,            # share of the targeted matrices' parameters removed
         "min_ratio": welore_rank.MIN_RATIO,  # an LRC drops more than this share of its rank
         "compressed": "",        # a `gradproj compress` checkpoint to start from ("" = compress now)
-        "train_others": False,   # train embeddings, norms, head too (the issue: factors only)
+        "train_rest": False,     # train embeddings, norms, head, biases too (default: factors only)
         "project_factors": False,  # GaLore-project the factors' gradients (reference: AdamW)
     }
 
@@ -107,7 +107,7 @@ class WeLore(Parametrization):
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
             raise ValueError(f"option 'ratio' must be a number in (0, 1), got {ratio!r}")
         self._number("min_ratio", 0.0, 1.0, open_lo=False)
-        for key in ("train_others", "project_factors"):
+        for key in ("train_rest", "project_factors"):
             if not isinstance(self.options[key], bool):
                 raise ValueError(f"option '{key}' must be true or false, got {self.options[key]!r}")
         if not isinstance(self.options["compressed"], str):
@@ -151,11 +151,6 @@ class WeLore(Parametrization):
             self.info = {"threshold": threshold, "ratio": self.options["ratio"],
                          "min_ratio": self.options["min_ratio"],
                          "compression": welore_rank.compression(choices)}
-        if not self.options["train_others"]:
-            targeted = tuple(f"{n}." for n in self.names)
-            for name, p in model.named_parameters():
-                if not name.startswith(targeted):
-                    p.requires_grad_(False)
 
     def _load_others(self, model: nn.Module, path: str) -> None:
         """Every tensor of the model outside the targeted layers, from the checkpoint."""
@@ -170,6 +165,9 @@ class WeLore(Parametrization):
                     raise ValueError(f"option 'compressed': {path} has no tensor {name!r}; "
                                      f"compress with the same [model]")
                 t.copy_(f.get_tensor(name))
+
+    def freezes_rest(self) -> bool:
+        return not self.options["train_rest"]
 
     # -- one layer -----------------------------------------------------------------------
     def convert(self, linear: nn.Linear, index: int) -> WeLoreLinear:
@@ -196,7 +194,7 @@ class WeLore(Parametrization):
             if linear.bias is not None and not path:
                 layer.bias.copy_(linear.bias)
         if layer.bias is not None:
-            layer.bias.requires_grad_(self.options["train_others"])
+            layer.bias.requires_grad_(self.options["train_rest"])
         return layer
 
 

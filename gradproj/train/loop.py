@@ -29,6 +29,7 @@ import torch
 from ..distributed.rank0 import Rank0
 from ..distributed.run import RunContext
 from ..optimizers import count_refreshes, optimizer_state_nbytes
+from ..parametrizations import initialize_parametrization
 from .data import Batches, Corpus, DataError, load_embedded, load_jsonl, load_text, load_tokens
 from .loggers import open_loggers
 from .metrics import METRICS_FILE, MIB, PLOT_FILE, Progress, plot_runs
@@ -109,7 +110,13 @@ class Trainer:
                                  vocab, "eval")
         model = build_model(spec.model, seed=t.seed, device=self.device,
                             activation_checkpointing=t.activation_checkpointing)
-        self.model = self.dist.wrap(model.to(getattr(torch, t.dtype)))
+        model = model.to(getattr(torch, t.dtype))
+        spec.optimizer.prepare(model)  # [model.parametrization]: layers converted before wrapping
+        if not resume:  # LoRA-GA: init from the first batches' gradient (a resume loads it)
+            initialize_parametrization(model, spec.optimizer.parametrization,
+                                       lambda i: model(*(b.to(self.device)
+                                                         for b in self.train_data.batch(i, 0))))
+        self.model = self.dist.wrap(model)
         # after wrapping: under FSDP2 the optimizer must hold the sharded (DTensor) weights
         self.opt = self.dist.optimizer(spec.optimizer.build(self.dist.module(self.model)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(t))

@@ -108,6 +108,25 @@ class OptimizerSpec:
         return build_optimizer(model, self.preset, self.targets,
                                parametrization=self.parametrization, **self.options)
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Apply the parametrization (or the preset's INT8 weights) to `model` in place,
+        before it is wrapped for DDP/FSDP; `build` then finds the layers converted."""
+        from ..parametrizations import apply_parametrization, from_options, linear_module_names
+        param = from_options(self.parametrization, {**(dict(PRESETS.get(self.preset))
+                                                       if self.preset else {}), **self.options})
+        if param is None:
+            return
+        from ..integrations.targets import is_all_linear
+        from .hfmodel import HFCausalLM
+        if isinstance(model, HFCausalLM) or is_all_linear(self.targets):
+            from ..integrations.targets import target_parameter_names
+            targets = "all-linear" if is_all_linear(self.targets) else list(self.targets)
+            names = list(dict.fromkeys(n.rsplit(".", 1)[0]
+                                       for n in target_parameter_names(model, targets)))
+        else:
+            names = linear_module_names(model, self.targets)
+        apply_parametrization(model, param, names)
+
     def resolved(self) -> dict:
         opt: dict[str, Any] = {"preset": self.preset} if self.preset else {}
         low: dict[str, Any] = {"targets": list(self.targets)}

@@ -1,0 +1,102 @@
+"""The planner accounts each parametrization exactly: weights (frozen, factors, sparse
+values, INT8 codes and scales), gradients and optimizer states, to the byte of a real step."""
+import math
+
+import pytest
+import torch
+
+import gradproj as gp
+from gradproj.memory import gradient_bytes, optimizer_bytes, weight_bytes
+from gradproj.memory.accounting import parametrization_bytes
+from gradproj.optimizers import optimizer_state_nbytes
+from gradproj.train.model import build_model, model_config
+from gradproj.train.perlayer import PerLayerStepper
+
+CFG = model_config("tiny", n_layers=2)  # dim 128, ffn 344
+SETUPS = {
+    "int8": ({"kind": "int8", "group_size": 256}, dict(preset="q-galore", quantize_weights=False, rank=32)),
+    "lora": ({"kind": "lora", "rank": 8}, dict(preset="galore", rank=32)),
+    "lora-projected-q8": ({"kind": "lora", "rank": 8, "project_factors": True},
+                          dict(preset="galore", rank=4, state_format="q8")),
+    "lora-ga": ({"kind": "lora-ga", "rank": 8}, dict(preset="galore", rank=32, state_format="q4")),
+    "sltrain": ({"kind": "sltrain", "rank": 32, "density": 0.03}, dict(preset="galore", rank=32)),
+    "sltrain-q8": ({"kind": "sltrain", "rank": 32, "project_factors": True},
+                   dict(preset="galore8bit", rank=16)),
+}
+
+
+def targeted_shapes():
+    plain = build_model(CFG, device="meta")
+    return [(m.out_features, m.in_features) for n, m in plain.named_modules()
+            if type(m) is torch.nn.Linear and any(t in n for t in ("attn", "mlp"))]
+
+
+def expected_breakdown(table) -> dict:
+    """Bytes by category from the shapes alone (fp32 weights), independent of the modules."""
+    shapes, kind = targeted_shapes(), table["kind"]
+    if kind == "int8":
+        g = table["group_size"]
+        return {"codes": sum(m * n for m, n in shapes),
+                "scales": 4 * sum(math.ceil(m * n / g) for m, n in shapes)}
+    r = table["rank"]
+    factors = 4 * sum(r * (m + n) for m, n in shapes)
+    if kind in ("lora", "lora-ga"):
+        return {"frozen": 4 * sum(m * n for m, n in shapes), "factors": factors}
+    d = table.get("density", 0.03)
+    return {"factors": factors, "sparse_values": 4 * sum(int(d * m * n) for m, n in shapes),
+            "sparse_indices": 0, "seeds": 8 * len(shapes)}
+
+
+def build(name, device, per_layer=False):
+    table, options = SETUPS[name]
+    model = build_model(CFG, device=device)
+    options = dict(options)
+    opt = gp.build_optimizer(model, options.pop("preset"), parametrization=table, **options)
+    return model, opt
+
+
+def test_int8_breakdown_is_codes_and_scales():
+    """(Its real-step bytes are tests/memory/test_accounting.py's q-galore setup.)"""
+    meta, _ = build("int8", "meta")
+    assert parametrization_bytes(meta) == expected_breakdown(SETUPS["int8"][0])
+    assert weight_bytes(meta)[1] == expected_breakdown(SETUPS["int8"][0])["scales"]
+
+
+@pytest.mark.parametrize("name", [n for n in SETUPS if n != "int8"])
+def test_planned_bytes_equal_a_real_step(name):
+    meta, meta_opt = build(name, "meta")
+    planned_states = optimizer_bytes(meta_opt).total
+    planned_grads = gradient_bytes(meta_opt)
+    assert parametrization_bytes(meta) == expected_breakdown(SETUPS[name][0])
+
+    model, opt = build(name, "cpu")
+    assert weight_bytes(meta) == weight_bytes(model)
+    assert sum(weight_bytes(model)) == sum(t.numel() * t.element_size()
+                                           for t in (*model.parameters(), *model.buffers()))
+    tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    assert planned_grads == grads
+    opt.step()
+    assert planned_states == optimizer_state_nbytes(opt)
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype.is_floating_point]
+    assert all(p not in opt.state and p.grad is None for p in frozen)  # no grad, no state
+
+
+def test_per_layer_gradient_peak_equals_the_stepper():
+    meta, meta_opt = build("sltrain-q8", "meta")
+    model, opt = build("sltrain-q8", "cpu")
+    stepper = PerLayerStepper(opt)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model(tokens, tokens).backward()
+    assert gradient_bytes(meta_opt, per_layer=True) == stepper.grad_peak_bytes
+
+
+def test_plan_memory_reports_the_breakdown_through_the_spec(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text('[model]\npreset = "tiny"\nn_layers = 2\n[model.parametrization]\n'
+                    'kind = "sltrain"\nrank = 32\n[optimizer]\npreset = "galore"\n'
+                    '[optimizer.lowrank]\nrank = 32\n')
+    plan = gp.plan_memory(path, dtype="float32")
+    assert plan.spec.parametrization == expected_breakdown({"kind": "sltrain", "rank": 32})
+    assert plan.spec.settings["parameters"] < plan.baselines["adamw-bf16"].settings["parameters"]
