@@ -21,6 +21,40 @@ from . import weightnorm
 from .base import Parametrization, ParametrizedLinear, nbytes
 
 
+class _WeightNormLinear(torch.autograd.Function):
+    """y = (x·Vᵀ) ⊙ (m/‖V‖_row) + b for the rank-0 variant, saving only x (as nn.Linear does):
+    the m×n weight W is never formed in forward, and backward writes V's gradient from the
+    one m×n product Gᵀx a dense Linear also computes. Weight normalisation's gradient
+    (Salimans & Kingma, 2016, eq. 3), with G = Gᵀx the gradient W would get:
+        ∇m = (G ⊙ V̂)·1,   ∇V = (m/‖V‖) ⊙ (G − V̂ ⊙ ∇m)   (without the V̂ term: norm detached).
+    Without it, autograd through `dense_weight()` keeps V in fp32, W and their product alive
+    for every layer: 66 GB at LLaMA 7B (bf16, 256 tokens), against 1.6 GB for AdamW's run."""
+
+    @staticmethod
+    def forward(ctx, x, v, magnitude, bias, detach_norm):
+        norm = weightnorm.row_norm(v) + weightnorm.EPS           # fp32 (out,)
+        c = magnitude.to(norm.dtype) / norm
+        ctx.save_for_backward(x, v, magnitude, norm)
+        ctx.detach_norm = detach_norm
+        return torch.addcmul(bias, F.linear(x, v), c.to(x.dtype)) if bias is not None \
+            else F.linear(x, v) * c.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, v, magnitude, norm = ctx.saved_tensors
+        c = magnitude.to(norm.dtype) / norm
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = (grad_out * c.to(grad_out.dtype)) @ v if ctx.needs_input_grad[0] else None
+        gw = g.T.to(norm.dtype) @ x.reshape(-1, x.shape[-1]).to(norm.dtype)   # G, out×in
+        vhat = v.to(norm.dtype) / norm[:, None]
+        grad_m = (gw * vhat).sum(1)
+        if not ctx.detach_norm:
+            gw.addcmul_(vhat, grad_m[:, None], value=-1.0)
+        gw.mul_(c[:, None])
+        grad_b = g.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, gw.to(v.dtype), grad_m.to(magnitude.dtype), grad_b, None
+
+
 class GradNormLoRPLinear(ParametrizedLinear):
     """m ⊙ V/‖V‖_row with V = W₀ + s·B·A (rank ≥ 1) or V itself trained (rank 0)."""
 
@@ -50,7 +84,10 @@ class GradNormLoRPLinear(ParametrizedLinear):
                                        self.detach_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
+        if self.rank:  # V = W₀ + s·BA is formed (m×n) and saved by autograd, as in peft's DoRA
+            return F.linear(x, self.dense_weight(), self.bias)
+        return _WeightNormLinear.apply(x, self.direction, self.magnitude, self.bias,
+                                       self.detach_norm)
 
     def byte_breakdown(self) -> dict[str, int]:
         out = {"weights": nbytes(self.magnitude)}

@@ -53,17 +53,23 @@ def test_forward_is_doras_output_formula():
 @pytest.mark.parametrize("detach", [False, True])
 def test_rank0_gradients_match_the_dense_form(detach):
     torch.manual_seed(1)
-    layer = apply_parametrization(torch.nn.ModuleDict({"mlp": torch.nn.Linear(12, 10, bias=False)}),
+    layer = apply_parametrization(torch.nn.ModuleDict({"mlp": torch.nn.Linear(12, 10)}),
                                   {"kind": "gradnormlorp", "rank": 0, "detach_norm": detach},
                                   ["mlp"])["mlp"]
     with torch.no_grad():
         layer.magnitude.uniform_(0.5, 2.0)
-    x, t = torch.randn(7, 12), torch.randn(7, 10)
-    F.mse_loss(layer(x), t).backward()
+    x, t = torch.randn(3, 7, 12, requires_grad=True), torch.randn(3, 7, 10)
+    y = layer(x)
+    F.mse_loss(y, t).backward()
     v, m = layer.direction.detach(), layer.magnitude.detach()
-    w = (m / v.norm(dim=1))[:, None] * v
-    w.requires_grad_(True)
-    F.mse_loss(x @ w.T, t).backward()
+    w = ((m / v.norm(dim=1))[:, None] * v).requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ w.T + bias   # the dense form, differentiated by autograd
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    F.mse_loss(y_ref, t).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-5, atol=1e-7)
     g, vhat = w.grad, v / v.norm(dim=1, keepdim=True)
     torch.testing.assert_close(layer.magnitude.grad, (g * vhat).sum(1), rtol=1e-5, atol=1e-7)
     radial = 0 if detach else vhat * (g * vhat).sum(1, keepdim=True)
