@@ -100,3 +100,18 @@ def test_plan_memory_reports_the_breakdown_through_the_spec(tmp_path):
     plan = gp.plan_memory(path, dtype="float32")
     assert plan.spec.parametrization == expected_breakdown({"kind": "sltrain", "rank": 32})
     assert plan.spec.settings["parameters"] < plan.baselines["adamw-bf16"].settings["parameters"]
+
+
+def test_sltrain_7b_reproduces_the_papers_73_percent_cut():
+    """SLTrain at 7B (rank 1024, δ 0.05, as their script) with 8-bit states and per-layer
+    updates: the parameter count spelled out, and total memory ≥ 73 % below BF16 AdamW."""
+    from gradproj.memory.tables import plan_cell
+    plan = plan_cell("7b", "SLTrain 8-bit")
+    r, d, f, layers, delta = 1024, 4096, 11008, 32, 0.05
+    per_layer = 4 * (r * (d + d) + int(delta * d * d)) + 3 * (r * (d + f) + int(delta * d * f))
+    full_rank = 2 * 32000 * d + (2 * layers + 1) * d  # embedding, head, norms
+    assert plan.spec.settings["parameters"] == full_rank + layers * per_layer  # 3.14B of 6.74B
+    assert plan.spec.parametrization["sparse_indices"] == 0  # re-drawn from 224 seeds
+    assert plan.spec.parametrization["seeds"] == 8 * 7 * layers
+    cut = 1 - plan.spec.total / plan.baselines["adamw-bf16"].total
+    assert 0.73 <= cut <= 0.75, cut  # 73.8 % here
