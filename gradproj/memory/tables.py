@@ -32,6 +32,11 @@ METHODS: dict[str, list[str] | Callable[[str], list[str]] | None] = {
     "SLTrain 8-bit": lambda size: [
         "model.parametrization={kind=\"sltrain\", rank=%d, density=%s}" % SLTRAIN[size],
         'optimizer.state_format="q8"', *PER_LAYER],
+    # GradNormLoRP (Huang et al. 2024), 8-bit: the weight-normalised direction V (rank 0, the
+    # reference's LowRankWeightNormAdamW) GaLore-projected at the example's rank, q8 states
+    "GradNormLoRP 8-bit": ['model.parametrization={kind="gradnormlorp", rank=0}',
+                           'optimizer.preset="galore8bit"', 'optimizer.state_format="q8"',
+                           *PER_LAYER],
     "ours (best)": ['optimizer.preset="q-galore"', 'optimizer.state_format="q4"',
                     'optimizer.lowrank.refresh="fixed"', 'optimizer.lowrank.projector="gaussian"',
                     "optimizer.lowrank.projector_options={}",
