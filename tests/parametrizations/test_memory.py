@@ -105,8 +105,9 @@ def test_plan_memory_reports_the_breakdown_through_the_spec(tmp_path):
 def test_sltrain_7b_reproduces_the_papers_73_percent_cut():
     """SLTrain at 7B (rank 1024, δ 0.05, as their script) with 8-bit states and per-layer
     updates: the parameter count spelled out, and total memory ≥ 73 % below BF16 AdamW."""
-    from gradproj.memory.tables import plan_cell
-    plan = plan_cell("7b", "SLTrain 8-bit")
+    from gradproj.memory.tables import WEIGHT_SIDE, example
+    from gradproj.train.spec import load_spec
+    plan = gp.plan_memory(load_spec(example("7b"), WEIGHT_SIDE["SLTrain 8-bit"]("7b")), dtype="bfloat16")
     r, d, f, layers, delta = 1024, 4096, 11008, 32, 0.05
     per_layer = 4 * (r * (d + d) + int(delta * d * d)) + 3 * (r * (d + f) + int(delta * d * f))
     full_rank = 2 * 32000 * d + (2 * layers + 1) * d  # embedding, head, norms
