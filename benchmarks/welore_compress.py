@@ -3,6 +3,7 @@
     python benchmarks/welore_compress.py                 # train (or reuse) two tiny models, compare
     python benchmarks/welore_compress.py --ratios 0.5    # one compression ratio
     python benchmarks/welore_compress.py --finetune 100  # then fine-tune only the factors
+    python benchmarks/welore_compress.py --steps 3 --eval-batches 2 --ratios 0.5   # smoke run
 
 Two tiny models (examples/tiny.toml, 600 steps, the default embedded data) are trained — with
 the spec as written (GaLore rank 32) and with full-rank AdamW (`optimizer.lowrank.rank=128`,
@@ -36,20 +37,21 @@ from gradproj.parametrizations.welore import WeLoreLinear  # noqa: E402
 from gradproj.train.loop import Trainer  # noqa: E402
 from gradproj.train.spec import load_spec  # noqa: E402
 
-COMMON = ["train.steps=600", "log.progress=false", "log.plot=false", "checkpoint.every=0",
-          "train.eval_batches=32"]
+COMMON = ["log.progress=false", "log.plot=false", "checkpoint.every=0"]
 RECIPES = {
     "galore-r32 (tiny.toml)": [],
     "full-rank adamw": ["optimizer.lowrank.rank=128", "optimizer.lr=3e-3"],
 }
 
 
-def trained(name: str, overrides: list[str], runs: Path) -> tuple[Trainer, dict]:
+def trained(name: str, overrides: list[str], runs: Path, steps: int,
+            eval_batches: int) -> tuple[Trainer, dict]:
     """A Trainer holding the recipe's trained model (trained here unless its run exists)."""
     folder = runs / name.split(" ")[0]
     spec = load_spec(ROOT / "examples" / "tiny.toml",
-                     [*COMMON, *overrides, f'checkpoint.dir="{folder}"'])
-    done = (folder / "checkpoints" / "step-600").is_dir()
+                     [*COMMON, f"train.steps={steps}", f"train.eval_batches={eval_batches}",
+                      *overrides, f'checkpoint.dir="{folder}"'])
+    done = (folder / "checkpoints" / f"step-{steps}").is_dir()
     trainer = Trainer(spec, resume=done)
     trainer.run()  # a complete run resumes at its last step: nothing left to train
     return trainer, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -88,7 +90,7 @@ def compressed_loss(trainer: Trainer, state: dict, choices: dict, finetune: int)
     opt = torch.optim.AdamW(factors, lr=1e-3, weight_decay=0.0)
     model.train()
     for step in range(finetune):
-        x, y = trainer.train_data.batch(600 + step, 0)  # batches the pre-training never saw
+        x, y = trainer.train_data.batch(trainer.step + step, 0)  # batches training never saw
         opt.zero_grad(set_to_none=True)
         model(x, y).backward()
         opt.step()
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/welore-bench", help="folder of the two runs")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.6])
     parser.add_argument("--finetune", type=int, default=0, help="factor-only steps after compressing")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
+    parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per eval")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| model | ratio | params kept (welore / uniform) | dense loss | welore loss (Δ) "
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           + (" welore tuned | uniform tuned |" if args.finetune else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.finetune else ""))
     for name, overrides in RECIPES.items():
-        trainer, state = trained(name, overrides, Path(args.runs))
+        trainer, state = trained(name, overrides, Path(args.runs), args.steps, args.eval_batches)
         dense = trainer.evaluate()
         names = [n.removesuffix(".weight") for n in state
                  if n.endswith(".weight") and (".attn." in n or ".mlp." in n)]

@@ -134,3 +134,11 @@ def test_kernels_cpu_smallest(capsys, monkeypatch):
     assert "| torch AdamW (foreach), fp32 | " in out and "| 1.00 |" in out
     assert "q8: C path and reference states and weights after the same steps: bit-identical" in out
     assert "q4: C path and reference states and weights after the same steps: bit-identical" in out
+
+
+def test_welore_compress_smallest(tmp_path, capsys):
+    welore = load("welore_compress")
+    welore.main(["--runs", str(tmp_path), "--steps", "3", "--eval-batches", "2",
+                 "--ratios", "0.5", "--finetune", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| 0.5 |" in line]
+    assert len(rows) == 2  # one per training recipe
