@@ -108,7 +108,7 @@ class GradNormLoRPLinear(ParametrizedLinear):
 
 @PARAMETRIZATIONS.register("gradnormlorp", aliases=("gradnorm-lorp",))
 class GradNormLoRP(Parametrization):
-    """GradNormLoRP: weight-normalised W = m ⊙ (W₀ + BA)/‖·‖_row, B and A gradient-projected."""
+    """GradNormLoRP (Huang et al. 2024): W = m ⊙ (W₀ + BA)/‖·‖_row; B, A (or V, rank 0) projected."""
 
     defaults = {
         "rank": 8,              # r of B·A (the paper's GLUE runs; the reference LoraConfig r=8);

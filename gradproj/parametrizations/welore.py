@@ -92,7 +92,7 @@ def read_ranks(path: str | Path) -> dict:
 
 @PARAMETRIZATIONS.register("welore")
 class WeLore(Parametrization):
-    """WeLore: ranks from each spectrum's heavy tail, one global threshold; factors trained, rest frozen."""
+    """WeLore (Jaiswal et al. 2024): per-matrix ranks from the spectrum, one global threshold; factors trained."""
 
     defaults = {
         "ratio": 0.5,            # share of the targeted matrices' parameters removed
