@@ -19,8 +19,8 @@ Two ways in:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ def read_ranks(path: str | Path) -> dict:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+    except Exception as exc:
         raise ValueError(f"option 'compressed': {path} is not a safetensors file "
                          f"({type(exc).__name__})") from None
     if meta.get("format") != FORMAT:

@@ -16,7 +16,7 @@ from gradproj.memory import gradient_bytes, optimizer_bytes, weight_bytes
 from gradproj.memory.accounting import parametrization_bytes
 from gradproj.optimizers import optimizer_state_nbytes
 from gradproj.parametrizations import apply_parametrization, linear_module_names, welore_rank
-from gradproj.parametrizations.welore import WeLore, WeLoreLinear, compressed_metadata, read_ranks
+from gradproj.parametrizations.welore import WeLore, compressed_metadata, read_ranks
 from gradproj.train.cli import main
 from gradproj.train.model import build_model, model_config
 
