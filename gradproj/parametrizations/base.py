@@ -111,6 +111,11 @@ class Parametrization:
     def convert(self, linear: nn.Linear, index: int) -> ParametrizedLinear:
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module, module_names: Sequence[str]) -> None:
+        """Called by `apply_parametrization` once, before the first `convert`, with every
+        name it will convert (in `index` order): a transform that decides across layers
+        (WeLore's one global rank threshold) reads the model here. Default: nothing."""
+
     def freezes_rest(self) -> bool:
         """True when every tensor outside the parametrized layers is frozen (fine-tuning
         adapters: LoRA trains only B·A); False keeps them trainable (SLTrain pre-trains
@@ -193,6 +198,8 @@ def apply_parametrization(model: nn.Module, parametrization, module_names: Seque
     out: dict[str, ParametrizedLinear] = {}
     if param is None:
         return out
+    if any(not isinstance(model.get_submodule(n), ParametrizedLinear) for n in module_names):
+        param.prepare(model, list(module_names))
     for index, name in enumerate(module_names):
         module = model.get_submodule(name)
         if isinstance(module, ParametrizedLinear):

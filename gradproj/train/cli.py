@@ -1,4 +1,4 @@
-"""`gradproj` command line: train, resume, list, plot, memory, tokenize.
+"""`gradproj` command line: train, resume, list, plot, memory, tokenize, compress.
 
 A subcommand is one entry of `COMMANDS`: (one-line help, a function adding its
 arguments, a handler returning the exit code). Adding one is a few lines:
@@ -20,6 +20,7 @@ from typing import Callable
 from ..memory.cli import HELP as MEMORY_HELP, add_memory_args, cmd_memory
 from .checkpoint import CheckpointError
 from .checks import Issue, SpecError
+from .compress import HELP as COMPRESS_HELP, add_compress_args, cmd_compress
 from .data import DataError
 from .metrics import METRICS_FILE, PLOT_FILE, plot_runs
 from .pretokenize import add_tokenize_args, cmd_tokenize
@@ -183,6 +184,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], int]]] =
     "plot": ("plot train/eval loss of one or more runs", add_plot_args, cmd_plot),
     "tokenize": ("pre-tokenize text/JSONL into a .bin of token ids", add_tokenize_args,
                  cmd_tokenize),
+    "compress": (COMPRESS_HELP, add_compress_args, cmd_compress),
 }
 
 

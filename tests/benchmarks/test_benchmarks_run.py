@@ -152,3 +152,11 @@ def test_parametrizations_smoke(capsys):
     out = capsys.readouterr().out
     for line in ("lora     lr 1e-03", "lora-ga  lr 1e-03", "sltrain  r 32", "low-rank r 34"):
         assert line in out
+
+
+def test_welore_compress_smallest(tmp_path, capsys):
+    welore = load("welore_compress")
+    welore.main(["--runs", str(tmp_path), "--steps", "3", "--eval-batches", "2",
+                 "--ratios", "0.5", "--finetune", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "| 0.5 |" in line]
+    assert len(rows) == 2  # one per training recipe

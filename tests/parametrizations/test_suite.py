@@ -24,6 +24,11 @@ SUITE_OPTIONS = {
     "lora": {"rank": 4, "alpha": 8.0, "project_factors": True},
     "lora-ga": {"rank": 4, "alpha": 8.0, "batches": 2, "project_factors": True},
     "sltrain": {"rank": 4, "alpha": 8.0, "density": 0.1, "project_factors": True},
+    "gradnormlorp": {"rank": 4, "alpha": 8.0},
+    # WeLore's layer shapes follow the weights it compresses, so the suite fine-tunes from a
+    # `gradproj compress`-style file (filled in by `welore_checkpoint` below): the structure
+    # and every tensor come from it, as `[model.parametrization] compressed = PATH` does
+    "welore": {"ratio": 0.5, "project_factors": True, "compressed": None},
 }
 KINDS = gp.PARAMETRIZATIONS.names()
 TARGETS = ("attn", "mlp")
@@ -33,6 +38,17 @@ def make_model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.ModuleDict({"attn": torch.nn.Linear(24, 32), "mlp": torch.nn.Linear(32, 40, bias=False),
                                 "head": torch.nn.Linear(40, 8)})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def welore_checkpoint(tmp_path_factory):
+    from safetensors.torch import save_file
+    from gradproj.parametrizations.welore import WeLore, compressed_metadata
+    model, param = make_model(0), WeLore(ratio=0.5)
+    apply_parametrization(model, param, linear_module_names(model, TARGETS))
+    path = tmp_path_factory.mktemp("welore") / "compressed.safetensors"
+    save_file(dict(model.state_dict()), str(path), metadata=compressed_metadata(param))
+    SUITE_OPTIONS["welore"]["compressed"] = str(path)
 
 
 def forward(model, x):
