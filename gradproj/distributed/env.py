@@ -96,6 +96,11 @@ def init_distributed(parallel: str, *, device: str = "auto",
 def shutdown() -> None:
     """Destroy the default process group if this process created one."""
     if dist.is_available() and dist.is_initialized():
+        # every rank done talking before any closes its connections: a gloo rank torn down
+        # while a peer still used them aborted that peer once in CI (SIGABRT, "terminate
+        # called without an active exception", 4 ranks on 2 cores); the group's timeout
+        # bounds the wait if a peer is gone
+        dist.barrier()
         dist.destroy_process_group()
 
 

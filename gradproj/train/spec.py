@@ -30,6 +30,7 @@ from .spec_hf import check_hf_model, tokenizer_vocab
 from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
 from .paramspec import TABLE as PARAM_TABLE, parse_parametrization
+from .spec_gradient import ZO_KEYS, check_curvature, check_zeroth_order, int8_weights
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
 
 TABLES = ("model", "data", "optimizer", "train", "checkpoint", "log")
@@ -255,8 +256,8 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                                            f"got {model.vocab_size}")
 
     _check_train(train, parsed["train"], out)
-    _check_curvature(optimizer.effective, train, out, int8_weights(optimizer))
-    _check_zeroth_order(train, parsed["train"], optimizer, out)
+    check_curvature(optimizer.effective, train, out, int8_weights(optimizer))
+    check_zeroth_order(train, parsed["train"], optimizer, out)
     _check_log(parsed["log"], out)
     width = model.width if isinstance(model, HFModelSpec) else model.dim
     optimizer = optimizer.with_width(width)
@@ -269,34 +270,6 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
                    optimizer=optimizer, train=TrainSpec(**train),
                    checkpoint=CheckpointSpec(**ckpt), log=LogSpec(**{**_defaults(LogSpec),
                                                                      **parsed["log"]}))
-
-
-def int8_weights(optimizer) -> bool:
-    """Whether the spec's targeted layers become INT8 weights: the q-galore preset's
-    `quantize_weights`, or [model.parametrization] kind = "int8"."""
-    return bool(optimizer.effective.get("quantize_weights")
-                or (optimizer.parametrization or {}).get("kind") == "int8")
-
-
-def _check_curvature(effective: dict, train: dict, out: _Collector, int8: bool) -> None:
-    """Sophia's curvature pass (train/curvature.py): what the loop cannot run."""
-    rule = effective.get("rule")
-    if rule not in RULES or not RULES.get(rule).uses_curvature:
-        return
-    estimator = effective["curvature_estimator"]
-    if train.get("gradient") == "zeroth-order":
-        out.add("optimizer", "curvature_every", "the curvature pass needs backprop gradients, "
-                "got [train].gradient = 'zeroth-order' (use a rule without curvature, e.g. "
-                "the mezo preset's sgdm)")
-    if train["parallel"] != "none":
-        out.add("optimizer", "curvature_every", f"the curvature pass runs in single-process "
-                f"training only, got [train].parallel = {train['parallel']!r}")
-    if estimator == "hutchinson" and train["per_layer"]:
-        out.add("optimizer", "curvature_estimator", "expected 'gnb' with [train].per_layer = "
-                "true (its hooks cannot take a Hessian-vector product), got 'hutchinson'")
-    if estimator == "hutchinson" and int8:
-        out.add("optimizer", "curvature_estimator", "expected 'gnb' with INT8 weights "
-                "(quantize_weights: no Hessian-vector product through them), got 'hutchinson'")
 
 
 def _check_data(data: dict, given: dict, out: _Collector) -> None:
@@ -377,42 +350,6 @@ def _check_train(train: dict, given: dict, out: _Collector) -> None:
     if train["device"] == "cuda" and not torch.cuda.is_available():
         out.add("train", "device", "expected a device this machine has, got 'cuda' "
                                    "(torch sees no CUDA GPU; use 'cpu' or 'auto')")
-
-
-ZO_KEYS = ("zo_eps", "zo_perturbations", "zo_subspace")
-
-
-def _check_zeroth_order(train: dict, given: dict, optimizer: OptimizerSpec, out: _Collector) -> None:
-    """`[train].gradient = "zeroth-order"`: what it cannot combine with (train/zeroth_order.py)."""
-    if train["gradient"] != "zeroth-order":
-        for key in ZO_KEYS:
-            if key in given:
-                out.add("train", key, f"is only read when [train].gradient = 'zeroth-order', "
-                                      f"got gradient {train['gradient']!r}")
-        return
-    if train["per_layer"]:
-        out.add("train", "gradient", "expected 'backprop' with per_layer = true (per-layer mode "
-                                     "steps inside backward; zeroth-order has none)")
-    if train["parallel"] == "fsdp2":
-        out.add("train", "gradient", "expected 'backprop' with parallel = 'fsdp2' (zeroth-order "
-                                     "perturbs whole weights in place; use 'ddp' or 'none')")
-    if train["activation_checkpointing"]:
-        out.notices.append(Issue(out.place("train", "activation_checkpointing"),
-                                 "not used with zeroth-order gradients (no backward to recompute for)"))
-    if train["grad_clip"] > 0:
-        out.notices.append(Issue(out.place("train", "grad_clip"),
-                                 f"{train['grad_clip']} is not applied with [train].gradient = "
-                                 f"'zeroth-order' (MeZO does not clip its estimate)"))
-    options = optimizer.effective
-    if int8_weights(optimizer):
-        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights, or "
-                                     "[model.parametrization] kind = 'int8'): "
-                                     "zeroth-order perturbs the weights in place")
-    residual = options.get("residual")
-    if (train["zo_subspace"] and residual in RESIDUALS
-            and RESIDUALS.get(residual).uses_full_grad):
-        out.add("train", "zo_subspace", f"expected false with residual {residual!r}, which reads "
-                                        f"the full gradient; use residual = 'drop'")
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> RunSpec:
