@@ -65,48 +65,53 @@ def uniform_bits(index: torch.Tensor, k0, k1) -> torch.Tensor:
     return hash32_tensor(hash32_tensor(index ^ k0) ^ k1) >> 8
 
 
-def _streams(seeds, numel: int, device, start: int = 0, stride: int = 1,
-             offset: int = 0) -> torch.Tensor:
-    """k×numel fp32: row i = (bits of indices start + stride·j under seeds[i]'s keys
-    + offset)·2⁻²⁴ (seeds as `keys` takes them)."""
+def _list_keys(seeds) -> tuple[list[int], list[int]] | None:
+    """The keys of a list of seeds (taken mod 2⁶³, as `keys` does); None for a tensor."""
     if torch.is_tensor(seeds):
-        k0, k1 = keys(seeds, device)
-        return _from_keys(k0, k1, numel, device, start, stride, offset)
+        return None
     pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
-    return _from_keys([a for a, _ in pairs], [b for _, b in pairs], numel, device, start,
-                      stride, offset)
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def _from_keys(k0, k1, numel: int, device, start: int = 0, stride: int = 1,
-               offset: int = 0) -> torch.Tensor:
-    """The streams of key pairs (lists of ints, or k×1 tensors): on CPU the C loop of
-    `cpu_counter_rng.py` (the same bits), else (or with GRADPROJ_KERNELS≠auto) the
-    tensor arithmetic below."""
-    if isinstance(k0, list):
-        if torch.device(device if device is not None else "cpu").type == "cpu":
-            fast = cpu_counter_rng.uniform_rows(k0, k1, numel, start, stride, offset)
-            if fast is not None:
-                return fast
-        k0 = torch.tensor(k0, dtype=torch.int64, device=device).reshape(-1, 1)
-        k1 = torch.tensor(k1, dtype=torch.int64, device=device).reshape(-1, 1)
-    index = torch.arange(numel, dtype=torch.int64, device=device) * stride + start
-    return (uniform_bits(index, k0, k1) + offset).float() * 2.0 ** -24
+def _c_streams(key_lists, numel: int, device, *parts) -> list | None:
+    """On CPU, the C loop of `cpu_counter_rng.py` (the reference's bits) for each
+    (start, stride, offset) in `parts`; None where it does not run (not CPU, tensor seeds,
+    GRADPROJ_KERNELS≠auto, no compiler): the tensor arithmetic below runs instead."""
+    if key_lists is None or torch.device(device if device is not None else "cpu").type != "cpu":
+        return None
+    out = [cpu_counter_rng.uniform_rows(*key_lists, numel, *part) for part in parts]
+    return None if any(t is None for t in out) else out
 
 
 def uniform(numel: int, seed: int, device=None) -> torch.Tensor:
     """The fp32 stream u ∈ [0, 1) of one seed (what `int8_sr` rounds with)."""
     k0, k1 = seed_keys(seed)  # the whole 64-bit seed (a bucket's `keys` take it mod 2⁶³)
-    return _from_keys([k0], [k1], numel, device)[0]
+    fast = _c_streams(([k0], [k1]), numel, device, (0, 1, 0))
+    if fast is not None:
+        return fast[0][0]
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    return uniform_bits(index, k0, k1).float() * 2.0 ** -24
 
 
 def uniforms(seeds: list[int], numel: int, device) -> torch.Tensor:
     """k streams at once: a k×numel fp32 tensor, row i the stream of seeds[i]."""
-    return _streams(seeds, numel, device)
+    fast = _c_streams(_list_keys(seeds), numel, device, (0, 1, 0))
+    if fast is not None:
+        return fast[0]
+    k0, k1 = keys(seeds, device)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    return uniform_bits(index, k0, k1).float() * 2.0 ** -24
 
 
 def normals(seeds: list[int], numel: int, device) -> torch.Tensor:
     """k streams of standard normals (Box–Muller on elements 2i and 2i+1 of each uniform
     stream): a k×numel fp32 tensor. u₁ is taken in (0, 1], so log u₁ is finite."""
-    u1 = _streams(seeds, numel, device, 0, 2, offset=1)
-    u2 = _streams(seeds, numel, device, 1, 2)
+    fast = _c_streams(_list_keys(seeds), numel, device, (0, 2, 1), (1, 2, 0))
+    if fast is not None:
+        u1, u2 = fast
+    else:
+        k0, k1 = keys(seeds, device)
+        index = torch.arange(numel, dtype=torch.int64, device=device) * 2
+        u1 = (uniform_bits(index, k0, k1) + 1).float() * 2.0 ** -24
+        u2 = uniform_bits(index + 1, k0, k1).float() * 2.0 ** -24
     return u1.log_().mul_(-2.0).sqrt_().mul_(torch.cos(u2.mul_(2.0 * math.pi)))

@@ -58,8 +58,9 @@ def uniform_rows(k0: list[int], k1: list[int], numel: int, start: int = 0, strid
     if lib is None:
         return None
     out = torch.empty(len(k0), numel, dtype=torch.float32)
-    for row, a, b in zip(out, k0, k1):
-        lib.gp_counter_uniform(numel, a, b, start, stride, offset, row.data_ptr())
+    base = out.data_ptr()  # row addresses by arithmetic: iterating `out` dispatches k selects
+    for i, (a, b) in enumerate(zip(k0, k1)):
+        lib.gp_counter_uniform(numel, a, b, start, stride, offset, base + 4 * numel * i)
     return out
 
 

@@ -24,15 +24,21 @@ def test_library_builds():
     assert cpu_counter_rng.library() is not None, "no C compiler? the CPU fast path is off"
 
 
+def _tensor_streams(seeds, numel, start, stride, offset):
+    """The stream arithmetic on tensors, built here from the reference hash (`uniform_bits`)."""
+    k0, k1 = counter_rng.keys(seeds, "cpu")
+    index = torch.arange(numel, dtype=torch.int64) * stride + start
+    return (counter_rng.uniform_bits(index, k0, k1) + offset).float() * 2.0 ** -24
+
+
 @settings(max_examples=25, deadline=None)
 @given(seeds=st.lists(st.integers(0, 2 ** 64 - 1), min_size=1, max_size=3),
        numel=st.integers(0, 3000), start=st.sampled_from([0, 1, 12345]),
        stride=st.sampled_from([1, 2]), offset=st.sampled_from([0, 1]))
 def test_c_streams_equal_the_tensor_reference(seeds, numel, start, stride, offset):
-    fast = counter_rng._streams(seeds, numel, "cpu", start, stride, offset)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADPROJ_KERNELS", "reference")
-        ref = counter_rng._streams(seeds, numel, "cpu", start, stride, offset)
+    k0, k1 = counter_rng._list_keys(seeds)
+    fast = cpu_counter_rng.uniform_rows(k0, k1, numel, start, stride, offset)
+    ref = _tensor_streams(seeds, numel, start, stride, offset)
     assert fast.dtype == ref.dtype == torch.float32 and fast.shape == ref.shape == (len(seeds), numel)
     assert torch.equal(fast, ref)
     for i in range(0, numel, max(1, numel // 7)):  # spot checks against the Python hash
@@ -53,11 +59,11 @@ def test_public_streams_match_with_and_without_the_c_path(monkeypatch):
     assert fast[1][5].item() == (counter_rng.hash32(counter_rng.hash32(5 ^ k0) ^ k1) >> 8) * 2.0 ** -24
 
 
-def test_indices_past_two_to_the_32_keep_the_reference_bits(monkeypatch):
+def test_indices_past_two_to_the_32_keep_the_reference_bits():
     """The int64 reference mixes an index's high bits into its hash; the C loop must too."""
-    fast = counter_rng._streams([3], 16, "cpu", start=2 ** 32 - 8)
-    monkeypatch.setenv("GRADPROJ_KERNELS", "reference")
-    assert torch.equal(fast, counter_rng._streams([3], 16, "cpu", start=2 ** 32 - 8))
+    k0, k1 = counter_rng._list_keys([3])
+    fast = cpu_counter_rng.uniform_rows(k0, k1, 16, start=2 ** 32 - 8)
+    assert torch.equal(fast, _tensor_streams([3], 16, 2 ** 32 - 8, 1, 0))
 
 
 @st.composite
