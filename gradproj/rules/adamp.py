@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive, rule_step
-from .lamb import check_flag
+from .base import Rule, adam_bias_correction, check_betas, check_flag, check_positive, rule_step
 
 
 @RULES.register("adamp")
@@ -46,8 +45,7 @@ class AdamP(Rule):
         check_flag(group, "nesterov")
 
     def step_scale(self, t, group):
-        beta1, beta2 = group["betas"]
-        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t) if t >= 1 else 1.0
+        return adam_bias_correction(group["betas"], t)
 
     def update(self, grad, state, group, fmt):
         beta1, beta2 = group["betas"]

@@ -1,10 +1,8 @@
 """AdamW on the (projected) gradient, as galore-torch and HF's AdamW compute it."""
 from __future__ import annotations
 
-import math
-
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive, rule_step
+from .base import Rule, adam_bias_correction, check_betas, check_positive, rule_step
 
 
 @RULES.register("adamw", aliases=("adam",))
@@ -23,10 +21,9 @@ class AdamW(Rule):
         # galore-torch folds the bias correction into the step size and keeps eps outside
         # it: N = sqrt(1-b2^t)/(1-b1^t) * M / (sqrt(V) + eps). torch.optim.AdamW instead
         # uses eps*sqrt(1-b2^t); the two differ by < eps relative to |N|.
-        if not group.get("correct_bias", True) or t < 1:
+        if not group.get("correct_bias", True):
             return 1.0
-        beta1, beta2 = group["betas"]
-        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        return adam_bias_correction(group["betas"], t)
 
     def update(self, grad, state, group, fmt):
         # the format runs the moment update: one fused pass (Triton on CUDA) over dense,

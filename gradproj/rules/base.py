@@ -10,6 +10,8 @@ ValueError that names the option and the allowed values.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..formats.base import StateFormat
@@ -108,6 +110,20 @@ class Rule:
             if b is not None:
                 value = value @ b
             fmt.write(state, key, value)
+
+
+def adam_bias_correction(betas, t: int) -> float:
+    """Adam's bias correction as one step-size factor, √(1−β2ᵗ)/(1−β1ᵗ) (1 before step 1):
+    the `step_scale` of every Adam-family rule (adamw, lamb, adamp, diffgrad)."""
+    if t < 1:
+        return 1.0
+    beta1, beta2 = betas
+    return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+
+
+def check_flag(group: dict, name: str) -> None:
+    if not isinstance(group.get(name), bool):
+        raise ValueError(f"option {name!r} must be true or false, got {group.get(name)!r}")
 
 
 def check_betas(group: dict, name: str = "betas", count: int = 2) -> None:

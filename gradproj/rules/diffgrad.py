@@ -1,10 +1,8 @@
 """diffGrad (Dubey et al. 2019, "diffGrad: An Optimization Method for Convolutional Neural Networks")."""
 from __future__ import annotations
 
-import math
-
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive, rule_step
+from .base import Rule, adam_bias_correction, check_betas, check_positive, rule_step
 
 
 @RULES.register("diffgrad")
@@ -30,8 +28,7 @@ class DiffGrad(Rule):
         check_positive(group, "eps", allow_zero=True)
 
     def step_scale(self, t, group):
-        beta1, beta2 = group["betas"]
-        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t) if t >= 1 else 1.0
+        return adam_bias_correction(group["betas"], t)
 
     def update(self, grad, state, group, fmt):
         beta1, beta2 = group["betas"]

@@ -6,12 +6,7 @@ import math
 import torch
 
 from ..registry import RULES
-from .base import Rule, check_betas, check_positive, rule_step
-
-
-def check_flag(group: dict, name: str) -> None:
-    if not isinstance(group.get(name), bool):
-        raise ValueError(f"option {name!r} must be true or false, got {group.get(name)!r}")
+from .base import Rule, adam_bias_correction, check_betas, check_flag, check_positive, rule_step
 
 
 @RULES.register("lamb")
@@ -43,10 +38,7 @@ class LAMB(Rule):
         check_positive(group, "clamp_value")
 
     def step_scale(self, t, group):
-        if not group["correct_bias"] or t < 1:
-            return 1.0
-        beta1, beta2 = group["betas"]
-        return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        return adam_bias_correction(group["betas"], t) if group["correct_bias"] else 1.0
 
     def update(self, grad, state, group, fmt):
         beta1, beta2 = group["betas"]
