@@ -1,26 +1,11 @@
 /* The q8/q4 blockwise codecs and the tail of the fused AdamW step on CPU.
    Compiled once per machine by gradproj/kernels/cpu_native.py with
    cc -O3 -march=native -ffp-contract=off -fno-math-errno and called through ctypes from
-   cpu_blockwise.py / cpu_adam.py, whose docstrings say why each step is exact. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+   cpu_blockwise.py / cpu_adam.py, whose docstrings say why each step is exact.
+   Compiled after cpu_common.h (block_absmax, the includes). */
 
 /* 1e-38 as ATen casts the double scalar of clamp(min=1e-38) to float (a subnormal) */
 #define TINY ((float)1e-38)
-
-static inline float block_absmax(const float* x, int len) {
-    uint32_t m = 0;
-    for (int i = 0; i < len; i++) {
-        uint32_t b;
-        memcpy(&b, x + i, 4);
-        b &= 0x7fffffffu;
-        m = b > m ? b : m;
-    }
-    float r;
-    memcpy(&r, &m, 4);
-    return r;
-}
 
 static inline float inverse(float absmax) {
     return 1.0f / (absmax < TINY ? TINY : absmax);

@@ -39,11 +39,10 @@ import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from .cpu_native import load
+from .cpu_native import load, package_source
 from .dispatch import mode
 from .qmaps import tables
 
@@ -109,13 +108,9 @@ CHUNK_ELEMENTS = 1 << 18  # a thread gets at least this many values (~0.5 ms of 
 _POOL: dict = {}  # pid -> ThreadPoolExecutor: a forked child must not reuse its parent's
 
 
-@functools.lru_cache(maxsize=None)
 def source() -> str | None:
-    """The C kernels, `cpu_blockwise.c` next to this file (package data), or None."""
-    try:
-        return Path(__file__).with_name("cpu_blockwise.c").read_text()
-    except OSError:
-        return None
+    """The C kernels: `cpu_common.h` then `cpu_blockwise.c` (package data), or None."""
+    return package_source("cpu_common.h", "cpu_blockwise.c")
 
 
 def library():

@@ -4,10 +4,8 @@
    cpu_counter_rng.py. The arithmetic mirrors `hash32_tensor` on int64 values op for op
    (shifts of non-negative values, products wrapping mod 2^64 then masked to 32 bits), so
    every index, even one past 2^32, gets the reference's bits; the float is the 24-bit
-   integer (+ offset <= 1) times 2^-24, exact. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+   integer (+ offset <= 1) times 2^-24, exact. Compiled after cpu_common.h
+   (block_absmax, the includes). */
 
 #define M32 0xFFFFFFFFull
 
@@ -39,22 +37,6 @@ static inline uint32_t hash32_u32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* the largest |x| of a group as the largest of their bit patterns without the sign: the
-   order of non-negative floats, and a NaN's pattern exceeds every number's, so a NaN
-   propagates as in torch.amax (then the scale is NaN and becomes 1, as the reference's) */
-static inline float group_absmax(const float* x, int64_t len) {
-    uint32_t m = 0;
-    for (int64_t i = 0; i < len; i++) {
-        uint32_t b;
-        memcpy(&b, x + i, 4);
-        b &= 0x7fffffffu;
-        m = b > m ? b : m;
-    }
-    float r;
-    memcpy(&r, &m, 4);
-    return r;
-}
-
 /* int8_sr_quantize_rows' reference on k rows of n < 2^32 values (row i at x + i*n, keys
    k0[i], k1[i] < 2^32), in groups of g: scale = absmax/127 (1 for an all-zero group),
    y = x/scale, code = floor(y) + [u < y - floor(y)] clamped to +-127, u the stream value
@@ -73,7 +55,7 @@ void gp_int8_sr_rows(int64_t k, int64_t n, int64_t g, const float* x, const uint
             int64_t start = b * g, len = n - start < g ? n - start : g;
             const float* in = row + start;
             int8_t* dst = out + start;
-            float scale = group_absmax(in, len) / 127.0f;
+            float scale = block_absmax(in, len) / 127.0f;  /* NaN absmax: scale 1, as the reference */
             scale = scale > 0.0f ? scale : 1.0f;
             scales[i * groups + b] = scale;
             /* in chunks of 256 through an int32 buffer: gcc vectorises the arithmetic

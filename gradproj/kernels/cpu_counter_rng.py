@@ -20,12 +20,10 @@ caller keeps the reference.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 
-from .cpu_native import load
+from .cpu_native import load, package_source
 from .dispatch import mode
 
 _I64, _U64 = ctypes.c_int64, ctypes.c_uint64
@@ -35,17 +33,10 @@ SIGNATURES = {"gp_counter_uniform": (None, [_I64, _U64, _U64, _I64, _I64, _U64, 
               "gp_int8_dequantize_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR])}
 
 
-@functools.lru_cache(maxsize=None)
-def _source() -> str | None:
-    try:
-        return Path(__file__).with_name("cpu_counter_rng.c").read_text()
-    except OSError:
-        return None
-
-
 def library():
     """The compiled stream, or None (no compiler; see `cpu_native.load_error`)."""
-    return None if _source() is None else load("cpu_counter_rng", _source(), SIGNATURES)
+    source = package_source("cpu_common.h", "cpu_counter_rng.c")
+    return None if source is None else load("cpu_counter_rng", source, SIGNATURES)
 
 
 def uniform_rows(k0: list[int], k1: list[int], numel: int, start: int = 0, stride: int = 1,

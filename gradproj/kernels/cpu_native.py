@@ -110,6 +110,16 @@ def _build(name: str, source: str) -> Path:
     raise OSError(f"{cc} failed: {errors[-1]}")
 
 
+@functools.lru_cache(maxsize=None)
+def package_source(*names: str) -> str | None:
+    """The text of these files next to this module (package data), one after another;
+    None if one is missing (then callers keep the PyTorch reference)."""
+    try:
+        return "".join(Path(__file__).with_name(name).read_text() for name in names)
+    except OSError:
+        return None
+
+
 def load(name: str, source: str, signatures: dict[str, tuple]) -> ctypes.CDLL | None:
     """The compiled library with `signatures` {function: (restype, argtypes)} set, or None.
 

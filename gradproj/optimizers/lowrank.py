@@ -314,14 +314,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def update_curvature(self, estimator: str = "gnb", *, batch_size: int | None = None,
                          loss: torch.Tensor | None = None,
                          generator: torch.Generator | None = None) -> None:
-        """Feed a fresh diagonal curvature estimate to every weight whose rule keeps one.
-
-        "gnb": after back-propagating `sampled_label_loss` (labels drawn from the model's
-        logits), with `batch_size` B the number of labels it averaged: ĥ = B·ĝ⊙ĝ from
-        `.grad`. "hutchinson": `loss` (graph alive) and a `generator` for the probes:
-        ĥ = u⊙Hu. In a low-rank group in the weight's current subspace. Raises for rules
-        without a curvature estimate. See optimizers/curvature.py.
-        """
+        """Feed a fresh diagonal curvature estimate (Sophia's h) to every weight whose rule
+        keeps one: "gnb" from `.grad` (ĥ = B·ĝ⊙ĝ, `batch_size` B), "hutchinson" from `loss`
+        (ĥ = u⊙Hu, probes from `generator`); optimizers/curvature.py says how."""
         update_curvature(self, estimator, batch_size=batch_size, loss=loss, generator=generator)
 
     # -- gradient accumulation in the subspace (per-layer mode) ---------------------

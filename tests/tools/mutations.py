@@ -103,7 +103,7 @@ MUTATIONS = [
     ("gradproj/rules/adamw.py", "return math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)", "return (1.0 - beta2 ** t) / (1.0 - beta1 ** t)"),
     ("gradproj/kernels/adam.py", "denom = v.sqrt().add_(eps)", "denom = v.add(eps).sqrt()"),
     ("gradproj/kernels/cpu_counter_rng.c", "uint64_t bits = (hash32(hash32(index ^ k0) ^ k1) >> 8) + offset;", "uint64_t bits = (hash32(hash32(index ^ k0) ^ k1) >> 9) + offset;"),
-    ("gradproj/kernels/cpu_counter_rng.c", "float scale = group_absmax(in, len) / 127.0f;", "float scale = group_absmax(in, len) / 128.0f;"),
+    ("gradproj/kernels/cpu_counter_rng.c", "float scale = block_absmax(in, len) / 127.0f;", "float scale = block_absmax(in, len) / 128.0f;"),
     ("gradproj/kernels/cpu_counter_rng.c", "float q = u < y - r ? r + 1.0f : r;", "float q = u > y - r ? r + 1.0f : r;"),
     ("gradproj/kernels/cpu_counter_rng.c", "r = r > y ? r - 1.0f : r;", "r = r < y ? r - 1.0f : r;"),
     ("gradproj/kernels/cpu_counter_rng.c", "o[t] = (float)c[t] * scale;", "o[t] = (float)c[t] * scales[b];"),
