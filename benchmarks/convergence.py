@@ -2,20 +2,20 @@
 
     python benchmarks/convergence.py                   # full: 2000 steps, every lr a full run
     python benchmarks/convergence.py --jobs 16         # the same, 16 runs at a time
-    python benchmarks/convergence.py --quick           # smoke: 40 steps, one lr, 2 seeds (~8 min here)
-    python benchmarks/convergence.py --methods adamw,galore --out runs/conv
+    python benchmarks/convergence.py --max-runs 10     # at most 10 new runs, then the table so far
+    python benchmarks/convergence.py --quick           # smoke: 40 steps, one lr, 2 seeds
+    python benchmarks/convergence.py --methods adamw,galore --rerun "GaLore (svd)"
 
 Each method is a run spec that differs from the others only in its `[optimizer]` tables
-(a preset from the `PRESETS` registry plus rank and refresh gap), trained by the package's
-own `Trainer` on the tiny byte-level model (0.86M parameters), 2000 steps × 2048 tokens.
+(a preset from the `PRESETS` registry plus rank and refresh gap; SLTrain's rows in their
+`[model.parametrization]`), trained by the package's own `Trainer` on the tiny
+byte-level model (0.86M parameters), 2000 steps × 2048 tokens.
 
 * **lr, swept on full-length runs.** Each value of the method's half-decade grid is a
   full 2000-step run at the first seed. The best value (final eval loss) must lie strictly
   inside the grid: while it is at an edge the grid grows one half-decade past that edge
   (up to --extend times) — a best lr at an edge says only that the optimum is beyond it.
-  A method still at an edge after that is starred in the table. (The previous version
-  picked the lr on quarter-length 75-step runs and trained 300 steps: it measured
-  warm-up, and put the GaLore family's lr at its grid's top edge.)
+  A method still at an edge after that is starred in the table.
 * **2 seeds.** The best lr is re-run at the second seed (model init and data order);
   the table gives both, their mean and the half-range (the spread). A difference between
   two methods smaller than their spreads is not a result.
@@ -23,16 +23,17 @@ own `Trainer` on the tiny byte-level model (0.86M parameters), 2000 steps × 204
   so its embeddings, head and norms take exactly the rule, ε (1e-6), betas, weight decay
   and code path they take in the GaLore runs, and every other weight takes the same
   full-rank AdamW. Only the projection differs.
+* **A ledger, so the table fills in across sittings** (convergence_ledger.py): one
+  2000-step run takes ~8.5 CPU-minutes here and the table needs ~100 runs (~14 CPU-hours).
+  Every finished run is one JSON record under OUT/ledger, stamped with the sha of its
+  whole run spec and the commit it ran at; a later invocation reuses matching records and
+  runs only what is missing, in table order (rows finish one after the other).
 
-Cost: one 2000-step run of the tiny model takes 8.6 CPU-minutes (measured on this 2-core VM:
-514 s of CPU, 24 min of wall time at load 4); the full benchmark is ≈ 15 methods × (3 lrs +
-~1 extension + 1 seed) ≈ 75 runs ≈ 11 CPU-hours: `--jobs N` runs N at a time, one
-thread each (each phase's runs are independent).
-
-Writes, under --out: `results.md` (per method the lr sweep, final eval loss per seed,
-mean ± spread, vs AdamW, optimizer-state memory, step time relative to AdamW's, the
-targets of issue 8 checked), `results.json`, `loss.png` (the best-lr runs, first seed)
-and one run folder per run. A method whose preset is not registered is reported missing.
+Writes, under --out (default benchmarks/results/convergence, checked in): `ledger/`,
+`results.md` (per method the lr sweep, final eval loss per seed, mean ± spread, vs AdamW,
+optimizer-state memory, step time relative to AdamW's; unfinished methods with their runs
+so far), `results.json` and `loss.png` (the best-lr runs, first seed); run folders go to
+OUT/work (not checked in). A method whose preset is not registered is reported missing.
 """
 from __future__ import annotations
 
@@ -43,18 +44,23 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 import gradproj as gp
 from gradproj.train.loop import Trainer
 from gradproj.train.metrics import read_metrics
+from gradproj.train.model import MODEL_PRESETS, build_model
 from gradproj.train.spec import spec_from_dict
+
+from convergence_ledger import Ledger, Sweep, commit, fingerprint, run_sweeps, stamp
 
 STEPS = 2000   # the issue's side-by-side run: 2000 × 2048 tokens (the 300 of before: warm-up)
 RANK = 32      # a quarter of the tiny model's width 128, as GaLore's 60M recipe (128 of 512)
 GAP = 200      # refresh gap T, GaLore's: 10 refreshes in 2000 steps
 SEEDS = (0, 1)
+LEDGER = Path(__file__).resolve().parent / "results" / "convergence"
 # "(none)" matches no module name, so no weight is projected; see the module docstring
 NO_PROJECTION = {"lowrank": {"targets": ["(none)"]}}
 
@@ -66,6 +72,22 @@ ADAMW_GRID = (1e-3, 3e-3, 1e-2)
 LOW = (3e-3, 1e-2, 3e-2)
 SOPHIA_GRID = (3e-4, 1e-3, 3e-3)
 ZO_GRID = (1e-4, 3e-4, 1e-3)
+
+
+def sltrain(rank: int, density: float) -> dict:
+    """SLTrain's table at α/r = 0.25, as their 60M recipe (α 32, r 128) and examples/sltrain.toml."""
+    return {"kind": "sltrain", "rank": rank, "alpha": 0.25 * rank, "density": density}
+
+
+def equal_trainable_rank(rank: int, density: float) -> int:
+    """The rank r' of pure B·A with SLTrain's trainable count: r'(m+n) ≈ r(m+n) + δmn."""
+    shapes = [(m.out_features, m.in_features)
+              for n, m in build_model(MODEL_PRESETS["tiny"], device="meta").named_modules()
+              if type(m) is torch.nn.Linear and any(t in n for t in ("attn", "mlp"))]
+    sparse = sum(int(density * m * n) for m, n in shapes)
+    return rank + round(sparse / sum(m + n for m, n in shapes))
+
+
 METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "AdamW": ("galore", NO_PROJECTION, ADAMW_GRID),
     "GaLore (svd)": ("galore", {}, LOW),
@@ -96,6 +118,14 @@ METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
     "MeZO": ("mezo", {**NO_PROJECTION, "train": {"gradient": "zeroth-order"}}, ZO_GRID),
     "MeZO (low-rank z)": ("mezo", {"train": {"gradient": "zeroth-order", "zo_subspace": True}},
                           ZO_GRID),
+    # weight-side pre-training (SLTrain, Han et al. 2024): every attention and MLP weight is
+    # (α/r)·B·A + S, S 3 % sparse on a seeded support, trained by full-rank AdamW; against
+    # pure low-rank B·A (density 0) at the rank with the same trainable count (issue 16).
+    # The parametrization converts the projection targets; SLTrain's factors are not
+    # projected (project_factors false), so every parameter takes AdamW's full-rank rule
+    "SLTrain": ("galore", {"model": {"parametrization": sltrain(RANK, 0.03)}}, ADAMW_GRID),
+    "Low-rank B·A": ("galore", {"model": {"parametrization": sltrain(
+        equal_trainable_rank(RANK, 0.03), 0.0)}}, ADAMW_GRID),
 }
 LOWRANK_KEYS = {"projector", "rank", "update_gap", "scale", "residual", "targets"}
 
@@ -110,7 +140,7 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
     lowrank: dict = {"rank": RANK, "update_gap": GAP}
     train = dict(overrides.get("train", {}))
     for key, value in overrides.items():
-        if key == "train":
+        if key in ("train", "model"):
             continue
         if key == "lowrank":
             lowrank.update(value)
@@ -118,7 +148,8 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
             (lowrank if key in LOWRANK_KEYS else optimizer)[key] = value
     optimizer["lowrank"] = lowrank
     return {
-        "model": {"preset": "tiny"},  # 0.86M-parameter byte-level LLaMA (dim 128, 4 layers)
+        "model": {"preset": "tiny",  # 0.86M-parameter byte-level LLaMA (dim 128, 4 layers)
+                  **overrides.get("model", {})},
         "data": {"source": "embedded", "seq_len": 128},
         "optimizer": optimizer,
         "train": {"steps": steps, "batch_size": 16,        # 2048 tokens per step
@@ -131,59 +162,37 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
     }
 
 
+def run_key(name: str, lr: float, seed: int, steps: int) -> str:
+    return f"{slug(name)}-lr{lr:g}-seed{seed}-{steps}"
+
+
 def train(job: tuple) -> dict:
     """One run (a pure function of its arguments, so runs may go to worker processes)."""
-    name, lr, seed, steps, out, args = job
-    run_dir = Path(out) / "runs" / f"{slug(name)}-lr{lr:g}-seed{seed}-{steps}"
+    name, lr, seed, steps, work, args = job
+    run_dir = Path(work) / run_key(name, lr, seed, steps)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: Trainer refuses a used folder
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = {"method": name, "lr": lr, "seed": seed, "steps": steps, "run_dir": str(run_dir)}
     try:
         summary = Trainer(spec_from_dict(spec_dict(name, lr, seed, steps, run_dir, args))).run()
     except Exception as exc:  # noqa: BLE001 - a diverged lr is a sweep result
         return {**result, "eval_loss": math.inf, "error": f"{type(exc).__name__}: {exc}",
-                "wall_s": time.perf_counter() - start}
+                "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
     records = read_metrics(run_dir)
     memory = [r["memory/optimizer_state(MiB)"] for r in records if "memory/optimizer_state(MiB)" in r]
     eval_loss = summary["final_eval_loss"]
     return {**result,
             "eval_loss": eval_loss if eval_loss is not None and math.isfinite(eval_loss) else math.inf,
             "train_loss": summary["final_train_loss"], "skipped": summary["skipped"],
-            "wall_s": time.perf_counter() - start, "state_mib": memory[-1] if memory else math.nan}
-
-
-def run_all(jobs: list[tuple], args, log) -> list[dict]:
-    """The runs of one phase, `args.jobs` at a time; results in the order of `jobs`."""
-    if args.jobs <= 1 or len(jobs) <= 1:
-        results = []
-        for job in jobs:
-            results.append(train(job))
-            log(describe(results[-1]))
-        return results
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(train, jobs))
-    for r in results:
-        log(describe(r))
-    return results
+            "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+            "state_mib": memory[-1] if memory else math.nan,
+            "curve": {"train": [(r["step"], r["loss/train_avg"]) for r in records if "loss/train_avg" in r],
+                      "eval": [(r["step"], r["loss/eval"]) for r in records if "loss/eval" in r]}}
 
 
 def describe(r: dict) -> str:
     what = f"eval {r['eval_loss']:.4f}" if "error" not in r else r["error"]
-    return f"  {r['method']} lr {r['lr']:g} seed {r['seed']}: {what} ({r['wall_s']:.0f} s)"
-
-
-def half_decade(lr: float, up: bool) -> float:
-    """The next value of the 1-3-10 grid: 3e-2 -> 1e-1 up, 1e-3 -> 3e-4 down."""
-    three = float(f"{lr:.0e}".split("e")[0]) >= 3
-    factor = 10 / 3 if three == up else 3
-    return float(f"{lr * factor if up else lr / factor:.0e}")
-
-
-def best_of(sweep: dict[float, dict]) -> tuple[float, bool]:
-    """(best lr, whether it is at an edge of the grid swept so far)."""
-    grid = sorted(sweep)
-    best = min(grid, key=lambda lr: sweep[lr]["eval_loss"])
-    return best, best in (grid[0], grid[-1])  # a one-value grid: at both edges
+    return f"  {r['method']} lr {r['lr']:g} seed {r['seed']}: {what} ({r.get('cpu_s', r['wall_s']):.0f} s)"
 
 
 def time_steps(methods: dict[str, dict], steps: int, out: Path, args) -> None:
@@ -206,29 +215,34 @@ def time_steps(methods: dict[str, dict], steps: int, out: Path, args) -> None:
     names = list(trainers)
     for k in range(args.timing_rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
-            start = time.perf_counter()
+            start = time.process_time()  # one thread: CPU time does not move with the load
             trainers[name].train_step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.process_time() - start)
     for name, m in methods.items():
         m["step_ms"] = statistics.median(times[name]) * 1e3
         m["step_x_adamw"] = statistics.median(t / b for t, b in zip(times[name], times["AdamW"]))
 
 
-def summarize(name: str, sweep: dict[float, dict], seeds: list[dict], quick: bool) -> dict:
-    lr, edge = best_of(sweep)
-    runs = [sweep[lr]] + seeds
+def summarize(sweep: Sweep, quick: bool) -> dict:
+    """A finished sweep's row: the first seed's sweep, the best lr's runs over the seeds."""
+    lr, edge = sweep.best()
+    first = sweep.first_seed()
+    runs = [sweep.results[(lr, seed)] for seed in sweep.seeds]
     losses = [r["eval_loss"] for r in runs]
     finite = all(math.isfinite(x) for x in losses)
-    return {"method": name, "lr": lr, "lr_at_edge": edge and not quick,
-            "sweep": {f"{k:g}": sweep[k]["eval_loss"] for k in sorted(sweep)},
+    return {"method": sweep.name, "lr": lr, "lr_at_edge": edge and not quick,
+            "sweep": {f"{k:g}": first[k]["eval_loss"] for k in sorted(sweep.grid())},
             "seeds": {r["seed"]: r["eval_loss"] for r in runs},
             "mean": statistics.fmean(losses) if finite else math.inf,
             "spread": (max(losses) - min(losses)) / 2 if finite else math.inf,
-            "state_mib": sweep[lr].get("state_mib", math.nan), "run_dir": sweep[lr]["run_dir"],
-            "wall_s": sweep[lr]["wall_s"]}
+            "state_mib": first[lr].get("state_mib", math.nan), "curve": first[lr].get("curve"),
+            "commits": sorted({r.get("commit", "unknown") for r in sweep.results.values()}),
+            "cpu_s": sum(r.get("cpu_s", r["wall_s"]) for r in sweep.results.values())}
 
 
 def markdown(methods: dict[str, dict], missing: dict[str, str], args, steps: int) -> str:
+    """The table; a `missing` entry is a row with only its reason (not registered, or the
+    runs the ledger has so far for a sweep that is not finished)."""
     base = methods.get("AdamW")
     sweep_text = ("no sweep (--quick: the grid's middle lr)" if args.quick else
                   "lr swept on full-length runs at the first seed, best strictly inside the grid "
@@ -282,10 +296,9 @@ def plot(methods: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     for i, (name, m) in enumerate(methods.items()):
-        records = read_metrics(Path(m["run_dir"]))
+        curve = m.get("curve") or {"train": [], "eval": []}
         color = f"C{i % 10}"
-        train_loss = [(q["step"], q["loss/train_avg"]) for q in records if "loss/train_avg" in q]
-        evals = [(q["step"], q["loss/eval"]) for q in records if "loss/eval" in q]
+        train_loss, evals = curve["train"], curve["eval"]
         if train_loss:
             ax.plot(*zip(*train_loss), color=color, lw=1.0, alpha=0.8, label=f"{name} (lr {m['lr']:g})")
         if evals:
@@ -304,12 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke: 40 steps, the grid's middle lr")
     parser.add_argument("--steps", type=int, default=0, help=f"steps per run (default {STEPS}, --quick 40)")
     parser.add_argument("--methods", default="", help="comma-separated substrings of method names")
-    parser.add_argument("--out", default="runs/convergence")
+    parser.add_argument("--out", default="",
+                        help=f"ledger and tables (default {LEDGER} for full-length runs, "
+                             "runs/convergence-quick otherwise); run folders go to OUT/work")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                         help="comma-separated; the first one runs the lr sweep")
     parser.add_argument("--extend", type=int, default=3,
                         help="times a sweep may grow past the grid edge holding its best lr")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")
+    parser.add_argument("--max-runs", type=int, default=None,
+                        help="start at most this many new runs, then write the table so far")
+    parser.add_argument("--rerun", default="",
+                        help="comma-separated method names whose ledger records are dropped first")
     parser.add_argument("--eval-batches", type=int, default=8, help="16 × 128 tokens each")
     # 1 thread: with other jobs on the 2 cores, 2 OpenMP threads spin against them and a
     # tiny-model step took 3.6 s instead of 0.59 s (measured here at load average 10)
@@ -328,49 +347,52 @@ def main(argv: list[str] | None = None) -> None:
     missing = {n: f"missing: preset {METHODS[n][0]!r} is not registered"
                for n in names if METHODS[n][0] not in gp.PRESETS}
     names = [n for n in names if n not in missing]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or (LEDGER if steps == STEPS and not args.quick else "runs/convergence-quick"))
+    ledger = Ledger(out / "ledger")
+    commit()  # the code the runs are made with: stamped into every record
+    for name in filter(None, (n.strip() for n in args.rerun.split(","))):
+        print(f"--rerun: dropped {ledger.drop(slug(name))} record(s) of {name!r}")
     begin = time.perf_counter()
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - begin:6.0f} s] {message}", flush=True)
 
-    first, others = args.seeds[0], args.seeds[1:]
+    def spec_sha(name: str, lr: float, seed: int) -> str:  # the run folder is not the run
+        return fingerprint(spec_dict(name, lr, seed, steps, Path("RUN"), args))
+
+    def start(name: str, lr: float, seed: int) -> dict | None:
+        return ledger.get(run_key(name, lr, seed, steps), spec_sha(name, lr, seed))
+
+    def finish(record: dict) -> dict:
+        name, lr, seed = record["method"], record["lr"], record["seed"]
+        record = stamp(record, spec_sha(name, lr, seed))
+        ledger.put(run_key(name, lr, seed, steps), record)
+        log(describe(record))
+        return record
+
     log(f"{len(names)} methods, {steps} steps per run, seeds {args.seeds}, {args.jobs} at a time, "
-        f"load average {os.getloadavg()[0]:.1f}")
-    grids = {n: ([METHODS[n][2][len(METHODS[n][2]) // 2]] if args.quick else list(METHODS[n][2]))
-             for n in names}
-    sweeps: dict[str, dict[float, dict]] = {n: {} for n in names}
-    pending = [(n, lr) for n in names for lr in grids[n]]
-    for round_ in range(args.extend + 1):
-        log(f"sweep round {round_}: {len(pending)} runs")
-        for r in run_all([(n, lr, first, steps, str(out), args) for n, lr in pending], args, log):
-            sweeps[r["method"]][r["lr"]] = r
-        if args.quick:
-            break
-        pending = []
-        for n in names:
-            best, edge = best_of(sweeps[n])
-            grid = sorted(sweeps[n])
-            if edge:
-                pending.append((n, half_decade(grid[0], up=False) if best == grid[0]
-                                else half_decade(grid[-1], up=True)))
-        if not pending or round_ == args.extend:
-            break
-    log(f"other seeds: {len(names) * len(others)} runs")
-    jobs = [(n, best_of(sweeps[n])[0], seed, steps, str(out), args) for n in names for seed in others]
-    seed_runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in run_all(jobs, args, log):
-        seed_runs[r["method"]].append(r)
-    methods = {n: summarize(n, sweeps[n], seed_runs[n], args.quick) for n in names}
-    log("interleaved step timing")
-    time_steps(methods, steps, out, args)
+        f"load average {os.getloadavg()[0]:.1f}, ledger {ledger.folder}")
+    sweeps = [Sweep(n, [METHODS[n][2][len(METHODS[n][2]) // 2]] if args.quick else list(METHODS[n][2]),
+                    args.seeds, 0 if args.quick else args.extend) for n in names]
+    made = run_sweeps(sweeps, start, train,
+                      lambda n, lr, seed: (n, lr, seed, steps, str(out / "work"), args),
+                      finish, args.jobs, args.max_runs, log)
+    methods = {s.name: summarize(s, args.quick) for s in sweeps if s.done()}
+    for s in sweeps:
+        if not s.done():
+            so_far = ", ".join(f"{lr:g}/seed {seed}: {r['eval_loss']:.4f}"
+                               for (lr, seed), r in sorted(s.results.items()))
+            missing[s.name] = f"not finished ({len(s.results)} runs: {so_far or 'none'})"
+    log(f"{made} new runs; {len(methods)} of {len(sweeps)} methods finished; interleaved step timing")
+    time_steps(methods, steps, out / "work", args)
     text = markdown(methods, missing, args, steps)
-    text += (f"\n\nTotal {time.perf_counter() - begin:.0f} s with {args.jobs} run(s) at a time; load "
-             f"average {os.getloadavg()[0]:.1f} at the end.\n")
+    cpu_h = sum(r.get("cpu_s", r["wall_s"]) for s in sweeps for r in s.results.values()) / 3600
+    text += (f"\n\nRuns made at commits {', '.join(sorted({c for m in methods.values() for c in m['commits']})) or '—'}; "
+             f"{cpu_h:.1f} CPU-hours of training in the ledger. This sitting: {made} new runs, "
+             f"{time.perf_counter() - begin:.0f} s with {args.jobs} run(s) at a time; load average "
+             f"{os.getloadavg()[0]:.1f} at the end.\n")
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"methods": methods, "missing": missing,
-                                                  "runs": sweeps | {"seeds": seed_runs}},
+    (out / "results.json").write_text(json.dumps({"methods": methods, "missing": missing},
                                                  indent=1, default=str))
     plot(methods, out / "loss.png")
     print("\n" + text)

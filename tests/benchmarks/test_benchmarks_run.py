@@ -91,6 +91,37 @@ def test_convergence_sweep_runs_full_length_until_the_best_lr_is_inside(monkeypa
     assert "| GaLore (svd) |" in (tmp_path / "results.md").read_text()
 
 
+def test_convergence_ledger_reuses_matching_runs_only(monkeypatch, tmp_path):
+    """A second sitting runs nothing the ledger has; --max-runs stops early and leaves the
+    method unfinished in the table; a changed spec (eval batches) or --rerun runs anew."""
+    convergence = load("convergence")
+    calls = []
+
+    def fake_train(job):
+        name, lr, seed, steps, work, args = job
+        calls.append((name, lr, seed))
+        return {"method": name, "lr": lr, "seed": seed, "steps": steps, "wall_s": 0.0,
+                "eval_loss": 1.0 + abs(math.log10(lr / 3e-3)) + 0.01 * seed}
+
+    monkeypatch.setattr(convergence, "train", fake_train)
+    monkeypatch.setattr(convergence, "plot", lambda methods, path: None)
+    base = ["--out", str(tmp_path), "--methods", "adamw", "--timing-rounds", "0"]
+    convergence.main(base + ["--max-runs", "2"])
+    assert len(calls) == 2
+    assert "| AdamW | not finished (2 runs" in (tmp_path / "results.md").read_text()
+    convergence.main(base)
+    assert len(calls) == 4  # the third grid value and the second seed: nothing run twice
+    assert len(set(calls)) == 4
+    results = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert results["AdamW"]["lr"] == 3e-3 and set(results["AdamW"]["seeds"]) == {"0", "1"}
+    convergence.main(base)
+    assert len(calls) == 4
+    convergence.main(base + ["--eval-batches", "4"])  # another spec: none of the records match
+    assert len(calls) == 8
+    convergence.main(base + ["--eval-batches", "4", "--rerun", "AdamW"])
+    assert len(calls) == 12
+
+
 def test_convergence_adamw_is_galore_without_projection(tmp_path):
     """AdamW's run spec is GaLore's with no projected targets: its embeddings, head and
     norms get exactly the options they get in the GaLore runs (preset, ε, betas, wd)."""
