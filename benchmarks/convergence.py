@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --jobs 16         # the same, 16 runs at a time
     python benchmarks/convergence.py --max-runs 10     # at most 10 new runs, then the table so far
     python benchmarks/convergence.py --quick           # smoke: 40 steps, one lr, 2 seeds
+    python benchmarks/convergence.py --device cuda --jobs 8   # a GPU table (its own ledger)
     python benchmarks/convergence.py --methods adamw,galore --rerun "GaLore (svd)"
 
 Each method is a run spec that differs from the others only in its `[optimizer]` tables
@@ -156,7 +157,10 @@ def spec_dict(name: str, lr: float, seed: int, steps: int, run_dir: Path, args) 
                   "warmup_steps": max(1, steps // 10),     # 10 % warmup, cosine to 0.1·lr
                   "lr_schedule": "cosine", "seed": seed, "grad_clip": 0.0,
                   "eval_every": max(1, steps // 10), "eval_batches": args.eval_batches,
-                  "threads": args.threads, **train},
+                  "threads": args.threads, **train,
+                  # "cpu" is the spec's default: left out, so the CPU ledger's fingerprints
+                  # are those of the runs made before this option existed
+                  **({"device": args.device} if args.device != "cpu" else {})},
         "checkpoint": {"dir": str(run_dir), "every": 0, "keep_last": 1},
         "log": {"every": 10, "progress": False, "plot": False},
     }
@@ -333,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     # 1 thread: with other jobs on the 2 cores, 2 OpenMP threads spin against them and a
     # tiny-model step took 3.6 s instead of 0.59 s (measured here at load average 10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where every run trains (a GPU's runs are another table: "
+                             "their default --out is benchmarks/results/convergence-cuda)")
     parser.add_argument("--timing-rounds", type=int, default=-1,
                         help="interleaved timing rounds (default 15, --quick 5; 0 skips)")
     args = parser.parse_args(argv)
@@ -347,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = {n: f"missing: preset {METHODS[n][0]!r} is not registered"
                for n in names if METHODS[n][0] not in gp.PRESETS}
     names = [n for n in names if n not in missing]
-    out = Path(args.out or (LEDGER if steps == STEPS and not args.quick else "runs/convergence-quick"))
+    full = steps == STEPS and not args.quick
+    suffix = "" if args.device == "cpu" else f"-{args.device}"
+    out = Path(args.out or f"{LEDGER if full else 'runs/convergence-quick'}{suffix}")
     ledger = Ledger(out / "ledger")
     commit()  # the code the runs are made with: stamped into every record
     for name in filter(None, (n.strip() for n in args.rerun.split(","))):

@@ -126,7 +126,7 @@ def test_convergence_adamw_is_galore_without_projection(tmp_path):
     """AdamW's run spec is GaLore's with no projected targets: its embeddings, head and
     norms get exactly the options they get in the GaLore runs (preset, ε, betas, wd)."""
     convergence = load("convergence")
-    args = convergence.argparse.Namespace(eval_batches=8, threads=1)
+    args = convergence.argparse.Namespace(eval_batches=8, threads=1, device="cpu")
     adamw = convergence.spec_dict("AdamW", 1e-3, 0, 2000, tmp_path, args)
     galore = convergence.spec_dict("GaLore (svd)", 1e-3, 0, 2000, tmp_path, args)
     assert adamw["optimizer"]["lowrank"].pop("targets") == ["(none)"]
