@@ -30,6 +30,7 @@ the codes and the absmax are bit-identical to the reference's
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
@@ -40,6 +41,19 @@ from .qmaps import tables
 # (4 × 256 KiB) stay in L2 between the five passes, and the fp32 temporaries are 3 × 256 KiB
 # instead of 3 × the moment (at 16M values 3 × 64 MiB, freshly page-faulted every step)
 SLICE = 1 << 16
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(numel: int) -> tuple[torch.Tensor, ...]:
+    """Three fp32 buffers of `numel` values, views of this thread's own three, which are
+    made once (and grown if `numel` outgrows them): a step over many small moments must
+    not allocate and page-fault 3 × 256 KiB afresh for each (at 60M a step has 174)."""
+    buffers = getattr(_LOCAL, "buffers", None)
+    if buffers is None or buffers[0].numel() < numel:
+        buffers = _LOCAL.buffers = tuple(torch.empty(numel, dtype=torch.float32) for _ in range(3))
+    return tuple(t[:numel] for t in buffers)
 
 
 def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
@@ -54,14 +68,13 @@ def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1,
         return None
     block = cpu_blockwise.BLOCKS[bits]
     out = torch.empty(grad.shape, dtype=torch.float32)
-    if torch.get_num_threads() == 1 and grad.dtype == torch.float32 and grad.is_contiguous():
-        chunk = max(block, SLICE // 256 * 256)  # slices must start on a block boundary
-        g = grad.reshape(-1)
+    single = torch.get_num_threads() == 1 and grad.dtype == torch.float32 and grad.is_contiguous()
+    if single:  # slices of SLICE values (they start on block boundaries: SLICE % 256 == 0)
+        chunk, g = SLICE, grad.reshape(-1)
+        m_buf, v_buf, r_buf = _scratch(chunk)
     else:  # ATen splits each op over threads: only whole-tensor ops round as the reference
-        chunk = n
-        g = grad
-    m_buf = torch.empty(min(chunk, n), dtype=torch.float32)
-    v_buf, r_buf = torch.empty_like(m_buf), torch.empty_like(m_buf)
+        chunk, g = n, grad
+        m_buf, v_buf, r_buf = (torch.empty(grad.shape, dtype=torch.float32) for _ in range(3))
     lib = cpu_blockwise.library()
     if bits == 8:
         dequantize, finish = lib.gp_q8_dequantize, lib.gp_adam_q8_finish
@@ -75,15 +88,15 @@ def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1,
     buffers = (m_buf.data_ptr(), v_buf.data_ptr(), r_buf.data_ptr())
     # one thread: the C functions are called directly (run_blocks would not split the
     # work, and its checks cost ~10 µs a call: ~5 % of a 64K-value slice)
-    call = cpu_blockwise.run_blocks if chunk == n else \
-        (lambda fn, numel, _block, b0, b1, floats, rest: fn(numel, b0, b1, *floats, *rest))
-    m, v, root = (t.view(g.shape) if chunk == n else t for t in (m_buf, v_buf, r_buf))
+    call = (lambda fn, numel, _block, b0, b1, floats, rest: fn(numel, b0, b1, *floats, *rest)) \
+        if single else cpu_blockwise.run_blocks
+    m, v, root = m_buf, v_buf, r_buf
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         b0, b1 = start // block, -(-stop // block)
-        if stop - start < m.numel():  # the last, short slice
+        if single and stop - start < chunk:  # the last (or only), short slice
             m, v, root = m_buf[:stop - start], v_buf[:stop - start], r_buf[:stop - start]
-        sliced = g if chunk == n else g[start:stop]
+        sliced = g[start:stop] if single else g
         call(dequantize, n, block, b0, b1, (buffers[0],), (state[0], state[1], m_code, beta1))
         call(dequantize, n, block, b0, b1, (buffers[1],), (state[2], state[3], v_code, beta2))
         m.add_(sliced, alpha=1.0 - beta1)
