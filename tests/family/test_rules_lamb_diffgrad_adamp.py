@@ -244,6 +244,21 @@ def test_finishing_rules_never_take_the_fused_back_projection(monkeypatch):
                         rel_tol=1e-4)
 
 
+def test_adamp_gradient_against_the_weight_is_not_scale_invariant():
+    """AdamP compares |cos|: a gradient along −W (cos −1 in every row and as a whole) is as
+    radial as one along +W, so neither view projects and the update is left as it is."""
+    from gradproj.rules.adamp import project_scale_invariant
+    torch.manual_seed(5)
+    w, u = torch.randn(2, 24, 16), torch.randn(2, 24, 16)
+    for sign in (1.0, -1.0):
+        out, invariant = project_scale_invariant(w, u, sign * w, 0.1, 1e-8)
+        assert not invariant.any() and torch.equal(out, u)
+    tangent = torch.randn(2, 24, 16)
+    tangent -= (tangent * w).sum(2, keepdim=True) * w / (w * w).sum(2, keepdim=True)
+    out, invariant = project_scale_invariant(w, u, tangent, 0.1, 1e-8)  # rows ⟂ W: detected
+    assert invariant.all() and (out * w).sum(2).abs().max() < 1e-4
+
+
 def tangent_run(delta):
     """3 low-rank AdamP steps (wd 0.5) of a weight whose gradient is orthogonal to each of
     its rows, as a per-row scale invariance makes it; (W before the last step, its step)."""
