@@ -14,7 +14,8 @@ import torch
 
 from .diffgrad import diffgrad_step_ref
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
-from .q4 import BLOCK, HALF, _scale_pairs, q4_dequantize, q4_dequantize_ref, q4_quantize, q4_quantize_ref
+from .q4 import (BLOCK, HALF, _scale_pairs, q4_dequantize, q4_dequantize_ref, q4_quantize,
+                 q4_quantize_ref)
 from .qmaps import _nearest_code, tables
 
 SIGNS = (True, False, True)  # M and G_prev take the signed (dynamic) map, V the linear one

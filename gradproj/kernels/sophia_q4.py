@@ -13,7 +13,8 @@ reference's direction and codes bit for bit.
 import torch
 
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
-from .q4 import BLOCK, HALF, _scale_pairs, q4_dequantize, q4_dequantize_ref, q4_quantize, q4_quantize_ref
+from .q4 import (BLOCK, HALF, _scale_pairs, q4_dequantize, q4_dequantize_ref, q4_quantize,
+                 q4_quantize_ref)
 from .qmaps import _nearest_code, tables
 from .sophia import sophia_step_ref
 
