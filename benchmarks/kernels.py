@@ -19,6 +19,7 @@ takes the same steps on the same gradient, so the C-path and reference q8/q4 sta
 bit-identical, which the script checks and prints.
 
     python benchmarks/kernels.py --cpu --threads 1 --rounds 7
+    python benchmarks/kernels.py --cpu --rules adamw,diffgrad,sophia   # + their q8/q4 rows
 
 --interpret instead proves the Triton kernels run on CPU: the references in PyTorch against
 the kernels under the Triton interpreter (re-executing itself with TRITON_INTERPRET=1), on a
@@ -61,7 +62,8 @@ def peak_gbs(device) -> float | None:
 
 def cases(m, n, r, device):
     """(name, fused fn, reference fn, bytes moved by the fused op, flops or 0)."""
-    from gradproj.kernels import adam, adam_q4, adam_q8, backproj, int8_sr, lion, q4, q8
+    from gradproj.kernels import (adam, adam_q4, adam_q8, backproj, diffgrad_q4, diffgrad_q8,
+                                  int8_sr, lion, q4, q8, sophia_q4, sophia_q8)
 
     g = torch.randn(m, r, device=device)
     numel = g.numel()
@@ -71,6 +73,10 @@ def cases(m, n, r, device):
     q4s = [*q4.q4_quantize_ref(dense[0].cpu(), True), *q4.q4_quantize_ref(dense[1].cpu(), False)]
     q4s = [t.to(device) for t in q4s]
     hp = (0.9, 0.999, 1e-8, 0.5)
+    sp = (0.965, 0.04, 1e-15)
+    # diffGrad's third state (G_prev) and Sophia's H: one more signed / unsigned moment
+    q8d = [*q8s, *[t.to(device) for t in q8.q8_quantize_ref(dense[0].cpu(), True)]]
+    q4d = [*q4s, *[t.to(device) for t in q4.q4_quantize_ref(dense[0].cpu(), True)]]
     w = torch.randn(m, n, device=device)
     basis = torch.randn(n, r, device=device)
     x = torch.randn(m, n, device=device)
@@ -82,6 +88,17 @@ def cases(m, n, r, device):
          lambda: adam_q8.adam_q8_step_ref(g, *q8s, *hp), numel * (8 + 4) + 16 * blocks8, 0),
         ("adam_q4_step", lambda: adam_q4.adam_q4_step(g, *q4s, *hp),
          lambda: adam_q4.adam_q4_step_ref(g, *q4s, *hp), numel * (8 + 2) + 16 * blocks4, 0),
+        # 3 states read + written (1 / 0.5 B each way) and G, N
+        ("diffgrad_q8_step", lambda: diffgrad_q8.diffgrad_q8_step(g, *q8d, *hp),
+         lambda: diffgrad_q8.diffgrad_q8_step_ref(g, *q8d, *hp), numel * (8 + 6) + 24 * blocks8, 0),
+        ("diffgrad_q4_step", lambda: diffgrad_q4.diffgrad_q4_step(g, *q4d, *hp),
+         lambda: diffgrad_q4.diffgrad_q4_step_ref(g, *q4d, *hp), numel * (8 + 3) + 24 * blocks4, 0),
+        # M read + written, H (q8s[2:]: the unsigned moment) read, G, N
+        ("sophia_q8_step", lambda: sophia_q8.sophia_q8_step(g, *q8s, *sp),
+         lambda: sophia_q8.sophia_q8_step_ref(g, *q8s, *sp), numel * (8 + 3) + 12 * blocks8, 0),
+        ("sophia_q4_step", lambda: sophia_q4.sophia_q4_step(g, *q4s, *sp),
+         lambda: sophia_q4.sophia_q4_step_ref(g, *q4s, *sp),
+         numel * 8 + numel * 3 // 2 + 12 * blocks4, 0),
         ("lion_update fp32", lambda: lion.lion_update(g, dense[0], 0.9, 0.99),
          lambda: lion.lion_update_ref(g, dense[0], 0.9, 0.99), 4 * numel * 4, 0),
         ("q8_quantize", lambda: q8.q8_quantize(x), lambda: q8.q8_quantize_ref(x),
@@ -131,13 +148,23 @@ def kernels_mode(value: str | None):
             os.environ["GRADPROJ_KERNELS"] = old
 
 
-def cpu_contenders(lr: float):
-    """name -> (build(param) -> optimizer, GRADPROJ_KERNELS value while it steps)."""
+def cpu_contenders(lr: float, rules=("adamw",)):
+    """name -> (build(param) -> optimizer, GRADPROJ_KERNELS value while it steps); rules
+    other than adamw add their fp32 and q8/q4 rows (C path and reference) after AdamW's."""
     import gradproj as gp
 
-    def ours(state_format):
-        return lambda p: gp.LowRankOptimizer([p], rule="adamw", lr=lr, weight_decay=0.0,
+    def ours(state_format, rule="adamw"):
+        return lambda p: gp.LowRankOptimizer([p], rule=rule, lr=lr, weight_decay=0.0,
                                              state_format=state_format)
+
+    extra = {}
+    for rule in rules:
+        if rule == "adamw":
+            continue
+        extra[f"gradproj {rule}, fp32"] = (ours("fp32", rule), None)
+        for fmt in ("q8", "q4"):
+            extra[f"gradproj {rule}, {fmt} (C path)"] = (ours(fmt, rule), "auto")
+            extra[f"gradproj {rule}, {fmt} (reference)"] = (ours(fmt, rule), "reference")
 
     def bnb(p):
         import bitsandbytes
@@ -153,6 +180,7 @@ def cpu_contenders(lr: float):
         "gradproj adamw, q8 (reference)": (ours("q8"), "reference"),
         "gradproj adamw, q4 (reference)": (ours("q4"), "reference"),
         "bitsandbytes AdamW8bit (CPU)": (bnb, None),
+        **extra,
     }
 
 
@@ -175,7 +203,7 @@ def run_cpu(args) -> None:
           f"weight; {args.rounds} rounds x {args.steps} steps, {args.clock} time; C library: "
           f"{'built' if lib is not None else cpu_native.load_error('cpu_blockwise')}")
     opts, modes, params = {}, {}, {}
-    for name, (build, mode) in cpu_contenders(1e-3).items():
+    for name, (build, mode) in cpu_contenders(1e-3, args.rules.split(",")).items():
         p = torch.nn.Parameter(weight.clone())
         p.grad = grad.clone()
         try:
@@ -203,12 +231,14 @@ def run_cpu(args) -> None:
     for name in names:
         ratio = statistics.median(t / b for t, b in zip(times[name], base))
         print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ratio:.2f} |")
-    for fmt in ("q8", "q4"):
-        fast, ref = f"gradproj adamw, {fmt} (C path)", f"gradproj adamw, {fmt} (reference)"
-        if fast in opts and ref in opts:
-            same = _states_equal(opts[fast], opts[ref]) and torch.equal(params[fast], params[ref])
-            print(f"{fmt}: C path and reference states and weights after the same steps: "
-                  f"{'bit-identical' if same else 'DIFFERENT'}")
+    for rule in dict.fromkeys(["adamw", *args.rules.split(",")]):
+        for fmt in ("q8", "q4"):
+            fast, ref = f"gradproj {rule}, {fmt} (C path)", f"gradproj {rule}, {fmt} (reference)"
+            if fast in opts and ref in opts:
+                same = (_states_equal(opts[fast], opts[ref])
+                        and torch.equal(params[fast], params[ref]))
+                print(f"{rule} {fmt}: C path and reference states and weights after the same "
+                      f"steps: {'bit-identical' if same else 'DIFFERENT'}")
 
 
 def main(argv=None) -> None:
@@ -224,6 +254,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --cpu")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for --cpu")
     parser.add_argument("--steps", type=int, default=3, help="steps per optimizer per round (--cpu)")
+    parser.add_argument("--rules", default="adamw",
+                        help="--cpu: also time these rules on q8/q4 (C path and reference), "
+                             "e.g. adamw,diffgrad,sophia")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="--cpu: process CPU time (default: robust to a loaded machine) "
                              "or wall time")

@@ -22,7 +22,8 @@ MIN_QUANTIZED_NUMEL = 4096
 
 class BlockwiseFormat(StateFormat):
     """Subclasses give the codec (`quantize`, `dequantize`), the code layout and its size,
-    and `fused_adam` (the fused 8-/4-bit Adam kernel for their codes)."""
+    and `fused_adam`, `fused_diffgrad`, `fused_sophia` (the fused 8-/4-bit kernels for
+    their codes: `kernels/{adam,diffgrad,sophia}_q8.py` / `_q4.py`)."""
 
     def allocate(self, state: dict, key: str, shape: tuple[int, ...], device, signed: bool) -> None:
         """Create `{key}.codes` and `{key}.absmax` holding an all-zero moment."""
@@ -41,6 +42,18 @@ class BlockwiseFormat(StateFormat):
                    step_size) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_diffgrad(self, grad, m_codes, m_absmax, v_codes, v_absmax, p_codes, p_absmax,
+                       beta1, beta2, eps, step_size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused_sophia(self, grad, m_codes, m_absmax, h_codes, h_absmax, beta1, rho,
+                     eps) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _codes(state: dict, *keys: str) -> list[torch.Tensor]:
+        return [state[f"{key}.{part}"] for key in keys for part in ("codes", "absmax")]
+
     def adam_step(self, state, m_key, v_key, grad, beta1, beta2, eps, step_size):
         if m_key in state:  # small moments are fp32 tensors
             return adam_step(grad, state[m_key], state[v_key], beta1, beta2, eps, step_size)
@@ -49,17 +62,17 @@ class BlockwiseFormat(StateFormat):
                                eps, step_size)
 
     def diffgrad_step(self, state, m_key, v_key, prev_key, grad, beta1, beta2, eps, step_size):
-        if m_key in state:  # small moments are fp32 tensors; codes: read → reference → write
+        if m_key in state:  # small moments are fp32 tensors: the fused dense kernel
             return diffgrad_step(grad, state[m_key], state[v_key], state[prev_key], beta1,
                                  beta2, eps, step_size)
-        return super().diffgrad_step(state, m_key, v_key, prev_key, grad, beta1, beta2, eps,
-                                     step_size)
+        return self.fused_diffgrad(grad, *self._codes(state, m_key, v_key, prev_key), beta1,
+                                   beta2, eps, step_size)
 
     def sophia_step(self, state, m_key, h_key, grad, beta1, rho, eps):
         if m_key in state:  # small moments are fp32 tensors: the fused dense kernel
             return sophia_step(grad, state[m_key], state[h_key], beta1, rho, eps)
-        # codes: dequantize M and H, the reference, re-quantize M (H is only read)
-        return super().sophia_step(state, m_key, h_key, grad, beta1, rho, eps)
+        # H is the rule's unsigned moment, stored as codes like M; the step only reads it
+        return self.fused_sophia(grad, *self._codes(state, m_key, h_key), beta1, rho, eps)
 
     @staticmethod
     def stores_codes(shape: tuple[int, ...]) -> bool:

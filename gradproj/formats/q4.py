@@ -9,7 +9,8 @@ Under a key prefix `key` a moment of n ≥ 4096 values is stored as
     state[f"{key}.signed"]  bool: dynamic map (first moments) or linear map (second)
 Smaller moments keep fp32 (see `blockwise.py`). The codec is `kernels/q4.py` (Triton on
 CUDA, its C twin `kernels/cpu_blockwise.py` on CPU); the fused 4-bit Adam step of
-`kernels/adam_q4.py` (on CPU `kernels/cpu_adam.py`) updates these tensors in place.
+`kernels/adam_q4.py` (on CPU `kernels/cpu_adam.py`), diffGrad step of `kernels/diffgrad_q4.py`
+and Sophia step of `kernels/sophia_q4.py` update these tensors in place.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import math
 import torch
 
 from ..kernels.adam_q4 import adam_q4_step
+from ..kernels.diffgrad_q4 import diffgrad_q4_step
 from ..kernels.q4 import q4_dequantize, q4_nbytes, q4_quantize
 from ..kernels.qmaps import zero_code
+from ..kernels.sophia_q4 import sophia_q4_step
 from ..registry import STATE_FORMATS
 from .blockwise import BlockwiseFormat
 
@@ -56,3 +59,11 @@ class Q4Format(BlockwiseFormat):
     def fused_adam(self, grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps, step_size):
         return adam_q4_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
                             step_size)
+
+    def fused_diffgrad(self, grad, m_codes, m_absmax, v_codes, v_absmax, p_codes, p_absmax,
+                       beta1, beta2, eps, step_size):
+        return diffgrad_q4_step(grad, m_codes, m_absmax, v_codes, v_absmax, p_codes, p_absmax,
+                                beta1, beta2, eps, step_size)
+
+    def fused_sophia(self, grad, m_codes, m_absmax, h_codes, h_absmax, beta1, rho, eps):
+        return sophia_q4_step(grad, m_codes, m_absmax, h_codes, h_absmax, beta1, rho, eps)

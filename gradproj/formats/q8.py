@@ -7,8 +7,9 @@ Under a key prefix `key` a moment of n ≥ 4096 values is stored as
 Smaller moments keep fp32 (see `blockwise.py`). Quantization runs through `kernels/q8.py`
 (Triton on CUDA; on CPU its C twin `kernels/cpu_blockwise.py`, the same codes as the
 PyTorch reference, which runs under GRADPROJ_KERNELS=reference or without a C compiler);
-the fused 8-bit Adam step of `kernels/adam_q8.py` (on CPU `kernels/cpu_adam.py`) and the
-fused 8-bit diffGrad step of `kernels/diffgrad_q8.py` update these tensors in place.
+the fused 8-bit Adam step of `kernels/adam_q8.py` (on CPU `kernels/cpu_adam.py`), diffGrad
+step of `kernels/diffgrad_q8.py` and Sophia step of `kernels/sophia_q8.py` update these
+tensors in place.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..kernels.adam_q8 import adam_q8_step
 from ..kernels.diffgrad_q8 import diffgrad_q8_step
 from ..kernels.q8 import BLOCK, q8_dequantize, q8_nbytes, q8_quantize
 from ..kernels.qmaps import zero_code
+from ..kernels.sophia_q8 import sophia_q8_step
 from ..registry import STATE_FORMATS
 from .blockwise import BlockwiseFormat
 
@@ -54,10 +56,10 @@ class Q8Format(BlockwiseFormat):
         return adam_q8_step(grad, m_codes, m_absmax, v_codes, v_absmax, beta1, beta2, eps,
                             step_size)
 
-    def diffgrad_step(self, state, m_key, v_key, prev_key, grad, beta1, beta2, eps, step_size):
-        if m_key in state:  # small moments are fp32 tensors (blockwise.py)
-            return super().diffgrad_step(state, m_key, v_key, prev_key, grad, beta1, beta2,
-                                         eps, step_size)
-        parts = [state[f"{key}.{part}"] for key in (m_key, v_key, prev_key)
-                 for part in ("codes", "absmax")]
-        return diffgrad_q8_step(grad, *parts, beta1, beta2, eps, step_size)
+    def fused_diffgrad(self, grad, m_codes, m_absmax, v_codes, v_absmax, p_codes, p_absmax,
+                       beta1, beta2, eps, step_size):
+        return diffgrad_q8_step(grad, m_codes, m_absmax, v_codes, v_absmax, p_codes, p_absmax,
+                                beta1, beta2, eps, step_size)
+
+    def fused_sophia(self, grad, m_codes, m_absmax, h_codes, h_absmax, beta1, rho, eps):
+        return sophia_q8_step(grad, m_codes, m_absmax, h_codes, h_absmax, beta1, rho, eps)

@@ -11,8 +11,7 @@ rule's √(1−β2ᵗ)/(1−β1ᵗ), computed on the host, so a new step never r
 exp (NVIDIA's ex2.approx, 2 ulp) moves N by a few fp32 ulps only.
 
 The state formats call it (`DenseFormat.diffgrad_step`, `BlockwiseFormat` for its small fp32
-moments); `diffgrad_q8.py` is the 8-bit variant; 4-bit moments run `diffgrad_step_ref`
-between the format's read and write (`StateFormat.diffgrad_step`).
+moments); `diffgrad_q8.py` and `diffgrad_q4.py` are the 8-bit and 4-bit variants.
 """
 import torch
 

@@ -15,7 +15,7 @@ IEEE-rounded `div_rn`, so the kernel matches the reference to a few fp32 ulps.
     direction = sophia_step(grad, exp_avg, hessian, beta1, rho, eps)   # exp_avg in place
 
 The state formats call it (`DenseFormat.sophia_step`, and `BlockwiseFormat` for its
-small fp32 moments); 8-/4-bit moments take the format's read → reference → write path.
+small fp32 moments); `sophia_q8.py` and `sophia_q4.py` are the 8-/4-bit variants.
 """
 import torch
 

@@ -58,8 +58,8 @@ class Sophia(Rule):
                              f"got {group.get('curvature_estimator')!r}")
 
     def update(self, grad, state, group, fmt):
-        # the format runs it: one fused pass over dense moments (kernels/sophia.py), or
-        # read -> kernels.sophia.sophia_step_ref -> write M for 8-/4-bit codes
+        # the format runs it: one fused pass over dense moments (kernels/sophia.py), and
+        # over 8-/4-bit codes (kernels/sophia_q8.py, sophia_q4.py: H dequantized, M requantized)
         return fmt.sophia_step(state, "exp_avg", "hessian", grad, group["betas"][0],
                                group["rho"], group["eps"])
 

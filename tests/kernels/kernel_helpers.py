@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from gradproj.kernels.qmaps import tables
+
 #: unit roundoff u (half an ulp at 1.0) of each storage dtype
 U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
@@ -86,3 +88,25 @@ def codes_agree(codes, codes_ref, scaled_ref, mids, slack):
         i = int(differ.nonzero()[~ok][0])
         raise AssertionError(f"code {int(codes[i])} vs reference {int(codes_ref[i])} at index "
                              f"{i}, scaled {scaled_ref.reshape(-1)[i].item()!r} is not at a midpoint")
+
+
+def check_requantized(codes, absmax, codes_r, absmax_r, value, err, bits, signed, block):
+    """Codes after a fused step: equal to the reference's, or one apart at a midpoint."""
+    u = U[torch.float32]
+    _, mids = tables(bits, signed, "cpu")
+    pad = (-value.numel()) % block
+    flat = torch.cat([value.reshape(-1).double(), value.new_zeros(pad).double()]).view(-1, block)
+    errs = torch.cat([err.reshape(-1), err.new_zeros(pad)]).view(-1, block)
+    # a block's absmax is off by at most its largest value error
+    assert_within(absmax, absmax_r, errs.amax(1), "absmax")
+    scale = absmax_r.double().clamp(min=1e-38)[:, None]
+    scaled = (flat / scale).clamp(-1, 1)
+    # value error over absmax, plus the absmax error, plus 2 roundings of the scaling
+    slack = errs / scale + scaled.abs() * (errs.amax(1, keepdim=True) / scale) + 2 * u
+    if bits == 4:
+        unpack = lambda c: torch.stack([c & 15, c >> 4], -1).reshape(-1)  # noqa: E731
+        codes, codes_r = unpack(codes), unpack(codes_r)
+    else:
+        codes, codes_r = codes.reshape(-1), codes_r.reshape(-1)
+        scaled, slack = scaled.reshape(-1)[:value.numel()], slack.reshape(-1)[:value.numel()]
+    codes_agree(codes, codes_r, scaled, mids, slack)

@@ -236,15 +236,18 @@ def _train(state_format, rule, mode, monkeypatch, steps=4):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if rule == "sophia":  # h from the same gradients (GNB form), so H is not all zero
+            opt.update_curvature("gnb", batch_size=32)
     return model, opt
 
 
 @pytest.mark.parametrize("state_format", ["q8", "q4"])
-@pytest.mark.parametrize("rule", ["adamw", "lion", "adabelief", "sgdm", "diffgrad"])
+@pytest.mark.parametrize("rule", ["adamw", "lion", "adabelief", "sgdm", "diffgrad", "sophia"])
 def test_optimizer_on_c_path_is_bit_identical_to_reference(state_format, rule, monkeypatch):
     """Four steps (one refresh of the projected layer) through LowRankOptimizer: weights and
     every state tensor equal the GRADPROJ_KERNELS=reference run's; adamw takes the fused C
-    step for both quantized weights, the other rules the C codec through fmt.read/write."""
+    step for both quantized weights, the other rules the C codec (diffGrad and Sophia
+    inside their fused 8-/4-bit hosts, the rest through fmt.read/write)."""
     calls = {"fused": 0, "quantize": 0}
     fused, quantize = cpu_adam.adam_blockwise_step, cpu_blockwise.quantize
 

@@ -32,7 +32,8 @@ def test_every_kernel_is_registered_with_host_and_reference():
     expected = {"adam_step", "adam_q8_step", "adam_q4_step", "q8_quantize", "q8_dequantize",
                 "q4_quantize", "q4_dequantize", "int4_quantize", "int4_dequantize",
                 "int8_sr_quantize", "int8_dequantize", "lion_update", "backproject_update",
-                "diffgrad_step", "diffgrad_q8_step", "sophia_step"}
+                "diffgrad_step", "diffgrad_q8_step", "diffgrad_q4_step", "sophia_step",
+                "sophia_q8_step", "sophia_q4_step"}
     assert expected <= set(KERNELS.names())
     for entry in KERNELS:
         assert entry.description and entry.obj.reference.__name__.endswith("_ref")

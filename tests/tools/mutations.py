@@ -29,6 +29,14 @@ GUARDS = [
     ("gradproj/rules/base.py", RULE_TESTS + ["tests/family/test_refresh.py"]),
     ("gradproj/rules/", RULE_TESTS),
     ("gradproj/kernels/lion.py", RULE_TESTS),
+    # the 4-bit diffGrad and 8-/4-bit Sophia steps: their Triton kernels are checked only in
+    # the interpreter lane (a subprocess, ~1 min), their CPU hosts and refs on the C path
+    ("gradproj/kernels/diffgrad_q4.py", ["tests/kernels/test_kernels_diffgrad.py",
+                                         "tests/kernels/test_kernels_quantized_steps.py",
+                                         "tests/kernels/test_kernels_interpreter_lane.py"]),
+    ("gradproj/kernels/sophia_q", ["tests/kernels/test_kernels_quantized_steps.py",
+                                   "tests/family/test_sophia.py",
+                                   "tests/kernels/test_kernels_interpreter_lane.py"]),
     ("gradproj/kernels/diffgrad", RULE_TESTS + ["tests/kernels/test_kernels_diffgrad.py"]),  # and _q8
     ("gradproj/residuals/", ["tests/family/test_residuals_family.py", "tests/properties/test_plugins.py"]),
     ("gradproj/optimizers/refresh.py", ["tests/family/test_refresh.py"]),
@@ -137,6 +145,21 @@ MUTATIONS = [
     ("gradproj/kernels/diffgrad.py", "    previous_grad.copy_(grad)\n", "\n"),
     ("gradproj/kernels/diffgrad_q8.py", "SIGNS = (True, False, True)", "SIGNS = (True, True, True)"),
     ("gradproj/rules/diffgrad.py", '("previous_grad", True)', '("previous_grad", False)'),
+    # --- fused 4-bit diffGrad, 8-/4-bit Sophia (kernel lines: the interpreter lane)
+    ("gradproj/kernels/diffgrad_q4.py", "SIGNS = (True, False, True)", "SIGNS = (True, True, True)"),
+    ("gradproj/kernels/diffgrad_q4.py", "    prev = tl.load(s_code_ptr + pc) * p_absmax[:, None]",
+     "    prev = tl.load(u_code_ptr + pc) * p_absmax[:, None]"),
+    ("gradproj/kernels/diffgrad_q4.py", "_requantize(g_lo, g_hi, lo_ok, hi_ok, pc_ptr, pa_ptr, s_mids_ptr,",
+     "_requantize(g_lo, g_hi, lo_ok, hi_ok, pc_ptr, pa_ptr, u_mids_ptr,"),
+    ("gradproj/kernels/diffgrad_q4.py", "m_hi, v_hi, d_hi = _diffgrad_half(g_hi, m_bytes >> 4,",
+     "m_hi, v_hi, d_hi = _diffgrad_half(g_hi, m_bytes & 15,"),
+    ("gradproj/kernels/sophia_q8.py", "    h_code, _ = tables(8, False, g.device)", "    h_code, _ = tables(8, True, g.device)"),
+    ("gradproj/kernels/sophia_q8.py", "    m = m * beta1 + one_minus_beta1 * g\n", "    m = m * beta1 + g\n"),
+    ("gradproj/kernels/sophia_q8.py", "    new_codes, new_absmax = quantize(m, True)", "    new_codes, new_absmax = quantize(m, False)"),
+    ("gradproj/kernels/sophia_q4.py", "    h = tl.load(h_code_ptr + hc) * h_absmax[:, None]", "    h = tl.load(m_code_ptr + hc) * h_absmax[:, None]"),
+    ("gradproj/kernels/sophia_q4.py", "byte = _nearest_code(m_lo, m_mids_ptr, 4) | (_nearest_code(m_hi, m_mids_ptr, 4) << 4)",
+     "byte = _nearest_code(m_hi, m_mids_ptr, 4) | (_nearest_code(m_lo, m_mids_ptr, 4) << 4)"),
+    ("gradproj/kernels/sophia_q4.py", "    h = dequantize(h_codes, h_absmax, False, shape)", "    h = dequantize(h_codes, h_absmax, True, shape)"),
     ("gradproj/rules/adamp.py", "layer = cosine < delta / math.sqrt(w[0].numel())",
      "layer = torch.zeros_like(channel)"),  # the layer view never detects
     ("gradproj/rules/adamp.py", "signal = update if grad is None else grad", "signal = update"),

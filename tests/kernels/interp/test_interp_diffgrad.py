@@ -6,9 +6,8 @@ from hypothesis import strategies as st
 from kernel_helpers import (STORAGE_DTYPES, U, adam_direction_bound, adam_moment_bounds,
                             assert_within, size_strategy, storage_rounding)
 
-from test_interp_quant import _check_requantized  # codes equal, or adjacent at a midpoint
+from quantized_cases import diffgrad_case
 
-from gradproj.kernels import diffgrad_q8, q8
 from gradproj.kernels.diffgrad import diffgrad_step, diffgrad_step_ref
 
 pytestmark = pytest.mark.interpreter
@@ -49,31 +48,12 @@ def test_diffgrad_step_matches_reference(n, storage, step, seed):
     assert ours[2].dtype == storage and d_k.dtype == torch.float32
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @settings(max_examples=12, deadline=None)
 @given(n=size_strategy, step=st.integers(1, 1000), seed=st.integers(0, 2 ** 31 - 1))
 @example(n=4097, step=1, seed=0)
-def test_fused_q8_diffgrad_matches_reference(n, step, seed):
-    gen = torch.Generator().manual_seed(seed)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step_size = (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step)
-    grad = torch.randn(n, generator=gen) * 1e-2
-    state = [*q8.q8_quantize_ref(torch.randn(n, generator=gen) * 1e-2, True),
-             *q8.q8_quantize_ref(torch.rand(n, generator=gen) * 1e-4, False),
-             *q8.q8_quantize_ref(torch.randn(n, generator=gen) * 1e-2, True)]
-    ref_state = [t.clone() for t in state]
-    m0 = q8.q8_dequantize_ref(ref_state[0], ref_state[1], True)
-    v0 = q8.q8_dequantize_ref(ref_state[2], ref_state[3], False)
-    p0 = q8.q8_dequantize_ref(ref_state[4], ref_state[5], True)
-    d = diffgrad_q8.diffgrad_q8_step(grad, *state, beta1, beta2, eps, step_size)
-    d_r = diffgrad_q8.diffgrad_q8_step_ref(grad, *ref_state, beta1, beta2, eps, step_size)
-    m = m0 * beta1 + (1 - beta1) * grad
-    v = v0 * beta2 + (1 - beta2) * grad * grad
-    err_m, err_v = adam_moment_bounds(grad, m0, v0, beta1, beta2)
-    adam_n = (step_size * m.abs() / (v.sqrt() + eps)).double()
-    delta = (p0 - grad).abs().double()
-    bound = adam_direction_bound(m, v, err_m, err_v, eps, step_size) + (4 + delta) * U[torch.float32] * adam_n
-    assert_within(d, d_r, bound, "direction")
-    _check_requantized(state[0], state[1], ref_state[0], ref_state[1], m, err_m, 8, True, 256)
-    _check_requantized(state[2], state[3], ref_state[2], ref_state[3], v, err_v, 8, False, 256)
-    # G_prev ← G is requantized from the same fp32 G in both: identical codes and scales
-    assert torch.equal(state[4], ref_state[4]) and torch.equal(state[5], ref_state[5])
+@example(n=129, step=3, seed=1)
+def test_fused_quantized_diffgrad_matches_reference(bits, n, step, seed):
+    """8-bit and 4-bit: three blockwise states (M, V, G_prev) against dequantize →
+    `diffgrad_step_ref` → quantize in PyTorch."""
+    diffgrad_case(bits, n, step, seed)

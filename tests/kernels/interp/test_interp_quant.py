@@ -3,11 +3,10 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from kernel_helpers import (STORAGE_DTYPES, U, adam_direction_bound, adam_moment_bounds,
-                            assert_within, codes_agree, size_strategy)
+from kernel_helpers import (STORAGE_DTYPES, adam_direction_bound, adam_moment_bounds,
+                            assert_within, check_requantized, size_strategy)
 
 from gradproj.kernels import adam_q4, adam_q8, q4, q8
-from gradproj.kernels.qmaps import tables
 
 pytestmark = pytest.mark.interpreter
 
@@ -46,28 +45,6 @@ def test_q4_codec_matches_reference(n, signed, dtype, seed):
                        q4.q4_dequantize_ref(codes, absmax, signed, (n,)))
 
 
-def _check_requantized(codes, absmax, codes_r, absmax_r, value, err, bits, signed, block):
-    """Codes after a fused step: equal to the reference's, or one apart at a midpoint."""
-    u = U[torch.float32]
-    _, mids = tables(bits, signed, "cpu")
-    pad = (-value.numel()) % block
-    flat = torch.cat([value.reshape(-1).double(), value.new_zeros(pad).double()]).view(-1, block)
-    errs = torch.cat([err.reshape(-1), err.new_zeros(pad)]).view(-1, block)
-    # a block's absmax is off by at most its largest value error
-    assert_within(absmax, absmax_r, errs.amax(1), "absmax")
-    scale = absmax_r.double().clamp(min=1e-38)[:, None]
-    scaled = (flat / scale).clamp(-1, 1)
-    # value error over absmax, plus the absmax error, plus 2 roundings of the scaling
-    slack = errs / scale + scaled.abs() * (errs.amax(1, keepdim=True) / scale) + 2 * u
-    if bits == 4:
-        unpack = lambda c: torch.stack([c & 15, c >> 4], -1).reshape(-1)  # noqa: E731
-        codes, codes_r = unpack(codes), unpack(codes_r)
-    else:
-        codes, codes_r = codes.reshape(-1), codes_r.reshape(-1)
-        scaled, slack = scaled.reshape(-1)[:value.numel()], slack.reshape(-1)[:value.numel()]
-    codes_agree(codes, codes_r, scaled, mids, slack)
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 @settings(max_examples=12, deadline=None)
 @given(n=size_strategy, step=st.integers(1, 1000), seed=st.integers(0, 2 ** 31 - 1))
@@ -95,5 +72,5 @@ def test_fused_quantized_adam_matches_reference(bits, n, step, seed):
     err_m, err_v = adam_moment_bounds(grad, m0, v0, beta1, beta2)
     assert_within(d, d_r, adam_direction_bound(m, v, err_m, err_v, eps, step_size), "direction")
     block = 256 if bits == 8 else 128
-    _check_requantized(state[0], state[1], ref_state[0], ref_state[1], m, err_m, bits, True, block)
-    _check_requantized(state[2], state[3], ref_state[2], ref_state[3], v, err_v, bits, False, block)
+    check_requantized(state[0], state[1], ref_state[0], ref_state[1], m, err_m, bits, True, block)
+    check_requantized(state[2], state[3], ref_state[2], ref_state[3], v, err_v, bits, False, block)

@@ -5,6 +5,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kernel_helpers import STORAGE_DTYPES, U, assert_within, size_strategy, storage_rounding
 
+from quantized_cases import sophia_case
+
 from gradproj.kernels.sophia import sophia_step, sophia_step_ref
 
 pytestmark = pytest.mark.interpreter
@@ -41,3 +43,16 @@ def test_sophia_step_matches_reference(n, storage, rho, hutchinson, seed):
     assert (d_k.abs() <= 1).all() and d_k.dtype == torch.float32
     assert_within(m_k.float(), m_r.float(), err_m + 2 * storage_rounding(m_fp32, storage), "exp_avg")
     assert torch.equal(h_k, h0)  # H is read, never written
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@settings(max_examples=12, deadline=None)
+@given(n=size_strategy, rho=st.sampled_from([0.04, 1.0, 0.0]), h_kind=st.sampled_from(
+    ["gnb", "hutchinson", "zero"]), seed=st.integers(0, 2 ** 31 - 1))
+@example(n=4097, rho=0.04, h_kind="gnb", seed=0)
+@example(n=129, rho=0.04, h_kind="hutchinson", seed=1)
+@example(n=300, rho=0.04, h_kind="zero", seed=2)
+def test_fused_quantized_sophia_matches_reference(bits, n, rho, h_kind, seed):
+    """8-bit and 4-bit M and H (H as the rule stores it: the unsigned map) against
+    dequantize → `sophia_step_ref` → quantize M in PyTorch; H's codes are never written."""
+    sophia_case(bits, n, rho, h_kind, seed)
