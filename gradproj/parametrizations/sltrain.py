@@ -14,7 +14,8 @@ for backward: the input, as for any Linear — never W, never the positions.
 Parameters per layer: r·(m+n) + δ·m·n (+ bias). Every trainable tensor composes with
 the optimizer as any other: A and B are 2-D (projected when `project_factors = true`),
 the values 1-D (full rank, any state format), and per-layer updates see their
-gradients arrive in backward as usual.
+gradients arrive in backward as usual. `int8 = true` stores all three as INT8 codes +
+group scales, stepped with stochastic rounding (`sltrain_int8.py`).
 """
 from __future__ import annotations
 
