@@ -7,8 +7,9 @@ Parameter groups, as HF's Trainer and LLaMA-Factory form them:
 HF's own GaLore/APOLLO path drops `weight_decay` altogether (its groups carry none and
 galore-torch defaults to 0); LLaMA-Factory applies it as above, and so do we.
 A preset with `quantize_weights` (q-galore) first turns exactly the targeted `nn.Linear`
-layers into INT8 `QuantLinear` (the `int8` parametrization); `build_by_names` takes any
-registered parametrization the same way (`gradproj.parametrizations`).
+layers into INT8 `QuantLinear` (the `int8` parametrization); a `Resolved.parametrization`
+(lora, lora-ga, sltrain, welore, gradnormlorp, ...) converts the same layers, and
+`build_by_names` takes one the same way (`gradproj.parametrizations`).
 """
 from __future__ import annotations
 
@@ -105,13 +106,21 @@ def build_by_names(model: nn.Module, preset: str | None, names: Sequence[str],
     return LowRankOptimizer([g for g in groups if g["params"]], **options)
 
 
-def prepare_model(model: nn.Module, choice: Resolved) -> None:
-    """Convert the targeted Linear layers to INT8 when the choice asks for it (q-galore);
-    idempotent. A Trainer calls it before loading a checkpoint, whose weights are INT8."""
+def prepare_model(model: nn.Module, choice: Resolved) -> dict:
+    """Convert the targeted Linear layers by the choice's parametrization (a name or table,
+    `choice.parametrization`) and/or to INT8 (q-galore's `quantize_weights`; with sltrain,
+    its INT8 variant); idempotent. A Trainer calls it before loading a checkpoint, whose
+    tensors are the converted layers'. Returns {name: layer} of the converted layers."""
     options = {**preset_options(choice.preset), **choice.options}
-    param = from_options(None, options)
-    if param is not None:
-        apply_parametrization(model, param, _modules(resolve_target_names(model, choice.targets)))
+    return apply_to_targets(model, from_options(choice.parametrization, options), choice.targets)
+
+
+def apply_to_targets(model: nn.Module, parametrization, targets) -> dict:
+    """`apply_parametrization` on the nn.Linear layers HF-style `targets` select."""
+    if parametrization is None:
+        return {}
+    return apply_parametrization(model, parametrization,
+                                 _modules(resolve_target_names(model, targets)))
 
 
 def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,

@@ -10,6 +10,9 @@ Three vocabularies, each mirroring what its framework does today:
 * `optim_args` keys of galore-torch (`rank`, `update_proj_gap`, `scale`, `proj_type`) and
   APOLLO (`proj` random|svd, `scale_type` channel|tensor), plus gradproj's own option
   names (`preset=fira`, `projector=randomized`, `state_format=q8`, `seed=3`, ...).
+* `optim_args` `parametrization=KIND` and `parametrization.OPTION=VALUE` (a weight-side
+  transform of the targeted Linear layers, `gradproj.parametrizations`), e.g.
+  `parametrization=lora,parametrization.rank=8`.
 * LLaMA-Factory's `use_galore`, `galore_target`, `galore_rank`, `galore_update_interval`,
   `galore_scale`, `galore_proj_type`, `galore_layerwise` and the `apollo_*` equivalents,
   with LLaMA-Factory's defaults (rank 16, GaLore scale 2.0, APOLLO scale 32) and its
@@ -39,6 +42,7 @@ class Resolved:
     per_layer: bool = False
     targets: Any = None           # names/regexes, "all-linear", or LLAMAFACTORY_ALL
     adam_from_args: bool = False  # take betas/eps from the TrainingArguments (APOLLO, LLaMA-Factory)
+    parametrization: dict | None = None  # {"kind": name, **options}: applied to the targets
 
 
 LLAMAFACTORY_ALL = "llamafactory:all"  # every linear layer but the output head
@@ -159,6 +163,54 @@ def apply_optim_args(preset: str, options: dict, args: Mapping[str, Any],
     return preset, options
 
 
+PARAM_KEY = "parametrization"  # optim_args: parametrization=KIND,parametrization.rank=8,...
+
+
+def parametrization_table(spec: Any, source: str = "parametrization") -> dict | None:
+    """The checked table {"kind": name, **every option} of a name, a table or None; a bad
+    name or option is one OptionError line."""
+    from ..parametrizations import create_parametrization
+    if spec is None:
+        return None
+    try:
+        param = create_parametrization(spec)
+    except (ValueError, TypeError) as exc:
+        raise OptionError(f"{source}: {exc}") from None
+    return {"kind": param.name, **param.options}
+
+
+def split_parametrization(args: dict[str, Any], source: str = "optim_args") -> dict | None:
+    """Pop `parametrization=KIND` and `parametrization.OPTION=VALUE` from optim_args: the
+    table, each value read as its option's default's type (bool, int, float, str)."""
+    from ..registry import PARAMETRIZATIONS
+    prefix = PARAM_KEY + "."
+    own = {k[len(prefix):]: args.pop(k) for k in [k for k in args if k.startswith(prefix)]}
+    kind = args.pop(PARAM_KEY, None)
+    if kind is None:
+        if own:
+            raise OptionError(f"{source}: {prefix}{next(iter(own))} needs {PARAM_KEY}=KIND "
+                              f"({', '.join(PARAMETRIZATIONS.names())})")
+        return None
+    if kind not in PARAMETRIZATIONS:
+        names = PARAMETRIZATIONS.names()
+        raise OptionError(f"{source}: {PARAM_KEY}={kind!r} is not a parametrization "
+                          f"({', '.join(names)}){did_you_mean(str(kind), names)}")
+    defaults = PARAMETRIZATIONS.get(kind).defaults
+    table: dict[str, Any] = {"kind": kind}
+    for key, value in own.items():
+        if key not in defaults:
+            raise OptionError(f"{source}: {prefix}{key}: unknown option of {kind!r}"
+                              f"{did_you_mean(key, defaults)} (expected one of: "
+                              f"{', '.join(defaults)})")
+        default = defaults[key]
+        if not isinstance(default, (bool, int, float, str)) or default is None:
+            raise OptionError(f"{source}: {prefix}{key} cannot be given as text; pass "
+                              f"GradprojTrainer(parametrization={{'kind': {kind!r}, "
+                              f"{key!r}: ...}}) instead")
+        table[key] = _as(type(default), prefix + key, value, source)
+    return parametrization_table(table, source)
+
+
 def check(preset: str, options: dict, source: str) -> None:
     """The optimizer's own validation on a 4×4 dummy weight, as the run spec does."""
     merged = {**PRESETS.get(preset), **options}
@@ -171,11 +223,20 @@ def check(preset: str, options: dict, source: str) -> None:
         raise OptionError(f"{source}: {exc}") from None
 
 
+def maps_optim(optim: str, optim_args: str | Mapping | None = None) -> bool:
+    """Whether `from_hf` builds gradproj's optimizer for these arguments (a GaLore/APOLLO
+    name HF knows, or `optim_args` naming one of our presets)."""
+    optim = str(getattr(optim, "value", optim))
+    base = optim[: -len(LAYERWISE)] if optim.endswith(LAYERWISE) else optim
+    return base in HF_OPTIMS or "preset" in parse_optim_args(optim_args)
+
+
 def from_hf(optim: str, optim_args: str | Mapping | None = None,
             optim_target_modules: Any = None) -> Resolved:
     """TrainingArguments' `optim`, `optim_args`, `optim_target_modules` -> what to build."""
     optim = str(getattr(optim, "value", optim))  # OptimizerNames is a str enum
     args = parse_optim_args(optim_args)
+    parametrization = split_parametrization(args)
     per_layer = optim.endswith(LAYERWISE)
     base = optim[: -len(LAYERWISE)] if per_layer else optim
     if "preset" in args:  # ours wins, without the HF name's own overrides; *_layerwise stays
@@ -194,7 +255,8 @@ def from_hf(optim: str, optim_args: str | Mapping | None = None,
     preset, options = apply_optim_args(preset, options, args)
     check(preset, options, "optim_args")
     return Resolved(preset, options, per_layer, optim_target_modules,
-                    adam_from_args=base == "apollo_adamw" and "preset" not in args)
+                    adam_from_args=base == "apollo_adamw" and "preset" not in args,
+                    parametrization=parametrization)
 
 
 # -- LLaMA-Factory -------------------------------------------------------------------

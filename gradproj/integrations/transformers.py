@@ -14,6 +14,10 @@ logged `learning_rate` is the one each step uses), checkpoints save its state di
 `gradproj_optimizer(model, args)` builds the same optimizer for
 `Trainer(optimizers=(opt, None))`; `llamafactory_optimizer` takes LLaMA-Factory's names.
 
+A parametrization (`GradprojTrainer(parametrization=...)` or `optim_args`
+`parametrization=KIND,parametrization.OPTION=...`) converts the targeted Linear layers
+first (class docstring).
+
 `*_layerwise` (or LLaMA-Factory's `galore_layerwise`) is per-layer mode: the optimizer runs
 in backward through `gradproj.train.perlayer.PerLayerStepper`, so at most one weight's
 full gradient is alive. Unlike HF's layer-wise GaLore it works with
@@ -37,10 +41,15 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in CI
 import torch
 from transformers.training_args import ParallelMode
 
+from dataclasses import replace
+
 from ..optimizers import LowRankOptimizer
+from ..parametrizations import create_parametrization, initialize_parametrization
+from ..quant.linear import is_quantized
 from ..train.perlayer import PerLayerStepper
-from .build import build_from_resolved, prepare_model
-from .hf_options import OptionError, Resolved, from_hf, from_llamafactory
+from .build import apply_to_targets, build_from_resolved, prepare_model
+from .hf_options import (PARAM_KEY, OptionError, Resolved, from_hf, from_llamafactory, maps_optim,
+                         parametrization_table, parse_optim_args)
 
 __all__ = ["GradprojTrainer", "OptionError", "gradproj_optimizer", "llamafactory_optimizer",
            "resolve_training_args"]
@@ -84,19 +93,95 @@ class GradprojTrainer(transformers.Trainer):
 
     `gradproj_choice`: a `Resolved` (e.g. `hf_options.from_llamafactory(cfg)`) used instead
     of reading `args.optim`.
+
+    `parametrization`: a weight-side transform of the `optim_target_modules` Linear layers
+    (a name or `{"kind": ..., **options}`: lora, lora-ga, sltrain, welore, gradnormlorp,
+    int8; or `optim_args="parametrization=lora,parametrization.rank=8"`). The layers are
+    converted here, before a checkpoint loads and before any optimizer is built: ours when
+    `optim` is one we map, else HF's own (`adamw_torch`, ...) over what then trains (not
+    for INT8 tensors, which only our optimizer steps). LoRA-GA's data init runs at the
+    start of a fresh `train()` on the first `batches` batches of the train dataloader
+    (skipped on `resume_from_checkpoint`: the checkpoint holds its result).
+    `gradproj.merge_parametrizations(trainer.model)` then exports a plain model.
     """
 
-    def __init__(self, *args, gradproj_choice: Resolved | None = None, **kwargs):
+    def __init__(self, *args, gradproj_choice: Resolved | None = None,
+                 parametrization: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.gradproj_choice = gradproj_choice or (
-            None if self.optimizer is not None else resolve_training_args(self.args))
+        table = parametrization_table(parametrization)
+        ours = gradproj_choice is not None or (
+            self.optimizer is None and (table is None or maps_optim(self.args.optim,
+                                                                    self.args.optim_args)))
+        choice = gradproj_choice or (resolve_training_args(self.args) if ours else None)
+        if choice is not None and table is not None:
+            if choice.parametrization not in (None, table):
+                raise OptionError(f"parametrization: given both as GradprojTrainer("
+                                  f"parametrization=...) and in optim_args "
+                                  f"({choice.parametrization['kind']!r}); keep one")
+            choice = replace(choice, parametrization=table)
+        self.gradproj_choice = choice
+        self.parametrization = choice.parametrization if choice is not None else table
+        self._needs_init = self.parametrization is not None and create_parametrization(
+            self.parametrization).needs_data
         self.stepper: PerLayerStepper | None = None
         self._last_grad_norm: float | None = None
         if self.gradproj_choice is not None:
-            # q-galore: INT8 layers now, so resume_from_checkpoint loads INT8 weights into them
+            # converted now (q-galore's INT8, a parametrization), so resume_from_checkpoint
+            # loads the converted layers' tensors into them
             prepare_model(self.model, self.gradproj_choice)
             if self.gradproj_choice.per_layer:
                 self._check_per_layer()
+        elif table is not None:
+            self._prepare_for_hf_optimizer(table)
+
+    def _prepare_for_hf_optimizer(self, table: dict) -> None:
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if any(k == PARAM_KEY or k.startswith(PARAM_KEY + ".")
+               for k in parse_optim_args(self.args.optim_args)):
+            raise OptionError(f"optim_args: parametrization keys are read with gradproj's "
+                              f"optimizers; with optim {optim!r} pass GradprojTrainer("
+                              f"parametrization=...) only")
+        if self.args.optim_target_modules is None:
+            raise OptionError(f"optim_target_modules: parametrization {table['kind']!r} needs "
+                              f"the Linear layers to convert, e.g. ['attn', 'mlp'] or "
+                              f"'all-linear'")
+        try:
+            apply_to_targets(self.model, table, self.args.optim_target_modules)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+        if any(is_quantized(p) for p in self.model.parameters()):
+            raise OptionError(f"parametrization {table['kind']!r}: its INT8 tensors are stepped "
+                              f"by gradproj's optimizer only, not by HF's {optim!r}; use e.g. "
+                              f"optim='galore_adamw' or optim_args='preset=...'")
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self._needs_init and not resume_from_checkpoint:
+            self._initialize_parametrization()
+        self._needs_init = False  # once: a later train() continues from the same init
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _initialize_parametrization(self) -> None:
+        """LoRA-GA: `loss_of(i)` is the Trainer's loss on the i-th train batch."""
+        param = create_parametrization(self.parametrization)
+        if self.args.world_size > 1:
+            raise OptionError(f"parametrization {param.name!r}: its data init would see "
+                              f"different batches on each of the {self.args.world_size} "
+                              f"processes; initialise once "
+                              f"(gradproj.parametrizations.initialize_parametrization) "
+                              f"and save the model, or train with one process")
+        batches = iter(self.get_train_dataloader())
+        needed = param.options.get("batches")
+
+        def loss_of(i: int) -> torch.Tensor:
+            try:
+                inputs = next(batches)
+            except StopIteration:
+                raise OptionError(f"parametrization {param.name!r}: batches = {needed} but the "
+                                  f"train dataloader has only {i}") from None
+            return self.compute_loss(self.model, self._prepare_inputs(inputs))
+
+        self.model.train()
+        initialize_parametrization(self.model, param, loss_of)
 
     def _check_per_layer(self) -> None:
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
@@ -109,6 +194,8 @@ class GradprojTrainer(transformers.Trainer):
                               "gradient); drop *_layerwise or train with one process")
 
     def create_optimizer(self, model=None):
+        if self.gradproj_choice is None:  # HF's own optimizer over the converted model
+            return super().create_optimizer(model)
         if self.optimizer is None:
             model = self.model if model is None else model
             self.optimizer = _build(model, self.gradproj_choice, self.args)

@@ -29,6 +29,11 @@ The contract a plugin implements (two classes):
   * `byte_breakdown()` {category: bytes} of its own parameters and buffers, categories
                     from `BYTE_CATEGORIES`; the planner reports them and counts
                     "scales" as quantization scales. They must sum to the module's tensors.
+  * INT8 tensors (an `Int8Owner` layer: Q-GaLore's weights, SLTrain's `int8`) are
+    int8 parameters that do not require grad; the layer's backward writes their fp32
+    `.grad` and the optimizer steps them with stochastic rounding. Such a layer has
+    `float_twin()`: the float module computing the same, its tensors dequantized under
+    the same names (the suite's gradient reference; a way back to float training).
   * state: tensors only (parameters and buffers), so checkpoints load with
     `torch.load(weights_only=True)` and safetensors; anything regenerated from a seed
     keeps the seed as a 0-d int64 buffer.
@@ -40,6 +45,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..quant.linear import is_quantized
 from ..registry import PARAMETRIZATIONS
 
 #: what `byte_breakdown` may report (the planner's per-parametrization detail)
@@ -72,6 +78,10 @@ class ParametrizedLinear(nn.Module):
         if bias is not None:
             out.bias.copy_(bias.detach())
         return out
+
+    def float_twin(self) -> nn.Module:
+        """Layers with INT8 tensors: the equivalent float module (see the module doc)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no INT8 tensors")
 
     def byte_breakdown(self) -> dict[str, int]:
         """Default: trainable 2-D tensors are factors, frozen ones frozen, 1-D bias."""
@@ -121,6 +131,13 @@ class Parametrization:
         adapters: LoRA trains only B·A); False keeps them trainable (SLTrain pre-trains
         embeddings, norms and the head at full rank)."""
         return False
+
+    def with_int8_weights(self, group_size: int) -> "Parametrization":
+        """This transform with its trained tensors stored as INT8 (`quantize_weights =
+        true`, the q-galore preset's key, combined with this kind); default: refused."""
+        raise ValueError(f"option 'quantize_weights' (INT8 weights, from the q-galore preset) "
+                         f"cannot be combined with parametrization {self.name!r}: it has no "
+                         f"INT8 variant; set quantize_weights = false")
 
     def initialize(self, model: nn.Module, modules: dict[str, ParametrizedLinear],
                    loss_of: Callable[[int], torch.Tensor]) -> None:
@@ -250,7 +267,7 @@ def role_of(owner: ParametrizedLinear, local_name: str, p: torch.Tensor) -> str 
     `projected` and 2-D), "full" (any other trainable tensor), or None (frozen: no group)."""
     if local_name in owner.projected and p.dim() >= 2:
         return "lowrank"
-    return "full" if p.requires_grad else None
+    return "full" if p.requires_grad or is_quantized(p) else None
 
 
 __all__ = ["BYTE_CATEGORIES", "Parametrization", "ParametrizedLinear", "apply_parametrization",
@@ -272,11 +289,7 @@ def from_options(parametrization, options: dict) -> Parametrization | None:
     if param is None:
         return PARAMETRIZATIONS.create("int8", **({} if group_size is None
                                                   else {"group_size": group_size}))
-    if param.name == "int8":
-        return param
-    raise ValueError(f"option 'quantize_weights' (INT8 weights, from the q-galore preset) "
-                     f"cannot be combined with parametrization {param.name!r}: set "
-                     f"quantize_weights = false, or use [model.parametrization] kind = 'int8'")
+    return param.with_int8_weights(256 if group_size is None else group_size)
 
 
 __all__ += ["from_options"]

@@ -25,6 +25,9 @@ class Int8Linear(QuantLinear, ParametrizedLinear):
     def dense_weight(self):
         return self.dequantized_weight()
 
+    def float_twin(self) -> nn.Linear:
+        return self.merged()
+
     def byte_breakdown(self) -> dict[str, int]:
         out = {"codes": nbytes(self.weight), "scales": nbytes(self.weight_scale)}
         if self.bias is not None:
@@ -40,6 +43,9 @@ class Int8(Parametrization):
 
     def validate(self) -> None:
         self._int("group_size")
+
+    def with_int8_weights(self, group_size: int) -> "Int8":
+        return self  # already INT8: its own group_size wins
 
     def convert(self, linear: nn.Linear, index: int) -> Int8Linear:
         return Int8Linear.from_linear(linear, self.options["group_size"])

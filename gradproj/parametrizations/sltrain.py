@@ -14,7 +14,8 @@ for backward: the input, as for any Linear — never W, never the positions.
 Parameters per layer: r·(m+n) + δ·m·n (+ bias). Every trainable tensor composes with
 the optimizer as any other: A and B are 2-D (projected when `project_factors = true`),
 the values 1-D (full rank, any state format), and per-layer updates see their
-gradients arrive in backward as usual.
+gradients arrive in backward as usual. `int8 = true` stores all three as INT8 codes +
+group scales, stepped with stochastic rounding (`sltrain_int8.py`).
 """
 from __future__ import annotations
 
@@ -132,18 +133,26 @@ class SLTrainLinear(ParametrizedLinear):
 
 @PARAMETRIZATIONS.register("sltrain")
 class SLTrain(Parametrization):
-    """SLTrain (Han et al. 2024): W = (alpha/r)·B·A + S, S on a seeded random support (density 0.03)."""
+    """SLTrain (Han et al. 2024): W = (alpha/r)·B·A + S, S on a seeded random support (density 0.03); int8 = true: B, A, S as INT8."""
 
-    defaults = {"rank": 128, "alpha": 32.0, "density": 0.03, "seed": 0, "project_factors": False}
+    # int8: B, A and S's values as INT8 codes + one fp32 scale per group_size values,
+    # trained with stochastic rounding (sltrain_int8.py; Q-GaLore's group 256)
+    defaults = {"rank": 128, "alpha": 32.0, "density": 0.03, "seed": 0, "project_factors": False,
+                "int8": False, "group_size": 256}
 
     def validate(self) -> None:
         self._int("rank")
         self._number("alpha", 0)
         self._number("density", 0, 1, open_lo=False)  # 0: pure low-rank B·A (their baseline)
         self._int("seed", 0)
-        if not isinstance(self.options["project_factors"], bool):
-            raise ValueError(f"option 'project_factors' must be true or false, got "
-                             f"{self.options['project_factors']!r}")
+        for key in ("project_factors", "int8"):
+            if not isinstance(self.options[key], bool):
+                raise ValueError(f"option '{key}' must be true or false, got "
+                                 f"{self.options[key]!r}")
+        self._int("group_size")
+
+    def with_int8_weights(self, group_size: int) -> "SLTrain":
+        return SLTrain(**{**self.options, "int8": True, "group_size": group_size})
 
     def convert(self, linear: nn.Linear, index: int) -> SLTrainLinear:
         o = self.options
@@ -151,8 +160,12 @@ class SLTrain(Parametrization):
             raise ValueError(f"option 'rank' must be <= min(in, out) = "
                              f"{min(linear.in_features, linear.out_features)} of every targeted "
                              f"layer, got {o['rank']}")
-        return SLTrainLinear(linear, o["rank"], float(o["alpha"]), float(o["density"]),
-                             o["seed"] + SEED_STRIDE * index, o["project_factors"])
+        layer = SLTrainLinear(linear, o["rank"], float(o["alpha"]), float(o["density"]),
+                              o["seed"] + SEED_STRIDE * index, o["project_factors"])
+        if not o["int8"]:
+            return layer
+        from .sltrain_int8 import SLTrainInt8Linear
+        return SLTrainInt8Linear(layer, o["group_size"])
 
 
 __all__ = ["SLTrain", "SLTrainLinear", "sparse_lowrank_weight"]

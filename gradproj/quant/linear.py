@@ -24,7 +24,7 @@ from ..seeds import rounding_seed
 from ..stacked_state import StackedState
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
 
-OWNER_ATTR = "quant_owner"      # weakref to the QuantLinear owning an int8 weight
+OWNER_ATTR = "quant_owner"      # weakref to the module owning an int8 weight (`Int8Owner`)
 DTYPE_ATTR = "quant_dtype"      # dtype the weight computes in (and its projector basis uses)
 
 
@@ -35,6 +35,15 @@ def is_quantized(p: torch.Tensor) -> bool:
 def compute_dtype(p: torch.Tensor) -> torch.dtype:
     """The dtype a weight computes in: its own, or a quantized weight's dequantized dtype."""
     return getattr(p, DTYPE_ATTR, p.dtype)
+
+
+def bind_int8(p: torch.Tensor, owner: Int8Owner, dtype: torch.dtype) -> None:
+    """Mark `p` (int8 codes) as an INT8 weight of `owner` computing in `dtype`; its float
+    gradient (written by the owner's backward) is fp32."""
+    setattr(p, OWNER_ATTR, weakref.ref(owner))
+    setattr(p, DTYPE_ATTR, dtype)
+    if p.grad_dtype != torch.float32:
+        p.grad_dtype = torch.float32
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -65,7 +74,18 @@ class _QuantLinearFn(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None, None
 
 
-class QuantLinear(nn.Module):
+class Int8Owner:
+    """What the optimizer reads from the module owning INT8 parameters (their OWNER_ATTR):
+    `group_size` and, per parameter, `int8_scale(p)` (its fp32 group scales, updated in
+    place). QuantLinear owns one (its weight); SLTrain's INT8 variant owns B, A and S."""
+
+    group_size: int
+
+    def int8_scale(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class QuantLinear(nn.Module, Int8Owner):
     """Linear layer with INT8 group-wise weights (group 256), updated with stochastic rounding."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -88,10 +108,10 @@ class QuantLinear(nn.Module):
 
     def _bind(self) -> None:
         """(Re)attach the parameter attributes the optimizer reads; copies lose them."""
-        setattr(self.weight, OWNER_ATTR, weakref.ref(self))
-        setattr(self.weight, DTYPE_ATTR, self.compute_dtype)
-        if self.weight.grad_dtype != torch.float32:
-            self.weight.grad_dtype = torch.float32
+        bind_int8(self.weight, self, self.compute_dtype)
+
+    def int8_scale(self, p: torch.Tensor) -> torch.Tensor:
+        return self.weight_scale
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP) -> "QuantLinear":
@@ -157,7 +177,7 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     """
     modules = [getattr(p, OWNER_ATTR)() for p in params]
     if any(m is None for m in modules):
-        raise ValueError("quantized weight lost its QuantLinear (was the module deleted?)")
+        raise ValueError("quantized weight lost its owning module (was the module deleted?)")
     size = modules[0].group_size
     # plain ints: the Triton kernel takes its keys as launch arguments (no copy to the GPU)
     seeds = [rounding_seed(s["seed"], s["step"]) for s in state.states]
@@ -165,7 +185,8 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     if any(m.group_size != size for m in modules):
         raise ValueError("INT8 weights of one shape must share one weight_group_size")
     codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
-    scales = torch.stack([m.weight_scale for m in modules])
+    own_scales = [m.int8_scale(p) for m, p in zip(modules, params)]
+    scales = torch.stack(own_scales)
     w = int8_dequantize_rows(codes, scales, size)
     if finish is not None:  # a rule that finishes the update owns its decay (rules/base.py)
         update, decay = finish(w, update.reshape(w.shape).float()), 0.0
@@ -174,7 +195,7 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
         w.add_(w, alpha=-lr * decay)  # as the float path: after the step
     codes, scales = int8_sr_quantize_rows(w, seeds, size)
     torch._foreach_copy_(params, codes.unbind(0))
-    torch._foreach_copy_([m.weight_scale for m in modules], scales.unbind(0))
+    torch._foreach_copy_(own_scales, scales.unbind(0))
 
 
 def int8_weight_bytes(model: nn.Module) -> int:
@@ -183,5 +204,5 @@ def int8_weight_bytes(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, QuantLinear))
 
 
-__all__ = ["QuantLinear", "apply_quantized_updates", "compute_dtype", "int8_weight_bytes",
+__all__ = ["Int8Owner", "QuantLinear", "apply_quantized_updates", "bind_int8", "compute_dtype", "int8_weight_bytes",
            "is_quantized", "quantize_weights"]

@@ -29,6 +29,7 @@ from .model import MODEL_PRESETS, ModelConfig, model_config
 from .spec_hf import check_hf_model, tokenizer_vocab
 from .tokenizer import BYTES
 from .optspec import OptimizerSpec, parse_optimizer
+from ..parametrizations import create_parametrization
 from .paramspec import TABLE as PARAM_TABLE, parse_parametrization
 from .spec_gradient import ZO_KEYS, check_curvature, check_zeroth_order, int8_weights
 from .tomlio import apply_overrides, dump_toml, parse_override, read_toml
@@ -221,11 +222,15 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
     optimizer = parse_optimizer(raw.get("optimizer", {}), out, seed=train["seed"])
     if raw_param is not None:
         table = parse_parametrization(raw_param, out)
-        if table is not None and table["kind"] != "int8" and optimizer.effective.get(
-                "quantize_weights", False):
-            out.add(PARAM_TABLE, "kind", f"{table['kind']!r} cannot be combined with "
-                    f"quantize_weights = true (INT8 weights; the q-galore preset sets it): set "
-                    f"[optimizer].quantize_weights = false, or kind = 'int8'")
+        if table is not None and optimizer.effective.get("quantize_weights", False):
+            try:  # q-galore's INT8 weights: the kind's INT8 variant (sltrain), or refused
+                create_parametrization(table).with_int8_weights(
+                    optimizer.effective.get("weight_group_size", 256))
+            except ValueError:
+                out.add(PARAM_TABLE, "kind", f"{table['kind']!r} cannot be combined with "
+                        f"quantize_weights = true (INT8 weights; the q-galore preset sets it): "
+                        f"set [optimizer].quantize_weights = false, or kind = 'int8' (or "
+                        f"'sltrain', which has an INT8 variant)")
         optimizer = replace(optimizer, parametrization=table)
 
     data = {**_defaults(DataSpec), **parsed["data"]}

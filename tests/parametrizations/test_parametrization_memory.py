@@ -1,5 +1,6 @@
 """The planner accounts each parametrization exactly: weights (frozen, factors, sparse
 values, INT8 codes and scales), gradients and optimizer states, to the byte of a real step."""
+import functools
 import math
 
 import pytest
@@ -22,6 +23,12 @@ SETUPS = {
     "sltrain": ({"kind": "sltrain", "rank": 32, "density": 0.03}, dict(preset="galore", rank=32)),
     "sltrain-q8": ({"kind": "sltrain", "rank": 32, "project_factors": True},
                    dict(preset="galore8bit", rank=16)),
+    # INT8 B, A and S (group 100: partial last groups), full-rank q8 states; and projected
+    "sltrain-int8": ({"kind": "sltrain", "rank": 32, "int8": True, "group_size": 100},
+                     dict(preset="galore", rank=16, state_format="q8")),
+    "sltrain-int8-projected": ({"kind": "sltrain", "rank": 32, "int8": True,
+                                "project_factors": True},
+                               dict(preset="galore8bit", rank=16)),
 }
 
 
@@ -43,6 +50,11 @@ def expected_breakdown(table) -> dict:
     if kind in ("lora", "lora-ga"):
         return {"frozen": 4 * sum(m * n for m, n in shapes), "factors": factors}
     d = table.get("density", 0.03)
+    if table.get("int8"):  # one byte per value, one fp32 scale per group of each tensor
+        g = table.get("group_size", 256)
+        tensors = [n for m, k in shapes for n in (r * m, r * k, int(d * m * k))]
+        return {"codes": sum(tensors), "scales": 4 * sum(math.ceil(n / g) for n in tensors),
+                "sparse_indices": 0, "seeds": 8 * len(shapes)}
     return {"factors": factors, "sparse_values": 4 * sum(int(d * m * n) for m, n in shapes),
             "sparse_indices": 0, "seeds": 8 * len(shapes)}
 
@@ -83,9 +95,10 @@ def test_planned_bytes_equal_a_real_step(name):
     assert all(p not in opt.state and p.grad is None for p in frozen)  # no grad, no state
 
 
-def test_per_layer_gradient_peak_equals_the_stepper():
-    meta, meta_opt = build("sltrain-q8", "meta")
-    model, opt = build("sltrain-q8", "cpu")
+@pytest.mark.parametrize("name", ["sltrain-q8", "sltrain-int8"])
+def test_per_layer_gradient_peak_equals_the_stepper(name):
+    meta, meta_opt = build(name, "meta")
+    model, opt = build(name, "cpu")
     stepper = PerLayerStepper(opt)
     tokens = torch.randint(0, CFG.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     model(tokens, tokens).backward()
@@ -102,12 +115,18 @@ def test_plan_memory_reports_the_breakdown_through_the_spec(tmp_path):
     assert plan.spec.settings["parameters"] < plan.baselines["adamw-bf16"].settings["parameters"]
 
 
+@functools.lru_cache(maxsize=None)
+def plan_7b(method):
+    """The memory table's 7B cell of a weight-side method (planned once per module)."""
+    from gradproj.memory.tables import WEIGHT_SIDE, example
+    from gradproj.train.spec import load_spec
+    return gp.plan_memory(load_spec(example("7b"), WEIGHT_SIDE[method]("7b")), dtype="bfloat16")
+
+
 def test_sltrain_7b_reproduces_the_papers_73_percent_cut():
     """SLTrain at 7B (rank 1024, δ 0.05, as their script) with 8-bit states and per-layer
     updates: the parameter count spelled out, and total memory ≥ 73 % below BF16 AdamW."""
-    from gradproj.memory.tables import WEIGHT_SIDE, example
-    from gradproj.train.spec import load_spec
-    plan = gp.plan_memory(load_spec(example("7b"), WEIGHT_SIDE["SLTrain 8-bit"]("7b")), dtype="bfloat16")
+    plan = plan_7b("SLTrain 8-bit")
     r, d, f, layers, delta = 1024, 4096, 11008, 32, 0.05
     per_layer = 4 * (r * (d + d) + int(delta * d * d)) + 3 * (r * (d + f) + int(delta * d * f))
     full_rank = 2 * 32000 * d + (2 * layers + 1) * d  # embedding, head, norms
@@ -126,3 +145,18 @@ def test_lora_ga_plan_notes_its_one_time_init_gradient(tmp_path):
     frozen = expected_breakdown({"kind": "lora", "rank": 8})["frozen"]
     assert plan.spec.parametrization["frozen"] == frozen
     assert any(n.startswith("lora-ga:") and f"{frozen:,} bytes" in n for n in plan.spec.notes)
+
+
+def test_sltrain_7b_with_int8_factors_and_values():
+    """The tables' `SLTrain 8-bit + INT8` cell: B, A and S's values as one byte each plus
+    an fp32 scale per 256 (each tensor's groups), the rest as the 8-bit row."""
+    plan = plan_7b("SLTrain 8-bit + INT8")
+    r, d, f, layers, delta = 1024, 4096, 11008, 32, 0.05
+    shapes = [(d, d)] * 4 + [(f, d), (f, d), (d, f)]
+    tensors = [t for m, n in shapes for t in (r * m, r * n, int(delta * m * n))] * layers
+    assert plan.spec.parametrization["codes"] == sum(tensors)           # 3.08e9 bytes
+    assert plan.spec.parametrization["scales"] == 4 * sum(math.ceil(t / 256) for t in tensors)
+    float_row = plan_7b("SLTrain 8-bit").spec
+    assert float_row.total - plan.spec.total > 0.95 * sum(tensors)  # ~1 byte saved per value
+    cut = 1 - plan.spec.total / plan.baselines["adamw-bf16"].total
+    assert 0.78 <= cut <= 0.80, cut  # 78.9 % here

@@ -24,6 +24,9 @@ SUITE_OPTIONS = {
     "lora": {"rank": 4, "alpha": 8.0, "project_factors": True},
     "lora-ga": {"rank": 4, "alpha": 8.0, "batches": 2, "project_factors": True},
     "sltrain": {"rank": 4, "alpha": 8.0, "density": 0.1, "project_factors": True},
+    # B, A and S's values INT8 (group 64: partial last groups in A 4×24, B and S)
+    "sltrain+int8": {"kind": "sltrain", "rank": 4, "alpha": 8.0, "density": 0.1,
+                     "project_factors": True, "int8": True, "group_size": 64},
     "gradnormlorp": {"rank": 4, "alpha": 8.0},
     # WeLore's layer shapes follow the weights it compresses, so the suite fine-tunes from a
     # `gradproj compress`-style file (filled in by `welore_checkpoint` below): the structure
@@ -31,6 +34,7 @@ SUITE_OPTIONS = {
     "welore": {"ratio": 0.5, "project_factors": True, "compressed": None},
 }
 KINDS = gp.PARAMETRIZATIONS.names()
+CASES = [*KINDS, *(c for c in SUITE_OPTIONS if c not in KINDS)]  # kinds, then variants
 TARGETS = ("attn", "mlp")
 
 
@@ -66,7 +70,7 @@ def loss_of(model):
 
 def parametrized(kind, seed=0):
     model = make_model(seed)
-    table = {"kind": kind, **SUITE_OPTIONS[kind]}
+    table = {"kind": kind, **SUITE_OPTIONS[kind]}  # a variant names its kind itself
     apply_parametrization(model, table, linear_module_names(model, TARGETS))
     initialize_parametrization(model, table, loss_of(model))
     return model, table
@@ -86,7 +90,7 @@ def test_every_registered_kind_is_in_the_suite():
     assert set(KINDS) <= set(SUITE_OPTIONS), f"add options for {set(KINDS) - set(SUITE_OPTIONS)}"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CASES)
 def test_forward_equals_the_dense_weight_and_gradients_match_autograd(kind):
     model, _ = parametrized(kind)
     for name, module in parametrized_modules(model).items():
@@ -100,23 +104,24 @@ def test_forward_equals_the_dense_weight_and_gradients_match_autograd(kind):
         module.zero_grad(set_to_none=True)
         x.grad = None
 
-        dense = module.dense_weight()
         quantized = {n for n, p in module.named_parameters() if is_quantized(p)}
-        if quantized:  # INT8 codes: the reference gradient is the dense weight's
-            dense = dense.detach().requires_grad_(True)
-        y_ref = F.linear(x, dense, module.bias)
+        # INT8 codes: the reference is the float layer of the dequantized tensors (same
+        # names), whose own forward is held to its dense weight in its kind's case
+        ref = module.float_twin() if quantized else module
+        dense = ref.dense_weight() if isinstance(ref, ParametrizedLinear) else ref.weight
+        y_ref = F.linear(x, dense, ref.bias)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-5)
         (y_ref - target).square().sum().backward()
         torch.testing.assert_close(got_x, x.grad, rtol=1e-5, atol=1e-5)
         trained = {n for n, p in module.named_parameters() if p.requires_grad} | quantized
         assert set(got) == trained, (name, set(got), trained)
-        for n, p in module.named_parameters():
-            want = dense.grad if n in quantized else p.grad
+        for n, p in ref.named_parameters():
             if n in trained:
-                torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5, msg=f"{kind} {name}.{n}")
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5, msg=f"{kind} {name}.{n}")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CASES)
 def test_merge_exports_plain_linear_layers_computing_the_same(kind, tmp_path):
     model, _ = parametrized(kind)
     for module in parametrized_modules(model).values():
@@ -147,7 +152,7 @@ def train(model, opt, steps):
         opt.step()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CASES)
 def test_checkpoint_loads_weights_only_and_resumes_bit_exactly(kind):
     model, table = parametrized(kind)
     opt = build(model, table)
@@ -175,7 +180,7 @@ def test_checkpoint_loads_weights_only_and_resumes_bit_exactly(kind):
 
 @pytest.mark.parametrize("fmt", gp.STATE_FORMATS.names())
 @pytest.mark.parametrize("projector", gp.PROJECTORS.names())
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CASES)
 def test_combines_with_every_projector_and_state_format(kind, projector, fmt):
     model, table = parametrized(kind)
     opt = build(model, table, projector=projector, state_format=fmt)
