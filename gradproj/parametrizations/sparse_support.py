@@ -64,6 +64,11 @@ def support(numel: int, count: int, seed: int, device=None) -> torch.Tensor:
         return torch.empty(count, dtype=torch.int64, device=device)
     half_bits = max(1, (max(numel - 1, 1).bit_length() + 1) // 2)
     keys = round_keys(seed)
+    if device.type == "cpu":  # the same positions from a C loop (kernels/cpu_feistel.py)
+        from ..kernels import cpu_feistel
+        fast = cpu_feistel.support(numel, count, half_bits, keys)
+        if fast is not None:
+            return fast
     x = _feistel(torch.arange(count, dtype=torch.int64, device=device), half_bits, keys)
     out = x >= numel
     while bool(out.any()):  # cycle walking: re-encrypt until the value lands in range

@@ -1,8 +1,11 @@
 """SLTrain: the seeded support, the dense form built independently, no dense weight kept."""
 import math
+import os
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import gradproj as gp
 from gradproj.parametrizations.sltrain import SLTrainLinear
@@ -17,6 +20,22 @@ def test_support_is_count_distinct_positions_in_range(numel, count):
     assert torch.equal(s, support(numel, count, seed=3))          # regenerated, not stored
     if count < numel and count > 1:
         assert not torch.equal(s, support(numel, count, seed=4))  # the seed matters
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.integers(1, 1 << 18), st.floats(0.0, 1.0), st.integers(0, 2 ** 63 - 1))
+def test_support_c_path_gives_the_reference_positions(numel, fraction, seed):
+    """The C loop (kernels/cpu_feistel.c) against the tensor reference, position for
+    position, over sizes whose Feistel halves run from 1 to 9 bits and any seed."""
+    from gradproj.kernels import cpu_feistel
+    if cpu_feistel.library() is None:
+        pytest.skip("no C compiler")
+    count = int(fraction * numel)
+    fast = support(numel, count, seed)
+    with mock.patch.dict(os.environ, {"GRADPROJ_KERNELS": "reference"}):
+        assert cpu_feistel.support(numel, count, 4, [1, 2, 3, 4]) is None
+        reference = support(numel, count, seed)
+    assert torch.equal(fast, reference)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

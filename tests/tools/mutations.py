@@ -20,6 +20,7 @@ GUARDS = [
     ("gradproj/kernels/cpu_counter_rng", ["tests/kernels/test_kernels_cpu_counter_rng.py",
                                           "tests/family/test_quant_weights.py"]),
     ("gradproj/kernels/backproj.py", ["tests/kernels/test_kernels_cpu_backproj.py"]),
+    ("gradproj/kernels/cpu_feistel", ["tests/parametrizations/test_sltrain.py"]),
     ("gradproj/kernels/adam.py", RULE_TESTS),
     ("gradproj/seeds.py", ["tests/family/test_quant_weights.py", "tests/family/test_refresh.py",
                            "tests/core/test_projector_distributions.py"]),
@@ -170,6 +171,10 @@ MUTATIONS = [
     ("gradproj/rules/adamp.py", "wu / (w_norm + eps).square()", "wu / (w_norm + eps)"),
     ("gradproj/rules/adamp.py", "cosine = gw.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))",
      "cosine = gw / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))"),
+    # --- SLTrain's support in C (kernels/cpu_feistel.c)
+    ("gradproj/kernels/cpu_feistel.c", "    h ^= h >> 16;\n", "    h ^= h >> 15;\n"),
+    ("gradproj/kernels/cpu_feistel.c", "        left = right;\n        right = next;", "        left = next;\n        right = left;"),
+    ("gradproj/kernels/cpu_feistel.c", "while (x >= (uint64_t)numel)", "if (x >= (uint64_t)numel)"),
     # --- residuals
     ("gradproj/residuals/base.py", 'return back(direction).mul_(group["scale"])', "return back(direction)"),
     ("gradproj/residuals/fira.py", "outside = grad - back(low_grad)", "outside = grad - back(direction)"),
