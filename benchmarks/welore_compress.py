@@ -2,7 +2,8 @@
 
     python benchmarks/welore_compress.py                 # train (or reuse) two tiny models, compare
     python benchmarks/welore_compress.py --ratios 0.5    # one compression ratio
-    python benchmarks/welore_compress.py --finetune 100  # then fine-tune only the factors
+    python benchmarks/welore_compress.py --finetune 100  # then fine-tune (LRCs; LRCs + N-LRCs)
+    python benchmarks/welore_compress.py --ratios 0.5 --by-type   # where the loss comes from
     python benchmarks/welore_compress.py --steps 3 --eval-batches 2 --ratios 0.5   # smoke run
 
 Two tiny models (examples/tiny.toml, 600 steps, the default embedded data) are trained — with
@@ -122,6 +123,24 @@ def tuned_loss(trainer: Trainer, state: dict, choices: dict, steps: int,
     return tuned, sum(p.numel() for p in trained_params)
 
 
+def type_rows(trainer: Trainer, state: dict, model: str, ratio: float, dense: float,
+              spectra: dict, shapes: dict) -> list[str]:
+    """Where the loss comes from: each matrix type (q_proj, ..., down_proj) compressed alone."""
+    _, welore = welore_rank.search_threshold(spectra, shapes, ratio, 0.0)
+    uniform = welore_rank.matched_uniform(shapes, params(welore))
+    rows = []
+    for kind in dict.fromkeys(n.rsplit(".", 1)[1] for n in shapes):
+        sel = [n for n in shapes if n.endswith("." + kind)]
+        full = sum(shapes[n][0] * shapes[n][1] for n in sel)
+        w = {n: welore[n] for n in sel}
+        u = {n: uniform[n] for n in sel}
+        wl, ul = compressed_loss(trainer, state, w), compressed_loss(trainer, state, u)
+        kept = ", ".join(str(c.kept) if c.low_rank else "dense" for c in w.values())
+        rows.append(f"| {model} | {ratio:g} | {kind} | {kept} | {full - params(w)} / "
+                    f"{full - params(u)} | {wl - dense:+.4f} | {ul - dense:+.4f} |")
+    return rows
+
+
 def rank_uniform(shapes: dict, ratio: float) -> dict:
     """The reference's uniform_rank_pruning: int(ratio · r) of every matrix's rank pruned."""
     return {n: welore_rank.Choice(shape=s, kept=min(s) - int(ratio * min(s)), low_rank=True)
@@ -144,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps of fine-tuning after compressing (min_ratio 0.4999 split)")
     parser.add_argument("--steps", type=int, default=600, help="training steps of each model")
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out batches per eval")
+    parser.add_argument("--by-type", action="store_true",
+                        help="also: each matrix type compressed alone (params, min_ratio 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| model | ratio | accounting (LRC rule) | threshold | params kept (welore / uniform) "
           "| rank kept (welore / uniform) | dense loss | welore loss (Δ) | uniform loss (Δ) | LRCs "
           "| ranks kept, welore (attn q k v o, mlp g u d, layer 0) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    tuned_rows = []
+    tuned_rows, by_type = [], []
     for name, overrides in RECIPES.items():
         trainer, state = trained(name, overrides, Path(args.runs), args.steps, args.eval_batches)
         dense = trainer.evaluate()
@@ -160,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
         spectra = welore_rank.spectra(weights)
         for ratio in args.ratios:
+            if args.by_type:
+                by_type.extend(type_rows(trainer, state, name, ratio, dense, spectra, shapes))
             cases = []
             for label, min_ratio in (("params (min_ratio 0)", 0.0),
                                      ("params (min_ratio 0.4999)", welore_rank.MIN_RATIO)):
@@ -175,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 lrc = sum(c.low_rank for c in welore.values())
                 print(f"| {name} | {ratio:g} | {label} | {t:.4f} | {params(welore)} / "
                       f"{params(uniform)} | {ranks(welore)} / {ranks(uniform)} | {dense:.4f} | "
-                      f"{wl:.4f} (+{wl - dense:.4f}) | {ul:.4f} (+{ul - dense:.4f}) | "
+                      f"{wl:.4f} ({wl - dense:+.4f}) | {ul:.4f} ({ul - dense:+.4f}) | "
                       f"{lrc}/{len(names)} | {kept} |", flush=True)
                 if args.finetune and min_ratio and label.endswith("0.4999)"):
                     lrc_only, n_lrc = tuned_loss(trainer, state, welore, args.finetune, False)
@@ -184,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
                     tuned_rows.append(f"| {name} | {ratio:g} | {dense:.4f} | {wl:.4f} | "
                                       f"{lrc_only:.4f} ({n_lrc}) | {both:.4f} ({n_both}) | "
                                       f"{ul:.4f} | {uni:.4f} ({n_uni}) |")
+    if by_type:
+        print("\nOne matrix type compressed at a time, the rest dense (the choices of the "
+              "params / min_ratio 0 row and its matched uniform baseline):\n")
+        print("| model | ratio | type | welore ranks kept (layers 0-3) | params saved (welore / "
+              "uniform) | welore Δ loss | uniform Δ loss |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(by_type))
     if tuned_rows:
         print(f"\nAfter {args.finetune} fine-tuning steps (min_ratio 0.4999 split; trained "
               "parameters in brackets):\n")
