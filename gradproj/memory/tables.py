@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         opt, base = plan.spec.optimizer_memory, plan.baselines["adamw-bf16"].optimizer_memory
         print(f"  GradNormLoRP 8-bit optimizer memory at 7B: {opt / GB:.2f} GB, "
               f"{change(1 - opt / base)} than BF16 AdamW's {base / GB:.2f} GB (the paper: "
-              f"-89.5 %; GaLore rank 512 gives 88.4 %, see README)")
+              f"up to -89.5 %, not derivable from its setting: see README)")
     return 0
 
 

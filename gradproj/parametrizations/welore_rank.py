@@ -19,6 +19,9 @@ the README):
   * an LRC must also be smaller as factors than dense, k·(m + n) < m·n (for a square matrix
     that is exactly pruned / r > 0.5, the reference's 0.4999);
   * t never exceeds 1, so every LRC keeps at least its largest singular value.
+`rank_reduction_choices` is the reference's own accounting (rank share, min_ratio 0.0, as its
+welore_rank_reduction.py), kept to compare with the paper's tables; `matched_uniform` is the
+uniform baseline at the same parameter count (benchmarks/welore_compress.py).
 """
 from __future__ import annotations
 
@@ -119,18 +122,77 @@ def search_threshold(normalized: dict[str, torch.Tensor], shapes: dict[str, tupl
     return threshold, choices_at(normalized, shapes, threshold, min_ratio)
 
 
+def _uniform_at(shapes: dict[str, tuple[int, int]], fraction: float) -> dict[str, Choice]:
+    return {name: Choice(shape=s, kept=max(1, round(fraction * min(s))), low_rank=True)
+            for name, s in shapes.items()}
+
+
+def _uniform_index(shapes: dict[str, tuple[int, int]], params: int) -> tuple[list[float], int]:
+    """The rank shares k / min(m, n) and the index of the smallest one holding >= `params`."""
+    fractions = sorted({k / min(s) for s in shapes.values() for k in range(1, min(s) + 1)})
+    totals = [sum(c.params for c in _uniform_at(shapes, f).values()) for f in fractions]
+    return fractions, min(bisect.bisect_left(totals, params), len(fractions) - 1)
+
+
 def uniform_choices(shapes: dict[str, tuple[int, int]], params: int) -> dict[str, Choice]:
     """The uniform baseline: every matrix factored with the same share of its rank, the
     smallest share whose factors hold at least `params` parameters (so the baseline is never
     given fewer parameters than the method it is compared with)."""
-    fractions = sorted({k / min(s) for s in shapes.values() for k in range(1, min(s) + 1)})
+    fractions, i = _uniform_index(shapes, params)
+    return _uniform_at(shapes, fractions[i])
 
-    def at(fraction: float) -> dict[str, Choice]:
-        return {name: Choice(shape=s, kept=max(1, round(fraction * min(s))), low_rank=True)
-                for name, s in shapes.items()}
 
-    i = bisect.bisect_left([sum(c.params for c in at(f).values()) for f in fractions], params)
-    return at(fractions[min(i, len(fractions) - 1)])
+def matched_uniform(shapes: dict[str, tuple[int, int]], params: int) -> dict[str, Choice]:
+    """The uniform baseline at the same parameter count: every matrix at the largest uniform
+    share whose factors hold fewer than `params`, then one more rank for the matrices in
+    order until the total reaches `params` — every matrix keeps rank k or k + 1 and the
+    baseline holds between `params` and `params` + max(m + n) (under 0.1 % of the tiny
+    model's matrices; `uniform_choices` alone over-shoots by up to one whole share, 1.3 %)."""
+    fractions, i = _uniform_index(shapes, params)
+    above = _uniform_at(shapes, fractions[i])
+    if i == 0 or sum(c.params for c in above.values()) == params:
+        return above
+    base = _uniform_at(shapes, fractions[i - 1])
+    total = sum(c.params for c in base.values())
+    for n, c in base.items():
+        if total >= params:
+            break
+        if c.kept < c.full_rank:
+            base[n] = Choice(shape=c.shape, kept=c.kept + 1, low_rank=True)
+            total += sum(c.shape)
+    return base if total >= params else above
+
+
+def rank_reduction_choices(normalized: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                           ratio: float) -> tuple[float, dict[str, Choice]]:
+    """The reference's own compression experiment (welore_rank_reduction.py, --min_ratio 0.0):
+    the smallest threshold whose pruned ranks reach `ratio` of the summed ranks, and every
+    matrix with any rank pruned replaced by rank-k factors — even where k(m + n) > m·n, so
+    its parameter saving is smaller than `ratio` (for a square matrix a 50 % rank cut saves
+    nothing). For comparison with the paper's figures, not for `gradproj compress`."""
+    total = sum(min(s) for s in shapes.values())
+    values = sorted({float(v) for s in normalized.values() for v in s.tolist() if 0.0 < v <= 1.0})
+
+    def at(t: float) -> dict[str, Choice]:
+        out = {}
+        for n, s in shapes.items():
+            pruned = min(pruned_count(normalized[n], t), min(s) - 1)
+            out[n] = Choice(shape=s, kept=min(s) - pruned, low_rank=pruned > 0)
+        return out
+
+    def reduced(ch: dict[str, Choice]) -> float:
+        return sum(c.full_rank - c.kept for c in ch.values()) / total
+
+    lo, hi = 0, len(values) - 1
+    if reduced(at(values[hi])) < ratio:
+        raise ValueError(f"option 'ratio' {ratio} is out of reach in rank terms")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reduced(at(values[mid])) >= ratio:
+            hi = mid
+        else:
+            lo = mid + 1
+    return values[lo], at(values[lo])
 
 
 def factorize(w: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:

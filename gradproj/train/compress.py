@@ -9,7 +9,7 @@ Fine-tune from it with
 
     [model.parametrization]
     kind = "welore"
-    compressed = "PATH"          # trains only the low-rank factors (train_others = false)
+    compressed = "PATH"          # trains only the low-rank factors (train_rest = false)
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="share of the targeted matrices' parameters to remove (default 0.5)")
     p.add_argument("--min-ratio", type=float, default=None,
                    help="a matrix becomes factors only if it drops more than this share of "
-                        "its rank (default 0.4999, WeLore's fine-tuning script)")
+                        "its rank (default 0.4999, WeLore's fine-tuning script; its "
+                        "compression-only script uses 0)")
     p.add_argument("--out", default=None,
                    help="output file (default: RUN_DIR/welore-RATIO.safetensors)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

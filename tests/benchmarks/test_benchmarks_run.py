@@ -190,4 +190,7 @@ def test_welore_compress_smallest(tmp_path, capsys):
     welore.main(["--runs", str(tmp_path), "--steps", "3", "--eval-batches", "2",
                  "--ratios", "0.5", "--finetune", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if "| 0.5 |" in line]
-    assert len(rows) == 2  # one per training recipe
+    for accounting in ("| params (min_ratio 0) |", "| params (min_ratio 0.4999) |",
+                       "| rank (reference, min_ratio 0) |"):
+        assert sum(accounting in r for r in rows) == 2, accounting  # one per training recipe
+    assert len(rows) == 2 * 3 + 2  # and one fine-tuned row per recipe

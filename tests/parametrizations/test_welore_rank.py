@@ -82,3 +82,36 @@ def test_uniform_baseline_holds_at_least_the_parameters_and_no_more_than_one_ste
     fewer = {k: wr.Choice(c.shape, c.kept - 1, True) for k, c in u.items()}
     assert sum(c.params for c in fewer.values()) < target
     assert len({c.kept for c in u.values()}) == 1  # same rank share of equal-width matrices
+
+
+def test_matched_uniform_reaches_the_count_within_one_rank_step():
+    shapes = {"q": (32, 32), "k": (32, 32), "up": (88, 32), "down": (32, 88)}
+    for target in (3000, 7777, 9120):
+        coarse = wr.uniform_choices(shapes, target)
+        u = wr.matched_uniform(shapes, target)
+        total = sum(c.params for c in u.values())
+        # at least the target, less than one more rank of the widest matrix above it
+        assert target <= total < target + max(sum(s) for s in shapes.values()), (target, total)
+        assert total <= sum(c.params for c in coarse.values())
+        assert all(c.low_rank for c in u.values())
+        kept = {c.kept for c in u.values()}  # equal-width matrices: ranks k or k + 1 only
+        assert max(kept) - min(kept) <= 1, kept
+
+
+def test_rank_reduction_choices_are_the_references_rank_accounting():
+    shapes = {"a": (24, 24), "b": (24, 40), "c": (40, 24)}
+    gen = torch.Generator().manual_seed(1)
+    mats = {k: _matrix(*s, torch.rand(min(s), generator=gen, dtype=torch.float64)
+                       .pow(2 + 3 * i).sort(descending=True).values.tolist(), seed=i)
+            for i, (k, s) in enumerate(shapes.items())}
+    norm = wr.spectra(mats)
+    total = sum(min(s) for s in shapes.values())
+    for ratio in (0.1, 0.3, 0.5):
+        t, choices = wr.rank_reduction_choices(norm, shapes, ratio)
+        pruned = {k: int((norm[k] < t).sum()) for k in shapes}  # counted here, not by the module
+        assert {k: c.kept for k, c in choices.items()} == {k: min(shapes[k]) - p for k, p in pruned.items()}
+        assert sum(pruned.values()) / total >= ratio
+        smaller = max(float(x) for s in norm.values() for x in s if x < t)
+        assert sum(int((norm[k] < smaller).sum()) for k in shapes) / total < ratio
+        # min_ratio 0: any pruned rank means factors, even those bigger than the dense matrix
+        assert all(c.low_rank == (pruned[k] > 0) for k, c in choices.items())
