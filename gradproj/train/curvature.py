@@ -33,24 +33,34 @@ from .data import Batches
 SEED_STRIDE = 1_000_003
 
 
+def curvature_settings(opt) -> tuple[int, str | None]:
+    """(k, estimator) of the optimizer's curvature rules, (0, None) without one. The spec
+    sets one value for every group; a script mixing them gets the smallest k."""
+    settings = {(g["curvature_every"], g["curvature_estimator"]) for g in opt.param_groups
+                if opt.plugins(g)[0].uses_curvature}
+    return min(settings) if settings else (0, None)
+
+
+def curvature_generator(seed: int, step: int, device) -> torch.Generator:
+    """The generator of the pass after optimizer step `step` (0-based) of a run seeded
+    `seed`: GNB's sampled labels, Hutchinson's probes (also the HF Trainer's pass)."""
+    return torch.Generator(device=device).manual_seed((seed * SEED_STRIDE + step) * 1_013 + 5)
+
+
 class CurvaturePass:
     def __init__(self, opt, spec, corpus, device):
-        settings = {(g["curvature_every"], g["curvature_estimator"]) for g in opt.param_groups
-                    if opt.plugins(g)[0].uses_curvature}
-        # the spec sets one value for every group; a script mixing them gets the smallest k
-        self.every, self.estimator = min(settings) if settings else (0, None)
+        self.every, self.estimator = curvature_settings(opt)
         t = spec.train
         self.opt, self.device, self.train = opt, device, t
         self.batch_size = t.batch_size * spec.data.seq_len * t.grad_accum  # GNB's B
         self.data = Batches(corpus.train, spec.data.seq_len, t.batch_size, t.seed + 2,
-                            spec.model.vocab_size, "curvature") if settings else None
+                            spec.model.vocab_size, "curvature") if self.every else None
 
     def due(self, steps_taken: int) -> bool:
         return bool(self.every) and steps_taken % self.every == 0
 
     def _generator(self, step: int, device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(
-            (self.train.seed * SEED_STRIDE + step) * 1_013 + 5)
+        return curvature_generator(self.train.seed, step, device)
 
     def run(self, model, step: int, autocast, stepper=None) -> None:
         """The pass after optimizer step `step` (0-based), on `model` (unwrapped)."""
