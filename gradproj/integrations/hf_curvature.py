@@ -12,7 +12,12 @@ As in the TOML loop (train/curvature.py): after every k-th optimizer step (the g
       skips the update. In per-layer mode (`*_layerwise`) the stepper's hooks feed each
       weight's ĝ to the curvature instead of a step (no clipping, as in its steps).
   "hutchinson": the first micro-batch's loss on its labels and a Rademacher probe per
-      weight, attention through SDPA's math kernel (normal mode only).
+      weight, attention through SDPA's math kernel (normal mode, one process).
+
+Under DDP (GNB, normal mode) each rank runs the pass on its own micro-batches with labels
+from a generator of its own, scales each loss by n_i over the global B (one all-reduce of
+the token count) and sums ĝ over the ranks (one flat all-reduce): every rank feeds the
+same ĥ, GNB on the global batch, as the TOML loop does (train/curvature.py says why).
 
 Our loop draws a fresh batch from a stream of its own; the Trainer's data pipeline has no
 second stream to draw from without moving its sampler or the global RNG, so the pass reuses
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -72,7 +78,8 @@ class CurvatureCallback(transformers.TrainerCallback):
         trainer, opt = self.trainer, self.trainer.gradproj_optimizer
         feeds = [{k: v for k, v in self._feed(x).items() if k != "labels"} for x in window]
         counts = [_tokens(feed) for feed in feeds]
-        total = sum(counts)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        total = _sum_over_ranks(sum(counts), trainer.args.device) if world > 1 else sum(counts)
         stepper = trainer.stepper
         if stepper:
             stepper.begin_curvature(total)
@@ -83,7 +90,8 @@ class CurvatureCallback(transformers.TrainerCallback):
             mask = feed.get("attention_mask")
             logits = logits[mask.bool()] if mask is not None else logits
             if gen is None:
-                gen = curvature_generator(trainer.args.seed, step, logits.device)
+                gen = curvature_generator(trainer.args.seed, step, logits.device,
+                                          trainer.args.process_index)
             loss, _ = sampled_label_loss(logits, generator=gen)
             if stepper:
                 stepper.begin_micro_batch(stepper.grad_accum - 1 if i == len(feeds) - 1 else 0)
@@ -93,6 +101,11 @@ class CurvatureCallback(transformers.TrainerCallback):
             return
         params = [p for g in opt.param_groups for p in g["params"]]
         grads = [p.grad for p in params if p.grad is not None]
+        if world > 1 and grads:  # each rank's share of the global mean: their sum is ĝ
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            for grad, value in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                grad.copy_(value)
         clip = trainer.args.max_grad_norm
         norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip and clip > 0
                 else torch.nn.utils.get_total_norm(grads))
@@ -108,6 +121,12 @@ class CurvatureCallback(transformers.TrainerCallback):
         opt.update_curvature("hutchinson", loss=loss,
                              generator=curvature_generator(trainer.args.seed, step, "cpu"))
         opt.zero_grad(set_to_none=True)
+
+
+def _sum_over_ranks(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _tokens(feed: dict) -> int:

@@ -32,7 +32,7 @@ weight_decay 0.0; a dataclass cannot tell a value passed from its default, so pa
 default reads as unset): set ones apply to Sophia's betas, ε and decay; optim_args
 (`betas=0.9:0.99`, `eps=1e-12`) win over both. `GradprojTrainer` runs its curvature pass
 every `curvature_every` steps (hf_curvature.py); a plain `Trainer` cannot, so
-`gradproj_optimizer` refuses such a rule.
+`gradproj_optimizer` refuses such a rule. Under DDP the GNB pass averages over the ranks.
 """
 from __future__ import annotations
 
@@ -160,9 +160,10 @@ class GradprojTrainer(transformers.Trainer):
         if every and estimator == "hutchinson" and self.stepper is not None:
             raise OptionError("curvature_estimator 'hutchinson' needs a double backward, which "
                               "per-layer mode's hooks cannot run; use 'gnb' or drop *_layerwise")
-        if every and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
-            raise OptionError("rule 'sophia': the curvature pass runs in one process only "
-                              "(each rank's estimate would differ); train with one process")
+        if (every and estimator == "hutchinson"
+                and self.args.parallel_mode == ParallelMode.DISTRIBUTED):
+            raise OptionError("curvature_estimator 'hutchinson' runs in one process only; "
+                              "use 'gnb' (averaged over the ranks) or train with one process")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.curvature.settings()[0]:  # the pass reuses the step's inputs (hf_curvature)

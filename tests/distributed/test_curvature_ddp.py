@@ -7,7 +7,8 @@ pass (after step 2) is recomputed here from the weights it ran on: each rank's s
 labels spelled out, ĝ the mean of the two shards' gradients, h = (1 − β2)·B·ĝ⊙ĝ, projected
 (Pᵀĝ or ĝP in the basis the state holds) for the projected weights. Without the average
 each rank's h would be B·ĝ_r⊙ĝ_r and the ranks would part; with one label stream the
-ranks' labels would come from the same uniforms.
+ranks' labels would come from the same uniforms. The same for Hugging Face's Trainer
+(`GradprojTrainer`, each rank its own micro-batches from HF's distributed sampler).
 """
 from __future__ import annotations
 
@@ -68,3 +69,40 @@ def test_two_ranks_feed_the_gnb_estimate_of_the_global_batch(tmp_path):
         torch.testing.assert_close(state["hessian"], 0.01 * b * g.square(), rtol=1e-4,
                                    atol=1e-12, msg=name)
     assert any("proj_left" in s or "proj_right" in s for s in first["state"].values())
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_feed_the_gnb_estimate_of_the_global_batch(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    proc = torchrun(str(HERE / "hf_sophia_worker.py"), str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for key, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][key]), f"{key} differs between ranks"
+    assert not torch.equal(ranks[0]["window"][0], ranks[1]["window"][0])  # own batches
+    sys.path.insert(0, str(HERE.parent / "integrations"))
+    from test_hf_trainer import tiny_llama
+    model = tiny_llama()
+    model.load_state_dict(ranks[0]["before"])
+    params = dict(model.named_parameters())
+    tokens = sum(x.numel() for r in ranks for x in r["window"])  # B: 2 ranks x 2 x 16
+    total = [torch.zeros_like(p) for p in params.values()]
+    for r, saved in enumerate(ranks):
+        gen = torch.Generator().manual_seed((0 * 1_000_003 + 2) * 1_013 + 5 + 7 * r)
+        for ids in saved["window"]:
+            logits = model(input_ids=ids).logits.float().reshape(-1, 64)
+            labels = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen).squeeze(1)
+            ce = F.cross_entropy(logits, labels, reduction="sum") / tokens
+            for acc, g in zip(total, torch.autograd.grad(ce, list(params.values()))):
+                acc += g
+    assert tokens == 64
+    for (name, _), g in zip(params.items(), total):
+        state = ranks[0]["state"][name]
+        assert torch.equal(state["hessian"], ranks[1]["state"][name]["hessian"]), name
+        if "proj_left" in state:
+            g = state["proj_left"].float().T @ g
+        elif "proj_right" in state:
+            g = g @ state["proj_right"].float()
+        torch.testing.assert_close(state["hessian"], 0.01 * tokens * g.square(), rtol=1e-4,
+                                   atol=1e-12, msg=name)
