@@ -69,7 +69,17 @@ class RunContext:
         the norm, clipping and the step, so every rank steps the same weights."""
         if self.env.parallel != "ddp":
             return
-        grads = [p.grad for p in params if p.grad is not None and not p.requires_grad]
+        self._average([p.grad for p in params if p.grad is not None and not p.requires_grad])
+
+    def average_grads(self, params) -> None:
+        """Average every `.grad` of `params` over the ranks (one flat all-reduce): for a
+        backward that did not run through DDP's forward, such as Sophia's curvature pass
+        on the unwrapped model (train/curvature.py). No-op unless DDP."""
+        if self.env.parallel != "ddp":
+            return
+        self._average([p.grad for p in params if p.grad is not None])
+
+    def _average(self, grads: list[torch.Tensor]) -> None:
         if not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
@@ -77,6 +87,10 @@ class RunContext:
         flat.div_(self.env.world_size)
         for grad, value in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(value)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
 
     @staticmethod
     def bucket_bytes(model: torch.nn.Module) -> int:

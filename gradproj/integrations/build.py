@@ -14,7 +14,7 @@ layers into INT8 `QuantLinear` (the `int8` parametrization); a `Resolved.paramet
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torch import nn
 
@@ -23,7 +23,7 @@ from ..optimizers.presets import MODEL_KEYS, preset_options
 from ..parametrizations import (ParametrizedLinear, apply_parametrization, from_options,
                                 role_of)
 from ..quant.linear import is_quantized
-from .hf_options import LLAMAFACTORY_ALL, Resolved
+from .hf_options import LLAMAFACTORY_ALL, Resolved, build_options
 from .targets import llamafactory_all_linear, target_parameter_names
 
 # transformers' Trainer.get_decay_parameter_names: no decay for LayerNorm modules, biases, norms
@@ -123,17 +123,16 @@ def apply_to_targets(model: nn.Module, parametrization, targets) -> dict:
                                  _modules(resolve_target_names(model, targets)))
 
 
-def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float, weight_decay: float = 0.0,
-                        betas: tuple[float, float] | None = None,
-                        eps: float | None = None) -> LowRankOptimizer:
-    """The optimizer for `model`: `choice`'s preset and options, HF-style target matching."""
-    options = preset_options(choice.preset)
-    options.update(choice.options)
-    if choice.adam_from_args and options.get("rule", "adamw") == "adamw":
-        if betas is not None:
-            options["betas"] = tuple(betas)
-        if eps is not None:
-            options["eps"] = eps
+def build_from_resolved(model: nn.Module, choice: Resolved, *, lr: float,
+                        weight_decay: float | None = 0.0, adam: Mapping[str, float] | None = None,
+                        explicit=()) -> LowRankOptimizer:
+    """The optimizer for `model`: `choice`'s preset and options (`hf_options.build_options`,
+    with the TrainingArguments' Adam arguments `adam`, `explicit` the ones the user set),
+    HF-style target matching. `weight_decay` None: the preset's (Sophia's 0.1), else 0."""
+    options = build_options(choice.preset, choice.options, adam_from_args=choice.adam_from_args,
+                            adam=adam, explicit=explicit)
+    if weight_decay is None:
+        weight_decay = options.get("weight_decay", 0.0)
     for key in MODEL_KEYS:
         options.pop(key, None)
     prepare_model(model, choice)  # exactly the targeted nn.Linear layers become INT8

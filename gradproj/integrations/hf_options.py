@@ -19,6 +19,13 @@ Three vocabularies, each mirroring what its framework does today:
   `optim` → GaLore class choice (adamw_torch, adamw_8bit, adafactor).
 
 Anything else is refused with one line naming the key and the close matches.
+
+`build_options` layers what a choice builds: the preset; where optim_args switch the rule
+(`rule=sophia` over GaLore), the new rule's own defaults for the options both rules name
+(GaLore's Adam ε 1e-6 is not Sophia's 1e-15); the TrainingArguments' Adam arguments
+(all of them where HF passes them: APOLLO, LLaMA-Factory's AdamW; for any other rule
+only the ones the user set, `explicit`); then optim_args, which win. A tuple option is
+given as numbers joined by ':' (`betas=0.965:0.99`), since HF splits optim_args on commas.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 from ..train.checks import did_you_mean
 from ..optimizers import LowRankOptimizer
 from ..optimizers.options import GENERIC_DEFAULTS
-from ..optimizers.presets import MODEL_KEYS
+from ..optimizers.presets import MODEL_KEYS, preset_options
 from ..registry import PRESETS, RESIDUALS, RULES
 
 
@@ -70,6 +77,9 @@ FOREIGN_KEYS: dict[str, tuple[str, Any]] = {
 _NOT_IN_OPTIM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
 _INTERNAL = {"lowrank", "projector_options", "params"}
 _MODEL_DEFAULTS = {"quantize_weights": False, "weight_group_size": 256}  # INT8 weights (q-galore)
+# TrainingArguments' Adam arguments -> (our option, index into it; None: the whole value)
+ADAM_ARGS: dict[str, tuple[str, int | None]] = {
+    "adam_beta1": ("betas", 0), "adam_beta2": ("betas", 1), "adam_epsilon": ("eps", None)}
 
 
 class OptionError(ValueError):
@@ -130,7 +140,26 @@ def _own_keys(preset: str, options: dict) -> dict[str, Any]:
             known.update(registry.get(name).defaults)
     known.update(PRESETS.get(preset))
     return {k: v for k, v in known.items() if k not in _INTERNAL and k not in _NOT_IN_OPTIM_ARGS
-            and isinstance(v, (bool, int, float, str))}
+            and (isinstance(v, (bool, int, float, str)) or _is_numbers(v))}
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, tuple) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+
+
+def _numbers(key: str, value: Any, count: int, source: str) -> tuple:
+    """A tuple option from optim_args: `count` numbers joined by ':' (or a typed sequence)."""
+    parts = value.split(":") if isinstance(value, str) else value
+    try:
+        numbers = tuple(float(x) for x in parts)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != count:
+        example = ":".join(["0.9"] * count)
+        raise OptionError(f"{source}: {key}={value!r} is not {count} numbers joined by ':' "
+                          f"(e.g. {key}={example})")
+    return numbers
 
 
 def apply_optim_args(preset: str, options: dict, args: Mapping[str, Any],
@@ -159,7 +188,8 @@ def apply_optim_args(preset: str, options: dict, args: Mapping[str, Any],
                               f"(galore-torch/APOLLO keys: {', '.join(FOREIGN_KEYS)}; or any "
                               f"gradproj option, e.g. preset, projector, state_format)")
         default = own[key]
-        options[key] = _as(type(default), key, value, source)
+        options[key] = (_numbers(key, value, len(default), source) if isinstance(default, tuple)
+                        else _as(type(default), key, value, source))
     return preset, options
 
 
@@ -211,9 +241,47 @@ def split_parametrization(args: dict[str, Any], source: str = "optim_args") -> d
     return parametrization_table(table, source)
 
 
+def _canonical_rule(name: str) -> str:
+    return RULES.canonical(name) if name in RULES else name
+
+
+def build_options(preset: str, options: Mapping[str, Any], *, adam_from_args: bool = False,
+                  adam: Mapping[str, float] | None = None, explicit: Any = ()) -> dict:
+    """The optimizer options of `preset` + `options`, in the layers of the module docstring.
+
+    `adam`: the TrainingArguments' adam_beta1, adam_beta2, adam_epsilon; `explicit`: the
+    names among them the user set. HF's AdamW mappings that take them (`adam_from_args`)
+    get all three, as HF's handlers pass them; GaLore's AdamW none, as HF's; any other rule
+    (Sophia, LAMB, ...: HF has no handler for them) only the explicit ones, so it keeps its
+    paper defaults otherwise. A rule without the option (sgdm has no betas) skips it.
+    """
+    merged = preset_options(preset)
+    before = _canonical_rule(merged.get("rule", GENERIC_DEFAULTS["rule"]))
+    rule = _canonical_rule(options.get("rule", before))
+    own = RULES.get(rule).defaults if rule in RULES else {}
+    if rule != before and before in RULES:
+        for key in RULES.get(before).defaults.keys() & own.keys():
+            merged[key] = own[key]
+    if adam:
+        names = (ADAM_ARGS if adam_from_args else ()) if rule == "adamw" else [
+            name for name in ADAM_ARGS if name in explicit]
+        for name in names:
+            key, index = ADAM_ARGS[name]
+            if key not in own:
+                continue
+            if index is None:
+                merged[key] = adam[name]
+            else:
+                value = list(merged.get(key, own[key]))
+                value[index] = adam[name]
+                merged[key] = tuple(value)
+    merged.update(options)
+    return merged
+
+
 def check(preset: str, options: dict, source: str) -> None:
     """The optimizer's own validation on a 4×4 dummy weight, as the run spec does."""
-    merged = {**PRESETS.get(preset), **options}
+    merged = build_options(preset, options)
     for key in MODEL_KEYS:
         merged.pop(key, None)
     try:

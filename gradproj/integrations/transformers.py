@@ -28,6 +28,15 @@ normal mode logs; with accumulation k it is the norm of what the steps used (see
 `PerLayerStepper`), the full ‖ΣG‖ for every weight but projected ones, which contribute
 ‖Σ project(G_i)‖. Per-layer mode cannot clip a global norm (each weight is updated before
 the norm exists), so it needs `max_grad_norm=0`, and refuses multi-process training.
+
+Sophia (`optim_args="preset=sophia"`, or `rule=sophia`) keeps its paper defaults: β (0.965,
+0.99), ε 1e-15 and, with the preset, weight decay 0.1. A TrainingArguments field is read as
+set when it differs from HF's default (adam_beta1 0.9, adam_beta2 0.999, adam_epsilon 1e-8,
+weight_decay 0.0; a dataclass cannot tell a value passed from its default, so passing the
+default reads as unset): set ones apply to Sophia's betas, ε and decay; optim_args
+(`betas=0.9:0.99`, `eps=1e-12`) win over both. `GradprojTrainer` runs its curvature pass
+every `curvature_every` steps (hf_curvature.py); a plain `Trainer` cannot, so
+`gradproj_optimizer` refuses such a rule. Under DDP the GNB pass averages over the ranks.
 """
 from __future__ import annotations
 
@@ -38,6 +47,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is installed in CI
     raise ImportError("gradproj.integrations.transformers needs Hugging Face transformers: "
                       "pip install 'gradproj[hf]'") from exc
+import dataclasses
+
 import torch
 from transformers.training_args import ParallelMode
 
@@ -47,9 +58,11 @@ from ..optimizers import LowRankOptimizer
 from ..parametrizations import create_parametrization, initialize_parametrization
 from ..quant.linear import is_quantized
 from ..train.perlayer import PerLayerStepper
+from ..train.curvature import curvature_settings
 from .build import apply_to_targets, build_from_resolved, prepare_model
-from .hf_options import (PARAM_KEY, OptionError, Resolved, from_hf, from_llamafactory, maps_optim,
-                         parametrization_table, parse_optim_args)
+from .hf_curvature import CurvatureCallback
+from .hf_options import (ADAM_ARGS, PARAM_KEY, OptionError, Resolved, from_hf, from_llamafactory,
+                         maps_optim, parametrization_table, parse_optim_args)
 
 __all__ = ["GradprojTrainer", "OptionError", "gradproj_optimizer", "llamafactory_optimizer",
            "resolve_training_args"]
@@ -59,10 +72,27 @@ def resolve_training_args(args: "transformers.TrainingArguments") -> Resolved:
     return from_hf(args.optim, args.optim_args, args.optim_target_modules)
 
 
+def explicit_training_args(args: "transformers.TrainingArguments") -> set[str]:
+    """Which of adam_beta1, adam_beta2, adam_epsilon, weight_decay the user set: those
+    whose value differs from the TrainingArguments dataclass default (module docstring)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(transformers.TrainingArguments)}
+    return {name for name in (*ADAM_ARGS, "weight_decay") if getattr(args, name) != defaults[name]}
+
+
 def _build(model, choice: Resolved, args) -> LowRankOptimizer:
-    return build_from_resolved(model, choice, lr=args.learning_rate,
-                               weight_decay=args.weight_decay,
-                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    explicit = explicit_training_args(args)
+    return build_from_resolved(
+        model, choice, lr=args.learning_rate,
+        weight_decay=args.weight_decay if "weight_decay" in explicit else None,
+        adam={name: getattr(args, name) for name in ADAM_ARGS}, explicit=explicit)
+
+
+def _refuse_without_curvature_pass(opt: LowRankOptimizer, what: str) -> LowRankOptimizer:
+    if curvature_settings(opt)[0]:
+        raise OptionError(f"{what}: rule 'sophia' needs its curvature pass every "
+                          f"curvature_every steps, which GradprojTrainer runs; use "
+                          f"GradprojTrainer (a plain Trainer would leave h = 0)")
+    return opt
 
 
 def gradproj_optimizer(model: torch.nn.Module, args: "transformers.TrainingArguments"
@@ -73,7 +103,7 @@ def gradproj_optimizer(model: torch.nn.Module, args: "transformers.TrainingArgum
     if choice.per_layer:
         raise OptionError(f"optim {args.optim!r}: per-layer mode runs inside the Trainer; use "
                           f"GradprojTrainer instead of Trainer(optimizers=(opt, None))")
-    return _build(model, choice, args)
+    return _refuse_without_curvature_pass(_build(model, choice, args), "gradproj_optimizer")
 
 
 def llamafactory_optimizer(model: torch.nn.Module, finetuning_args: Mapping[str, Any] | Any,
@@ -85,14 +115,15 @@ def llamafactory_optimizer(model: torch.nn.Module, finetuning_args: Mapping[str,
     if choice.per_layer:
         raise OptionError("LLaMA-Factory: galore_layerwise/apollo_layerwise run inside the "
                           "Trainer; use GradprojTrainer(gradproj_choice=...)")
-    return _build(model, choice, args)
+    return _refuse_without_curvature_pass(_build(model, choice, args), "llamafactory_optimizer")
 
 
 class GradprojTrainer(transformers.Trainer):
     """`transformers.Trainer` building gradproj's optimizer from `args` (module docstring).
 
     `gradproj_choice`: a `Resolved` (e.g. `hf_options.from_llamafactory(cfg)`) used instead
-    of reading `args.optim`.
+    of reading `args.optim`. A rule with a curvature estimate (Sophia) gets its pass
+    (`hf_curvature.CurvatureCallback`), with our optimizer or one passed in `optimizers`.
 
     `parametrization`: a weight-side transform of the `optim_target_modules` Linear layers
     (a name or `{"kind": ..., **options}`: lora, lora-ga, sltrain, welore, gradnormlorp,
@@ -125,6 +156,10 @@ class GradprojTrainer(transformers.Trainer):
             self.parametrization).needs_data
         self.stepper: PerLayerStepper | None = None
         self._last_grad_norm: float | None = None
+        self.gradproj_optimizer = (self.optimizer if isinstance(self.optimizer, LowRankOptimizer)
+                                   else None)
+        self.curvature = CurvatureCallback(self)
+        self.add_callback(self.curvature)
         if self.gradproj_choice is not None:
             # converted now (q-galore's INT8, a parametrization), so resume_from_checkpoint
             # loads the converted layers' tensors into them
@@ -198,14 +233,28 @@ class GradprojTrainer(transformers.Trainer):
             return super().create_optimizer(model)
         if self.optimizer is None:
             model = self.model if model is None else model
-            self.optimizer = _build(model, self.gradproj_choice, self.args)
+            self.optimizer = self.gradproj_optimizer = _build(model, self.gradproj_choice,
+                                                              self.args)
             if self.gradproj_choice.per_layer:
                 self.stepper = PerLayerStepper(self.optimizer,
                                                self.args.gradient_accumulation_steps,
                                                track_norms=True)
+        self._check_curvature()
         return self.optimizer
 
+    def _check_curvature(self) -> None:
+        every, estimator = self.curvature.settings()
+        if every and estimator == "hutchinson" and self.stepper is not None:
+            raise OptionError("curvature_estimator 'hutchinson' needs a double backward, which "
+                              "per-layer mode's hooks cannot run; use 'gnb' or drop *_layerwise")
+        if (every and estimator == "hutchinson"
+                and self.args.parallel_mode == ParallelMode.DISTRIBUTED):
+            raise OptionError("curvature_estimator 'hutchinson' runs in one process only; "
+                              "use 'gnb' (averaged over the ranks) or train with one process")
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.curvature.settings()[0]:  # the pass reuses the step's inputs (hf_curvature)
+            self.curvature.record(inputs, self.accelerator.sync_gradients)
         if self.stepper is None:
             return super().training_step(model, inputs, num_items_in_batch)
         # the Trainer marks the micro-batch that ends an accumulation window (also the

@@ -67,18 +67,25 @@ class LowRankOptimizer(torch.optim.Optimizer):
         normalize_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        rule, _, _, residual = self.plugins(group)
+        rule, _, _, residual = self._registered_plugins(group)
         for source in (rule.defaults, residual.defaults):
             for key, value in source.items():
                 group.setdefault(key, value)
         validate_group(group)
         rule.validate(group)
         residual.validate(group)
+        self.plugins(group)  # a subclass may refuse a combination here (FSDP2)
         self._param_seeds = {p: i for i, p in enumerate(
             q for g in self.param_groups for q in g["params"])}
 
     def plugins(self, group: dict) -> tuple:
-        """(rule, projector, state format, residual) instances for a group, cached."""
+        """(rule, projector, state format, residual) instances for a group, cached; the
+        rule as configured for the group's options (`Rule.for_options`: SGD at momentum 0
+        keeps no buffer), so every state call below sizes state from them."""
+        rule, projector, fmt, residual = self._registered_plugins(group)
+        return rule.for_options(group), projector, fmt, residual
+
+    def _registered_plugins(self, group: dict) -> tuple:
         options = group.get("projector_options") or {}
         key = (group["rule"], group["projector"], repr(sorted(options.items())),
                group["state_format"], group["residual"])

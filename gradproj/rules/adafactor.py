@@ -6,14 +6,9 @@ import math
 import torch
 
 from ..registry import RULES
-from .base import Rule, check_positive, rule_step
+from .base import Rule, check_positive, has_moment, rule_step
 
 ROW, COL, FULL, FIRST = "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"
-
-
-def _has(state: dict, key: str) -> bool:
-    """Whether a moment exists, under its own key or a format's `key.<part>` keys."""
-    return key in state or any(k.startswith(key + ".") for k in state)
 
 
 def _factored(shape: tuple[int, ...]) -> bool:
@@ -87,7 +82,7 @@ class Adafactor(Rule):
             update.mul_(min(1e-2, 1.0 / math.sqrt(step)))
         beta1 = group["beta1"]
         if beta1 > 0:
-            if not _has(state, FIRST):
+            if not has_moment(state, FIRST):
                 fmt.zeros(state, FIRST, tuple(grad.shape), grad.device, signed=True)
             exp_avg = fmt.read(state, FIRST)
             exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
@@ -109,12 +104,12 @@ class Adafactor(Rule):
         by A∘A and the column means by (B∘B)ᵀ — exact for V of rank one (what the
         factorisation already assumes) and Σ-preserving for orthogonal A, B.
         """
-        if _has(state, ROW):
+        if has_moment(state, ROW):
             if left is not None:
                 fmt.write(state, ROW, (left * left) @ fmt.read(state, ROW))
             if right is not None:
                 fmt.write(state, COL, fmt.read(state, COL) @ (right * right))
-        if _has(state, FIRST):
+        if has_moment(state, FIRST):
             m = fmt.read(state, FIRST)
             m = left @ m if left is not None else m
             fmt.write(state, FIRST, m @ right if right is not None else m)

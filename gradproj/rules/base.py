@@ -6,7 +6,10 @@ a rule only owns its moments, stored through a `StateFormat` under its own keys.
 
 Hyperparameters come from the parameter group (so schedulers and per-group overrides
 work); `defaults` lists the ones a rule reads and `validate` checks them once, raising a
-ValueError that names the option and the allowed values.
+ValueError that names the option and the allowed values. Where the options decide what
+state a rule keeps (SGD at momentum 0 keeps none), `for_options(group)` returns the rule
+as configured for them, and the optimizer allocates, counts, resets and rotates state
+through that instance; the state methods themselves never see the options.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import math
 import torch
 
 from ..formats.base import StateFormat
+from ..stacked_state import StackedState
 
 
 def rule_step(state) -> int:
@@ -54,6 +58,15 @@ class Rule:
     batched: bool = False
     finishes_update: bool = False
     uses_curvature: bool = False
+
+    def for_options(self, group: dict) -> Rule:
+        """This rule as configured for a validated group's options: `self` unless the
+        options change which state it keeps. Every state call of the optimizer (allocate,
+        `state_nbytes`, reset, rotate, update) goes to the returned instance, so one whose
+        `moments` (or state methods) keep less allocates, plans and checkpoints less. It
+        must be cheap (called per bucket step) and return one instance per configuration
+        (the optimizer's caches key on its identity)."""
+        return self
 
     def step_scale(self, t: int, group: dict) -> float:
         """The factor this rule folds into its direction at step t (Adam's bias
@@ -100,8 +113,11 @@ class Rule:
                        right: torch.Tensor | None) -> None:
         """Carry the moments into a new basis (refresh policy "rotate"; A, B as in
         optimizers/refresh.py): M' = A·M·B for signed moments, V' = (A∘A)·V·(B∘B) for
-        unsigned ones."""
+        unsigned ones. A moment not allocated yet (one made lazily, SGDM's buffer after
+        its momentum was 0) has nothing to carry."""
         for key, signed in self.moments:
+            if not has_moment(state, key):
+                continue
             value = fmt.read(state, key)
             a = None if left is None else (left if signed else left * left)
             b = None if right is None else (right if signed else right * right)
@@ -110,6 +126,13 @@ class Rule:
             if b is not None:
                 value = value @ b
             fmt.write(state, key, value)
+
+
+def has_moment(state, key: str) -> bool:
+    """Whether moment `key` is allocated in `state` (a dict or a `StackedState`), under its
+    own key (dense formats, small blockwise moments) or a format's `key.<part>` keys."""
+    states = state.states if isinstance(state, StackedState) else [state]
+    return all(key in s or any(k.startswith(key + ".") for k in s) for s in states)
 
 
 def adam_bias_correction(betas, t: int) -> float:

@@ -127,7 +127,8 @@ class Trainer:
         self.stepper = (self.dist.per_layer_stepper(self.opt, t.grad_accum, self.model)
                         if t.per_layer else None)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.curvature = CurvaturePass(self.opt, spec, self.corpus, self.device)  # Sophia's h
+        self.curvature = CurvaturePass(self.opt, spec, self.corpus, self.device,  # Sophia's h
+                                       self.dist)
         self.zo = (ZerothOrder(self.opt, eps=t.zo_eps, perturbations=t.zo_perturbations,
                                subspace=t.zo_subspace, seed=t.seed)
                    if t.gradient == "zeroth-order" else None)

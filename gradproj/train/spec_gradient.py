@@ -28,9 +28,12 @@ def check_curvature(effective: dict, train: dict, out, int8: bool) -> None:
         out.add("optimizer", "curvature_every", "the curvature pass needs backprop gradients, "
                 "got [train].gradient = 'zeroth-order' (use a rule without curvature, e.g. "
                 "the mezo preset's sgdm)")
-    if train["parallel"] != "none":
-        out.add("optimizer", "curvature_every", f"the curvature pass runs in single-process "
-                f"training only, got [train].parallel = {train['parallel']!r}")
+    if train["parallel"] == "fsdp2" or (train["parallel"] == "ddp" and (
+            train["per_layer"] or estimator == "hutchinson")):
+        out.add("optimizer", "curvature_every", f"the curvature pass runs under DDP with "
+                f"estimator 'gnb' in normal mode only (else single-process), got [train]."
+                f"parallel = {train['parallel']!r}, per_layer = "
+                f"{str(train['per_layer']).lower()}, curvature_estimator = {estimator!r}")
     if estimator == "hutchinson" and train["per_layer"]:
         out.add("optimizer", "curvature_estimator", "expected 'gnb' with [train].per_layer = "
                 "true (its hooks cannot take a Hessian-vector product), got 'hutchinson'")

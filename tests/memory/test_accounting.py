@@ -6,7 +6,8 @@ import torch
 
 import gradproj as gp
 from gradproj.memory import gradient_bytes, optimizer_bytes, split_codes_and_scales, weight_bytes
-from gradproj.optimizers import optimizer_state_nbytes
+from gradproj.optimizers import matrix_shape, optimizer_state_nbytes
+from gradproj.projectors.base import low_rank_shape
 from gradproj.train.model import build_model, model_config
 from gradproj.train.perlayer import PerLayerStepper
 
@@ -23,6 +24,9 @@ SETUPS = {
                                   projector_options={"inner": "randomized", "group_size": 256}),
     # three moments (G_prev too), quantized, the side chosen by their bytes
     "diffgrad-q8-auto": dict(preset="diffgrad", rank=32, state_format="q8", proj_type="auto"),
+    # ZO-SGD (sgdm, momentum 0) keeps no rule state: the bases alone; with momentum, a buffer
+    "mezo-q8": dict(preset="mezo", rank=32, state_format="q8"),
+    "mezo-momentum-q8": dict(preset="mezo", rank=32, state_format="q8", momentum=0.9),
 }
 DTYPES = {"galore-bf16-weights": torch.bfloat16, "q-galore-int8-weights": torch.bfloat16}
 
@@ -146,3 +150,17 @@ def test_int8_linear_bias_is_a_weight_not_a_scale():
     assert layer.bias is not None and layer.bias.dtype == torch.float32
     assert values == 6 * 512 * 1 + 6 * 4  # int8 codes + fp32 bias
     assert scales == (6 * 512 // 256) * 4  # one fp32 scale per group of 256
+
+
+def test_zo_sgd_plans_the_bases_alone():
+    """MeZO's ZO-SGD: planned state = the projected weights' bases; momentum adds exactly
+    one buffer per weight, in the projected shape where projected (sgdm's state_nbytes)."""
+    _, opt, plain, _ = _planned("mezo-q8")
+    _, _, momentum, _ = _planned("mezo-momentum-q8")
+    assert plain.total == plain.bases + plain.basis_scales > 0
+    assert plain.bases == momentum.bases and momentum.low_rank_weights == plain.low_rank_weights
+    fmt = opt.plugins(opt.param_groups[0])[2]
+    buffers = sum(gp.RULES.create("sgdm").state_nbytes(
+        low_rank_shape(matrix_shape(p), g["rank"], opt.side(p, g)) if opt.is_low_rank(p, g)
+        else tuple(p.shape), fmt) for g in opt.param_groups for p in g["params"])
+    assert momentum.total - plain.total == buffers > 0

@@ -99,7 +99,7 @@ def check_config(options, dtype, steps=6, split=3):
             assert torch.isfinite(p.float()).all()
         for state in opt.state.values():
             assert all(torch.is_tensor(v) or isinstance(v, (bool, int, float)) for v in state.values())
-        if options["state_format"] in ("q8", "q4") and gp.RULES.get(options["rule"]).moments:
+        if options["state_format"] in ("q8", "q4") and opt.plugins(opt.param_groups[0])[0].moments:
             # conftest.py quantizes every moment: the pair really tests the format
             assert all(any(k.endswith(".codes") for k in state) for state in opt.state.values())
 
@@ -133,6 +133,20 @@ def test_covering_array_covers_every_pair():
 @pytest.mark.parametrize("config", CONFIGS, ids=["-".join(c) for c in CONFIGS])
 def test_pair(config, dtype):
     check_config(options_of(config), dtype)
+
+
+# options that change which state a rule keeps (`Rule.for_options`), each run with every
+# state format and moment policy: SGD at momentum 0 (MeZO's ZO-SGD) keeps no buffer
+STATE_OPTIONS = [{"rule": "sgdm", "momentum": 0.0}]
+VARIANTS = [(extra, fmt, policy) for extra in STATE_OPTIONS for fmt, policy in
+            zip(gp.STATE_FORMATS.names(), itertools.cycle(POLICIES))]
+
+
+@pytest.mark.parametrize("extra,state_format,policy", VARIANTS,
+                         ids=[f"{e['rule']}-{f}-{p}" for e, f, p in VARIANTS])
+def test_state_shaping_options(extra, state_format, policy):
+    check_config({**options_of(("svd", extra["rule"], state_format, "drop", policy)), **extra},
+                 torch.float32)
 
 
 @settings(max_examples=10, deadline=None)

@@ -104,13 +104,19 @@ def run_rule(rule, fmt, grads, state, group):
     return out
 
 
+# option values that change which state a rule keeps (`Rule.for_options`), drawn beside
+# the defaults: SGD at momentum 0 keeps no buffer
+STATE_OPTIONS = {"sgdm": [{"momentum": 0.0}]}
+
+
 @settings(max_examples=60, deadline=None)
 @given(rule_name=st.sampled_from(gp.RULES.names()), fmt_name=st.sampled_from(gp.STATE_FORMATS.names()),
-       grads=gradients())
-def test_rule_and_format_properties(rule_name, fmt_name, grads):
+       grads=gradients(), data=st.data())
+def test_rule_and_format_properties(rule_name, fmt_name, grads, data):
     rule, fmt = gp.RULES.create(rule_name), gp.STATE_FORMATS.create(fmt_name)
-    group = dict(rule.defaults)
+    group = dict(rule.defaults, **data.draw(st.sampled_from([{}, *STATE_OPTIONS.get(rule_name, [])])))
     rule.validate(group)
+    rule = rule.for_options(group)  # what the optimizer allocates, counts and steps through
     shape = tuple(grads[0].shape)
     state = {"step": 0}
     rule.init_state(state, shape, torch.device("cpu"), fmt)

@@ -81,11 +81,14 @@ def test_resume_repeats_the_run_exactly(tmp_path, monkeypatch, variant):
     (lambda t: t.replace("curvature_every = 2", 'curvature_every = 2\ncurvature_estimator = "hutchinson"')
               .replace("threads = 1", "threads = 1\nper_layer = true"),
      ["[optimizer].curvature_estimator", "per_layer", "got 'hutchinson'"]),
-    (lambda t: t.replace("threads = 1", 'threads = 1\nparallel = "ddp"'),
-     ["[optimizer].curvature_every", "single-process", "'ddp'"]),
+    (lambda t: t.replace("threads = 1", 'threads = 1\nparallel = "ddp"\nper_layer = true'),
+     ["[optimizer].curvature_every", "normal mode only", "'ddp'", "per_layer = true"]),
+    (lambda t: t.replace("threads = 1", 'threads = 1\nparallel = "fsdp2"'),
+     ["[optimizer].curvature_every", "normal mode only", "'fsdp2'"]),
     (lambda t: t.replace("threads = 1", 'threads = 1\ngradient = "zeroth-order"'),
      ["[optimizer].curvature_every", "backprop", "'zeroth-order'"]),
-], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer", "ddp", "zeroth-order"])
+], ids=["zero", "not-sophia", "estimator", "hutchinson-per-layer", "ddp-per-layer", "fsdp2",
+        "zeroth-order"])
 def test_bad_curvature_settings_name_the_key(tmp_path, capsys, change, needles):
     spec = write_spec(tmp_path, change(SOPHIA))
     assert main(["train", str(spec)]) == 2

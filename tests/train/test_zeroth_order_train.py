@@ -94,10 +94,11 @@ def test_the_7b_zeroth_order_plan_is_weights_plus_one_forward():
 
     Hand count: N = 6,738,415,616 parameters: embedding and head 2·32000·4096, per layer
     4·4096² + 3·4096·11008 + 2·4096 norms, final norm 4096. Weights 2N bytes and the rotary
-    table (1024 positions x 64 cos/sin pairs, bf16); no gradients;
-    sgdm allocates its momentum buffer (unused at momentum 0) in the state format: 2N.
+    table (1024 positions x 64 cos/sin pairs, bf16); no gradients; no optimizer state
+    (sgdm at momentum 0 keeps no buffer: MeZO's "memory of inference").
     The no-grad forward peaks at the loss: bf16 logits (2·B·T·V), their fp32 copy (4·B·T·V),
-    fp32 log-softmax (4·B·T·V) and two fp32 scalars (loss, total weight)."""
+    fp32 log-softmax (4·B·T·V) and two fp32 scalars (loss, total weight). (With momentum
+    the planner counts the buffer: tests/family/test_sgd_state.py.)"""
     plan = gp.plan_memory(EXAMPLES / "llama-7b-galore.toml", [
         *ZO, "optimizer.preset='mezo'", "optimizer.state_format='bf16'",
         "optimizer.lowrank.targets=['(none)']", "optimizer.lr=1e-6"], dtype="bfloat16")
@@ -109,8 +110,8 @@ def test_the_7b_zeroth_order_plan_is_weights_plus_one_forward():
     assert spec.weights == 2 * n + rope
     assert spec.gradients == 0
     assert spec.activations == 10 * b * t * v + 8 == 81_920_008
-    assert spec.optimizer_states == 2 * n and spec.projector_bases == 0
-    assert spec.total == 4 * n + rope + 81_920_008
+    assert spec.optimizer_states == 0 and spec.projector_bases == 0
+    assert spec.total == 2 * n + rope + 81_920_008
     backprop = plan.baselines["adamw-bf16"]  # same model and batch, with a backward
     assert backprop.gradients == 2 * n and backprop.activations > 15 * spec.activations
     assert any("zeroth-order" in note and f"{4 * v * d:,}" in note for note in spec.notes)
