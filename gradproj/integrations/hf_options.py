@@ -37,7 +37,7 @@ import torch
 from ..train.checks import did_you_mean
 from ..optimizers import LowRankOptimizer
 from ..optimizers.options import GENERIC_DEFAULTS
-from ..optimizers.presets import MODEL_KEYS, preset_options
+from ..optimizers.presets import MODEL_KEYS, with_overrides
 from ..registry import PRESETS, RESIDUALS, RULES
 
 
@@ -255,13 +255,9 @@ def build_options(preset: str, options: Mapping[str, Any], *, adam_from_args: bo
     (Sophia, LAMB, ...: HF has no handler for them) only the explicit ones, so it keeps its
     paper defaults otherwise. A rule without the option (sgdm has no betas) skips it.
     """
-    merged = preset_options(preset)
-    before = _canonical_rule(merged.get("rule", GENERIC_DEFAULTS["rule"]))
-    rule = _canonical_rule(options.get("rule", before))
+    merged = with_overrides(preset, {"rule": options["rule"]} if "rule" in options else {})
+    rule = _canonical_rule(merged.get("rule", GENERIC_DEFAULTS["rule"]))
     own = RULES.get(rule).defaults if rule in RULES else {}
-    if rule != before and before in RULES:
-        for key in RULES.get(before).defaults.keys() & own.keys():
-            merged[key] = own[key]
     if adam:
         names = (ADAM_ARGS if adam_from_args else ()) if rule == "adamw" else [
             name for name in ADAM_ARGS if name in explicit]

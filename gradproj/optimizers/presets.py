@@ -1,13 +1,14 @@
 """Named combinations of plugins with the papers' defaults (the `PRESETS` registry)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ..registry import PRESETS
+from ..registry import PRESETS, RULES
 from .groups import DEFAULT_TARGETS, param_groups
 from .lowrank import LowRankOptimizer
+from .options import GENERIC_DEFAULTS
 
 PRESETS.add("galore", {
     "rule": "adamw", "projector": "svd", "proj_type": "std", "residual": "drop",
@@ -78,6 +79,25 @@ def preset_options(name: str) -> dict:
     return dict(PRESETS.get(name))
 
 
+def with_overrides(preset: str | None, overrides: Mapping[str, Any]) -> dict:
+    """A preset's options with `overrides` on top (no preset: the overrides alone).
+
+    Where `overrides` switches the rule, the options both rules have (betas, eps, ...)
+    first take the new rule's defaults: `preset = "galore"` with `rule = "sophia"` is
+    GaLore's projection around Sophia with Sophia's ε 1e-15 and β (0.965, 0.99), not the
+    1e-6 and (0.9, 0.999) GaLore's preset names for its AdamW. An override still wins."""
+    options = preset_options(preset) if preset else {}
+    before, after = (RULES.canonical(r) if r in RULES else r
+                     for r in (options.get("rule", GENERIC_DEFAULTS["rule"]),
+                               overrides.get("rule", options.get("rule"))))
+    if preset and after != before and before in RULES and after in RULES:
+        own = RULES.get(after).defaults
+        for key in RULES.get(before).defaults.keys() & own.keys():
+            options[key] = own[key]
+    options.update(overrides)
+    return options
+
+
 def GaLoreAdamW(params: Iterable, lr: float = 1e-3, **options: Any) -> LowRankOptimizer:
     """galore-torch's GaLoreAdamW: SVD projector, side by `proj_type`, bias-corrected Adam."""
     merged = preset_options("galore")
@@ -100,8 +120,7 @@ def build_optimizer(model: torch.nn.Module, preset: str | None = None,
     tensors full-rank, its frozen ones in no group.
     """
     from ..parametrizations import apply_parametrization, from_options, linear_module_names
-    options = preset_options(preset) if preset else {}
-    options.update(overrides)
+    options = with_overrides(preset, overrides)
     param = from_options(parametrization, options)
     if param is not None:
         apply_parametrization(model, param, linear_module_names(model, targets))

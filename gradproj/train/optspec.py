@@ -24,7 +24,7 @@ import torch
 
 from ..optimizers import DEFAULT_TARGETS, LowRankOptimizer, build_optimizer
 from ..optimizers.options import GENERIC_DEFAULTS
-from ..optimizers.presets import MODEL_KEYS
+from ..optimizers.presets import MODEL_KEYS, with_overrides
 from ..projectors.base import PROJ_TYPES
 from ..registry import PRESETS, PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from .checks import (Check, boolean, choice, did_you_mean, integer, number, registry_name,
@@ -164,7 +164,8 @@ def parse_optimizer(raw: Any, out, *, seed: int) -> OptimizerSpec:
                 values[key] = value
     preset = values.pop("preset", None)
     targets = values.pop("targets", DEFAULT_TARGETS)
-    base = dict(PRESETS.get(preset)) if preset else {}
+    base = with_overrides(preset, {"rule": values["rule"]} if "rule" in values else {}) \
+        if preset else {}
     fraction = values.get("rank") if isinstance(values.get("rank"), str) else None
     if "rank" not in values and "rank" not in base:
         fraction = DEFAULT_RANK
@@ -214,7 +215,7 @@ _OPTION = re.compile(r"option '([A-Za-z0-9_]+)'")
 def _validate(preset: str | None, values: dict, where: dict, out) -> dict:
     """Run the optimizer's own checks on a dummy weight; returns the effective options."""
     weight = torch.nn.Parameter(torch.zeros(4, 4))
-    options = {**(dict(PRESETS.get(preset)) if preset else {}), **values}
+    options = with_overrides(preset, values)
     model_options = {k: options.pop(k) for k in MODEL_KEYS if k in options}
     for key, value in model_options.items():  # a preset's values are checked here too
         converted, problem = KNOWN_CHECKS[key](value)

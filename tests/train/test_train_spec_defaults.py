@@ -68,3 +68,25 @@ def test_warnings_and_notices_print_as_one_line_each(tmp_path, capsys):
     assert len(warned) == 3 and all("rank 32 >= min(" in line for line in warned)
     assert any(line.startswith("notice: ") and "warmup clamped" in line for line in err)
     assert not any("UserWarning" in line or "warnings.warn" in line for line in err)
+
+
+@pytest.mark.parametrize("through", ["spec", "python"])
+def test_switching_a_presets_rule_takes_the_new_rules_own_defaults(through):
+    """preset galore + rule sophia: GaLore's projection around Sophia with Sophia's ε and β,
+    not the 1e-6 and (0.9, 0.999) the galore preset names for its AdamW; its own options
+    (rank, T, scale) stay, and an explicit value still wins."""
+    import torch
+
+    import gradproj as gp
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    for extra, eps in (({}, 1e-15), ({"eps": 1e-9}, 1e-9)):
+        if through == "spec":
+            spec = spec_from_dict({"optimizer": {"preset": "galore", "rule": "sophia", **extra,
+                                                 "lowrank": {"targets": ["0"]}}})
+            assert spec.optimizer.effective["eps"] == eps
+            opt = spec.optimizer.build(model)
+        else:
+            opt = gp.build_optimizer(model, "galore", targets=["0"], rule="sophia", **extra)
+        group = next(g for g in opt.param_groups if g["lowrank"])
+        assert (group["rule"], group["eps"], group["betas"]) == ("sophia", eps, (0.965, 0.99))
+        assert (group["update_gap"], group["scale"]) == (200, 0.25)
