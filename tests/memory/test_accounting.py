@@ -27,6 +27,9 @@ SETUPS = {
     # ZO-SGD (sgdm, momentum 0) keeps no rule state: the bases alone; with momentum, a buffer
     "mezo-q8": dict(preset="mezo", rank=32, state_format="q8"),
     "mezo-momentum-q8": dict(preset="mezo", rank=32, state_format="q8", momentum=0.9),
+    # Adafactor's first moment (beta1 > 0) is made at its first update: counted all the same
+    "adafactor-momentum-q8": dict(preset="galore", rule="adafactor", beta1=0.9, rank=32,
+                                  state_format="q8"),
 }
 DTYPES = {"galore-bf16-weights": torch.bfloat16, "q-galore-int8-weights": torch.bfloat16}
 
