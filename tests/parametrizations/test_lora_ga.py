@@ -111,6 +111,18 @@ def test_stable_scale_and_the_weight_offset():
     torch.testing.assert_close(gram, c * c * torch.eye(R), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale", ["gd", "unit"])
+def test_gd_and_unit_scales(scale):
+    """"gd": A, B ÷ (α/r) (α 8, r 4: rows of Vᵀ halved); "unit": the singular vectors as they are."""
+    grad, _ = designed_gradient(0.7)
+    _, _, layer, _ = one_sgd_step({"kind": "lora-ga", "rank": R, "batches": 1, "scale": scale,
+                                   "alpha": 8.0}, grad, 0.0)
+    c = 1 / (8.0 / R) if scale == "gd" else 1.0
+    for gram in (layer.lora_A.detach() @ layer.lora_A.detach().T,
+                 layer.lora_B.detach().T @ layer.lora_B.detach()):
+        torch.testing.assert_close(gram, c * c * torch.eye(R), atol=1e-5, rtol=0)
+
+
 def test_bad_options_name_the_key():
     with pytest.raises(ValueError, match="option 'direction' must be one of"):
         LoRAGA(direction="BA")
