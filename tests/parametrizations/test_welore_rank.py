@@ -52,6 +52,15 @@ def test_search_finds_the_smallest_sufficient_threshold():
         assert len({c.kept / c.full_rank for c in choices.values() if c.low_rank}) > 1, kept
 
 
+def test_search_stops_at_a_ratio_reached_exactly():
+    """16×16: k kept ranks as factors hold 32·k of 256 parameters, so k = 4 compresses by
+    exactly 0.5; the smallest threshold reaching 0.5 keeps 4, not 3 (0.625)."""
+    shapes = {"a": (16, 16)}
+    norm = wr.spectra({"a": _matrix(16, 16, [1.5 ** -i for i in range(16)], seed=2)})
+    t, choices = wr.search_threshold(norm, shapes, 0.5)
+    assert choices["a"].kept == 4 and wr.compression(choices) == 0.5
+
+
 def test_search_rejects_unreachable_ratio_with_the_reachable_one():
     shapes = {"a": (16, 16)}
     norm = wr.spectra({"a": _matrix(16, 16, [2.0 ** -i for i in range(16)], seed=1)})
@@ -82,3 +91,5 @@ def test_uniform_baseline_holds_at_least_the_parameters_and_no_more_than_one_ste
     fewer = {k: wr.Choice(c.shape, c.kept - 1, True) for k, c in u.items()}
     assert sum(c.params for c in fewer.values()) < target
     assert len({c.kept for c in u.values()}) == 1  # same rank share of equal-width matrices
+    # k ranks of each hold 304·k parameters: a target of exactly 304·10 is met by k = 10
+    assert sum(c.params for c in wr.uniform_choices(shapes, 3040).values()) == 3040

@@ -340,7 +340,7 @@ NEW = [
     ("gradproj/parametrizations/welore_rank.py", "root = s[:kept].sqrt()", "root = s[:kept]"),
     ("gradproj/parametrizations/welore_rank.py", "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) >= ratio:",
      "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) > ratio:"),
-    ("gradproj/parametrizations/welore_rank.py", "kept=max(1, round(fraction * min(s)))", "kept=max(1, int(fraction * min(s)))"),
+    ("gradproj/parametrizations/welore_rank.py", "i = bisect.bisect_left(", "i = bisect.bisect_right("),
     ("gradproj/parametrizations/int8.py", 'projected = ("weight",)', "projected = ()"),
     ("gradproj/parametrizations/base.py", 'return "full" if p.requires_grad else None', 'return "full"'),
     ("gradproj/parametrizations/base.py", "    if param.freezes_rest():\n", "    if not param.freezes_rest():\n"),
