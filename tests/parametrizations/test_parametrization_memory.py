@@ -126,3 +126,20 @@ def test_lora_ga_plan_notes_its_one_time_init_gradient(tmp_path):
     frozen = expected_breakdown({"kind": "lora", "rank": 8})["frozen"]
     assert plan.spec.parametrization["frozen"] == frozen
     assert any(n.startswith("lora-ga:") and f"{frozen:,} bytes" in n for n in plan.spec.notes)
+
+
+def test_fsdp2_plan_counts_rank0_shards_and_every_buffer(tmp_path):
+    """FSDP2 x 2: each parameter's rank-0 shard (ceil(rows/2) rows) and every buffer whole
+    (SLTrain's 8-byte support seeds and the rotary table are replicated), counted here from
+    the converted model's tensors."""
+    path = tmp_path / "spec.toml"
+    path.write_text('[model]\npreset = "tiny"\nn_layers = 2\n[model.parametrization]\n'
+                    'kind = "sltrain"\nrank = 32\n[optimizer]\npreset = "galore"\n'
+                    '[optimizer.lowrank]\nrank = 32\n[train]\nbatch_size = 4\n')
+    plan = gp.plan_memory(path, dtype="float32", launch="fsdp2", nproc=2)
+    model = build_model(CFG, device="meta")
+    gp.build_optimizer(model, "galore", parametrization={"kind": "sltrain", "rank": 32}, rank=32)
+    shards = sum(4 * math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert buffers >= 8 * 14  # 14 layers' seeds, and the rotary table
+    assert plan.spec.weights == shards + buffers

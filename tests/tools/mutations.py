@@ -231,7 +231,8 @@ ZO_TESTS = ["tests/train/test_zeroth_order.py", "tests/train/test_zeroth_order_t
 PARAM_TESTS = ["tests/parametrizations"]
 MEMORY_TESTS = ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
                 "tests/memory/test_activations.py", "tests/parametrizations/test_parametrization_memory.py",
-                "tests/train/test_zeroth_order_train.py", "tests/memory/test_readme_figures.py"]
+                "tests/train/test_zeroth_order_train.py", "tests/memory/test_readme_figures.py",
+                "tests/distributed/test_perlayer_ddp.py"]
 NEW_GUARDS = [
     ("gradproj/rules/sophia.py", SOPHIA_TESTS + RULE_TESTS),
     ("gradproj/kernels/sophia.py", SOPHIA_TESTS + LANE),
@@ -355,4 +356,11 @@ NEW = [
      "for t in (*model.parameters(), tokens, targets)}"),
     ("gradproj/memory/plan.py", "exist at a time: {4 * largest:,} bytes", "exist at a time: {2 * largest:,} bytes"),
     ("gradproj/parametrizations/lora_ga.py", 'frozen = breakdown.get("frozen", 0)', 'frozen = breakdown.get("factors", 0)'),
+    # --- the planner's per-layer (DDP) gradient peaks and parametrized FSDP2 shards
+    ("gradproj/memory/ranks.py", "last.append((4 * math.prod(shape), torch.float32))", "last.append((2 * math.prod(shape), torch.float32))"),
+    ("gradproj/memory/ranks.py", "buckets = max(ddp_bucket_peak(last, limits), ddp_bucket_peak(fits, limits) if fits else 0)",
+     "buckets = ddp_bucket_peak(last, limits)"),
+    ("gradproj/memory/ranks.py", "peak = max(peak, previous + size + max(sizes[i][0] for i in members))", "peak = max(peak, previous + size)"),
+    ("gradproj/memory/accounting.py", "transient = max(transient, grad_nbytes(p))", "transient += grad_nbytes(p)"),
+    ("gradproj/memory/accounting.py", "+ sum(nbytes(t) for t in module.buffers(recurse=False)))", ")"),
 ]
