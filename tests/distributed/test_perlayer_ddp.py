@@ -47,6 +47,18 @@ def test_buckets_are_ddps():
         assert len(alone) > len(expected) or limits == [4, 8]
 
 
+def test_planned_bucket_peak_follows_the_stepper_event_by_event():
+    """Hand-counted peaks of per-layer DDP's reduction (limits 100 B): a bucket of several
+    tensors is a new buffer, so when its last tensor arrives the buffer, that tensor's .grad
+    and the previous bucket (in flight) coexist; a bucket of one is the gradient itself."""
+    from gradproj.memory.ranks import ddp_bucket_peak
+    f32 = torch.float32
+    # [60, 60] fill one bucket: buffer 120 + the arriving 60
+    assert ddp_bucket_peak([(60, f32), (60, f32)], (100, 100)) == 180
+    # [150] alone (its own bucket, no copy), then [30, 80] while 150 is in flight: 150 + 110 + 80
+    assert ddp_bucket_peak([(150, f32), (30, f32), (80, f32)], (100, 100)) == 340
+
+
 def test_spec_accepts_per_layer_ddp_and_still_refuses_clipping(tmp_path):
     from gradproj.train.checks import SpecError
     from gradproj.train.spec import load_spec
