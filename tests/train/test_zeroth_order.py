@@ -216,3 +216,17 @@ def test_every_weight_draws_its_own_z_and_refresh_steps_perturb_in_full():
                 assert float(s[2:].max()) <= 1e-6 * float(s[0])
             else:
                 assert float(s[2:].min()) >= 1e-2 * float(s[0]), (step, s)
+
+
+def test_the_loss_shown_is_the_mean_of_all_perturbed_losses():
+    """n = 3: the step reports the mean of its 2n losses (L₊ and L₋ of every perturbation)."""
+    x, y, w = problem(5)
+    opt = LowRankOptimizer([{"params": [w], "lowrank": False}], rule="sgdm", momentum=0.0, lr=1e-3)
+    seen: list = []
+
+    def loss_fn():
+        seen.append(float(loss_of(w, x, y)))
+        return seen[-1]
+
+    loss, ok = ZerothOrder(opt, perturbations=3, seed=2).step(loss_fn)
+    assert ok and len(seen) == 6 and loss == pytest.approx(sum(seen) / 6, rel=1e-12)
