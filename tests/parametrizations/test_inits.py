@@ -47,3 +47,16 @@ def test_lora_output_is_w0_plus_alpha_over_r_times_b_a():
     expect = x @ w0.T + (8.0 / RANK) * (x @ a.T) @ b.T + layer.bias
     torch.testing.assert_close(layer(x), expect, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.merged()(x), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train_rest", [False, True])
+def test_lora_trains_only_the_factors_unless_train_rest(train_rest):
+    """peft's default: only A and B train; W₀ and every tensor outside the targeted layers
+    are frozen. `train_rest = true` leaves the rest (not W₀) trainable."""
+    torch.manual_seed(0)
+    # (no bias in the layer: whether train_rest should also train it, the module doc leaves open)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(IN, OUT, bias=False), "norm": torch.nn.LayerNorm(OUT)})
+    apply_parametrization(model, {"kind": "lora", "rank": RANK, "train_rest": train_rest}, ["a"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    rest = {"norm.weight", "norm.bias"} if train_rest else set()
+    assert trained == {"a.lora_A", "a.lora_B"} | rest
