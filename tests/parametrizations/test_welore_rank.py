@@ -26,6 +26,8 @@ def test_choose_counts_values_below_threshold_and_applies_the_lrc_rule():
     norm = torch.tensor([1, .5, .3, .2, .1, .05, .02, 0], dtype=torch.float64)
     c = wr.choose(norm, (8, 8), threshold=0.25)        # prunes .2 .1 .05 .02 0 -> 5 of 8
     assert (c.kept, c.low_rank, c.params) == (3, True, 3 * 16)
+    c = wr.choose(norm, (8, 8), threshold=0.3)         # strictly below: .3 itself is kept
+    assert (c.kept, c.low_rank) == (3, True)
     c = wr.choose(norm, (8, 8), threshold=0.15)        # prunes 4 of 8 (0.5 > 0.4999), yet
     assert c.low_rank is False and c.kept == 8 and c.params == 64  # factors 4·16 = 64 ≮ 64
     c = wr.choose(norm, (8, 8), threshold=0.15, min_ratio=0.6)
