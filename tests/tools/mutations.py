@@ -340,6 +340,7 @@ NEW = [
     ("gradproj/parametrizations/welore_rank.py", "root = s[:kept].sqrt()", "root = s[:kept]"),
     ("gradproj/parametrizations/welore_rank.py", "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) >= ratio:",
      "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) > ratio:"),
+    # (replaces round -> int in the uniform baseline, which no property distinguishes)
     ("gradproj/parametrizations/welore_rank.py", "i = bisect.bisect_left(", "i = bisect.bisect_right("),
     ("gradproj/parametrizations/int8.py", 'projected = ("weight",)', "projected = ()"),
     ("gradproj/parametrizations/base.py", 'return "full" if p.requires_grad else None', 'return "full"'),
@@ -351,8 +352,6 @@ NEW = [
     # --- the planner: parametrizations and zeroth-order
     ("gradproj/memory/accounting.py", 'values += sum(parts.values()) - parts.get("scales", 0)', "values += sum(parts.values())"),
     ("gradproj/memory/accounting.py", "out[key] = out.get(key, 0) + value", "out[key] = value"),
-    ("gradproj/memory/activations.py", "for t in (*model.parameters(), *model.buffers(), tokens, targets)}",
-     "for t in (*model.parameters(), tokens, targets)}"),
     ("gradproj/memory/plan.py", "exist at a time: {4 * largest:,} bytes", "exist at a time: {2 * largest:,} bytes"),
     ("gradproj/parametrizations/lora_ga.py", 'frozen = breakdown.get("frozen", 0)', 'frozen = breakdown.get("factors", 0)'),
     # --- the planner's per-layer (DDP) gradient peaks and parametrized FSDP2 shards
