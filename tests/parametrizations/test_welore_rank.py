@@ -93,5 +93,9 @@ def test_uniform_baseline_holds_at_least_the_parameters_and_no_more_than_one_ste
     fewer = {k: wr.Choice(c.shape, c.kept - 1, True) for k, c in u.items()}
     assert sum(c.params for c in fewer.values()) < target
     assert len({c.kept for c in u.values()}) == 1  # same rank share of equal-width matrices
+
+
+def test_uniform_baseline_meets_a_target_reached_exactly():
     # k ranks of each hold 304·k parameters: a target of exactly 304·10 is met by k = 10
+    shapes = {"q": (32, 32), "up": (32, 88), "down": (88, 32)}
     assert sum(c.params for c in wr.uniform_choices(shapes, 3040).values()) == 3040

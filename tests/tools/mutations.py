@@ -305,7 +305,7 @@ NEW = [
     ("gradproj/train/curvature.py", "return bool(self.every) and steps_taken % self.every == 0",
      "return bool(self.every) and steps_taken % self.every == self.every - 1"),
     ("gradproj/train/curvature.py", "(loss / k).backward()", "loss.backward()"),
-    ("gradproj/train/curvature.py", "(self.train.seed * SEED_STRIDE + step) * 1_013 + 5", "self.train.seed * SEED_STRIDE * 1_013 + 5"),
+    ("gradproj/train/curvature.py", "SEED_STRIDE + step) * 1_013 + 5", "SEED_STRIDE) * 1_013 + 5"),
     ("gradproj/optimizers/curvature.py", "rule.update_curvature(low.square().mul_(batch_size),", "rule.update_curvature(low.square(),"),
     ("gradproj/optimizers/curvature.py", "estimate = torch.zeros_like(u) if hv is None else u * space.project(hv)",
      "estimate = torch.zeros_like(u) if hv is None else space.project(hv)"),
@@ -341,9 +341,9 @@ NEW = [
     ("gradproj/parametrizations/welore_rank.py", "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) >= ratio:",
      "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) > ratio:"),
     # (replaces round -> int in the uniform baseline, which no property distinguishes)
-    ("gradproj/parametrizations/welore_rank.py", "i = bisect.bisect_left(", "i = bisect.bisect_right("),
+    ("gradproj/parametrizations/welore_rank.py", "bisect.bisect_left(", "bisect.bisect_right("),
     ("gradproj/parametrizations/int8.py", 'projected = ("weight",)', "projected = ()"),
-    ("gradproj/parametrizations/base.py", 'return "full" if p.requires_grad else None', 'return "full"'),
+    ("gradproj/parametrizations/base.py", 'return "full" if p.requires_grad', 'return "full" if True'),
     ("gradproj/parametrizations/base.py", "    if param.freezes_rest():\n", "    if not param.freezes_rest():\n"),
     # --- per-layer DDP
     ("gradproj/distributed/perlayer.py", "bucket.buffer.div_(self.world)  # DDP's averaging", "pass  # DDP's averaging"),
