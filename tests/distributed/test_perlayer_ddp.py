@@ -47,6 +47,34 @@ def test_buckets_are_ddps():
         assert len(alone) > len(expected) or limits == [4, 8]
 
 
+def test_planned_bucket_peak_follows_the_stepper_event_by_event():
+    """Hand-counted peaks of per-layer DDP's reduction (limits 100 B): a bucket of several
+    tensors is a new buffer, so when its last tensor arrives the buffer, that tensor's .grad
+    and the previous bucket (in flight) coexist; a bucket of one is the gradient itself."""
+    from gradproj.memory.ranks import ddp_bucket_peak
+    f32 = torch.float32
+    # [60, 60] fill one bucket: buffer 120 + the arriving 60
+    assert ddp_bucket_peak([(60, f32), (60, f32)], (100, 100)) == 180
+    # [150] alone (its own bucket, no copy), then [30, 80] while 150 is in flight: 150 + 110 + 80
+    assert ddp_bucket_peak([(150, f32), (30, f32), (80, f32)], (100, 100)) == 340
+
+
+def test_planned_accumulation_peak_hand_counted():
+    """grad_accum 4, limits 100 B, galore rank 2 on a 16×8 weight (right side: R is 16×2,
+    a 128-byte fp32 sum). Alone: 512 (its .grad) + 128 (the sum), and the buckets' peak is
+    the refresh step's first micro-batch, which reduces the full 512-byte gradient (the
+    last one reduces only the 128-byte sum). Behind a 64×64 full-rank weight (16 KiB,
+    kept across micro-batches): 16384 + 512 + 128, and the last micro-batch's buckets
+    peak as the 16 KiB gradient (its own bucket) arrives while R's sum is in flight."""
+    shapes = []
+    for modules, target in (([torch.nn.Linear(8, 16, bias=False)], "0"),
+                            ([torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(8, 16, bias=False)], "1")):
+        model = torch.nn.Sequential(*modules).to("meta")
+        opt = gp.build_optimizer(model, "galore", targets=(target,), rank=2)
+        shapes.append(ddp_gradient_bytes(model, opt, per_layer=True, grad_accum=4, limits=(100, 100))[0])
+    assert shapes == [512 + 128 + 512, 16384 + 512 + 128 + (128 + 16384)]
+
+
 def test_spec_accepts_per_layer_ddp_and_still_refuses_clipping(tmp_path):
     from gradproj.train.checks import SpecError
     from gradproj.train.spec import load_spec

@@ -320,3 +320,11 @@ def test_defaults_are_the_papers_and_the_official_codes():
     official = inspect.signature(sophia_opt.SophiaG.__init__).parameters
     assert official["betas"].default == rule["betas"] and official["rho"].default == rule["rho"]
     assert official["weight_decay"].default == preset["weight_decay"]
+
+
+def test_sampled_label_loss_counts_every_token():
+    """B is the number of labels drawn: every position of a batch × time × vocab logits
+    tensor (GNB's B in tokens, as the official `bs = total_bs · block_size`)."""
+    logits = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0))
+    loss, batch = gp.sampled_label_loss(logits, generator=torch.Generator().manual_seed(1))
+    assert batch == 15 and loss.shape == ()

@@ -83,6 +83,24 @@ def test_first_step_is_the_best_rank_2r_approximation_of_full_fine_tuning(direct
     assert (whole - first).norm() <= layer.rest_bound
 
 
+@pytest.mark.parametrize("direction, a_rows, b_cols", [
+    ("ArB2r", range(0, R), range(R, 2 * R)), ("A2rBr", range(R, 2 * R), range(0, R)),
+    ("ArBr", range(1, 2 * R, 2), range(0, 2 * R, 2))])
+def test_each_direction_takes_the_authors_singular_vectors(direction, a_rows, b_cols):
+    """Which of the top 2r singular vectors go to A (right ones, as rows) and to B (left
+    ones, as columns), as the authors' code splits them; any split of 2r distinct vectors
+    passes the first-step test above, so the split itself is pinned here (|cos| = 1)."""
+    grad, _ = designed_gradient(0.7)
+    _, _, layer, _ = one_sgd_step({"kind": "lora-ga", "rank": R, "batches": 1,
+                                   "direction": direction}, grad, 0.0)
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)
+    a = layer.lora_A.detach().double()
+    b = layer.lora_B.detach().double()
+    cos_a = ((a / a.norm(dim=1, keepdim=True)) * vh[list(a_rows)]).sum(1).abs()
+    cos_b = ((b / b.norm(dim=0, keepdim=True)) * u[:, list(b_cols)]).sum(0).abs()
+    assert (cos_a > 1 - 1e-4).all() and (cos_b > 1 - 1e-4).all(), (cos_a, cos_b)
+
+
 @pytest.mark.parametrize("power_iters", [0, 1])
 def test_randomized_projector_is_as_good_as_its_range_finder(power_iters):
     """`randomized` (a range finder, for large layers) on a slowly decaying spectrum
@@ -109,6 +127,18 @@ def test_stable_scale_and_the_weight_offset():
     c = M ** 0.25 / 4.0 ** 0.5
     gram = layer.lora_A.detach() @ layer.lora_A.detach().T  # rows of Vᵀ times c: c²·I
     torch.testing.assert_close(gram, c * c * torch.eye(R), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", ["gd", "unit"])
+def test_gd_and_unit_scales(scale):
+    """"gd": A, B ÷ (α/r) (α 8, r 4: rows of Vᵀ halved); "unit": the singular vectors as they are."""
+    grad, _ = designed_gradient(0.7)
+    _, _, layer, _ = one_sgd_step({"kind": "lora-ga", "rank": R, "batches": 1, "scale": scale,
+                                   "alpha": 8.0}, grad, 0.0)
+    c = 1 / (8.0 / R) if scale == "gd" else 1.0
+    for gram in (layer.lora_A.detach() @ layer.lora_A.detach().T,
+                 layer.lora_B.detach().T @ layer.lora_B.detach()):
+        torch.testing.assert_close(gram, c * c * torch.eye(R), atol=1e-5, rtol=0)
 
 
 def test_bad_options_name_the_key():

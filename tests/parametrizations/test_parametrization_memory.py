@@ -205,3 +205,20 @@ def test_gradnormlorp_7b_optimizer_memory_spelled_out(rank, cut):
         for figure in ("1024 78.8 %, 512 88.4 %, 256 93.2 %", "fp32 AdamW (8 bytes a parameter) 89.4 %",
                        "both sides 80.0 %", "bases not counted 85.8 %"):
             assert figure in readme, figure
+
+
+def test_fsdp2_plan_counts_rank0_shards_and_every_buffer(tmp_path):
+    """FSDP2 x 2: each parameter's rank-0 shard (ceil(rows/2) rows) and every buffer whole
+    (SLTrain's 8-byte support seeds and the rotary table are replicated), counted here from
+    the converted model's tensors."""
+    path = tmp_path / "spec.toml"
+    path.write_text('[model]\npreset = "tiny"\nn_layers = 2\n[model.parametrization]\n'
+                    'kind = "sltrain"\nrank = 32\n[optimizer]\npreset = "galore"\n'
+                    '[optimizer.lowrank]\nrank = 32\n[train]\nbatch_size = 4\n')
+    plan = gp.plan_memory(path, dtype="float32", launch="fsdp2", nproc=2)
+    model = build_model(CFG, device="meta")
+    gp.build_optimizer(model, "galore", parametrization={"kind": "sltrain", "rank": 32}, rank=32)
+    shards = sum(4 * math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert buffers >= 8 * 14  # 14 layers' seeds, and the rotary table
+    assert plan.spec.weights == shards + buffers

@@ -26,6 +26,8 @@ def test_choose_counts_values_below_threshold_and_applies_the_lrc_rule():
     norm = torch.tensor([1, .5, .3, .2, .1, .05, .02, 0], dtype=torch.float64)
     c = wr.choose(norm, (8, 8), threshold=0.25)        # prunes .2 .1 .05 .02 0 -> 5 of 8
     assert (c.kept, c.low_rank, c.params) == (3, True, 3 * 16)
+    c = wr.choose(norm, (8, 8), threshold=0.3)         # strictly below: .3 itself is kept
+    assert (c.kept, c.low_rank) == (3, True)
     c = wr.choose(norm, (8, 8), threshold=0.15)        # prunes 4 of 8 (0.5 > 0.4999), yet
     assert c.low_rank is False and c.kept == 8 and c.params == 64  # factors 4·16 = 64 ≮ 64
     c = wr.choose(norm, (8, 8), threshold=0.15, min_ratio=0.6)
@@ -50,6 +52,15 @@ def test_search_finds_the_smallest_sufficient_threshold():
         kept = {k: c.kept for k, c in choices.items()}
         # non-uniform: the faster-decaying spectra (later matrices) keep fewer ranks per width
         assert len({c.kept / c.full_rank for c in choices.values() if c.low_rank}) > 1, kept
+
+
+def test_search_stops_at_a_ratio_reached_exactly():
+    """16×16: k kept ranks as factors hold 32·k of 256 parameters, so k = 4 compresses by
+    exactly 0.5; the smallest threshold reaching 0.5 keeps 4, not 3 (0.625)."""
+    shapes = {"a": (16, 16)}
+    norm = wr.spectra({"a": _matrix(16, 16, [1.5 ** -i for i in range(16)], seed=2)})
+    t, choices = wr.search_threshold(norm, shapes, 0.5)
+    assert choices["a"].kept == 4 and wr.compression(choices) == 0.5
 
 
 def test_search_rejects_unreachable_ratio_with_the_reachable_one():
@@ -115,3 +126,9 @@ def test_rank_reduction_choices_are_the_references_rank_accounting():
         assert sum(int((norm[k] < smaller).sum()) for k in shapes) / total < ratio
         # min_ratio 0: any pruned rank means factors, even those bigger than the dense matrix
         assert all(c.low_rank == (pruned[k] > 0) for k, c in choices.items())
+
+
+def test_uniform_baseline_meets_a_target_reached_exactly():
+    # k ranks of each hold 304·k parameters: a target of exactly 304·10 is met by k = 10
+    shapes = {"q": (32, 32), "up": (32, 88), "down": (88, 32)}
+    assert sum(c.params for c in wr.uniform_choices(shapes, 3040).values()) == 3040

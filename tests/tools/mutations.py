@@ -250,3 +250,147 @@ EXTRA = [
     ("gradproj/train/data.py", 'chunks.append(record[key].encode("utf-8") + b"\\n")', 'chunks.append(record[key].encode("utf-8"))'),
     ("gradproj/train/data.py", "tr, ev = tokens, np.memmap(eval_path, dtype=np_dtype, mode=\"r\")", "tr, ev = tokens, tokens"),
 ]
+
+# A third set (run with --new): the modules added at stop 19 — Sophia (rule, kernel,
+# curvature estimates and the loop's pass), the fused q8 diffGrad and CPU q8/q4 AdamW
+# kernels, zeroth-order training, the parametrizations, per-layer DDP and the planner's
+# parametrization / zeroth-order parts. Their guards come first (the first matching
+# prefix wins), so the specific lists below take precedence over the broad ones above.
+SOPHIA_TESTS = ["tests/family/test_sophia.py", "tests/train/test_train_sophia.py"]
+LANE = ["tests/kernels/test_kernels_interpreter_lane.py"]
+CPU_TESTS = ["tests/kernels/test_kernels_cpu_blockwise.py"]
+ZO_TESTS = ["tests/train/test_zeroth_order.py", "tests/train/test_zeroth_order_train.py"]
+PARAM_TESTS = ["tests/parametrizations"]
+MEMORY_TESTS = ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
+                "tests/memory/test_activations.py", "tests/parametrizations/test_parametrization_memory.py",
+                "tests/train/test_zeroth_order_train.py", "tests/memory/test_readme_figures.py",
+                "tests/distributed/test_perlayer_ddp.py"]
+NEW_GUARDS = [
+    ("gradproj/rules/sophia.py", SOPHIA_TESTS + RULE_TESTS),
+    ("gradproj/kernels/sophia.py", SOPHIA_TESTS + LANE),
+    ("gradproj/kernels/diffgrad_q8.py", ["tests/kernels/test_kernels_diffgrad.py"] + RULE_TESTS + LANE),
+    ("gradproj/kernels/cpu_adam.py", CPU_TESTS),
+    ("gradproj/kernels/cpu_blockwise.c", CPU_TESTS),
+    ("gradproj/kernels/cpu_common.h", CPU_TESTS + ["tests/kernels/test_kernels_cpu_counter_rng.py"]),
+    ("gradproj/train/zeroth_order.py", ZO_TESTS),
+    ("gradproj/train/curvature.py", ["tests/train/test_train_sophia.py", "tests/family/test_sophia.py"]),
+    ("gradproj/optimizers/curvature.py", SOPHIA_TESTS),
+    ("gradproj/parametrizations/", PARAM_TESTS),
+    ("gradproj/distributed/perlayer.py", ["tests/distributed/test_perlayer_ddp.py"]),
+    ("gradproj/memory/", MEMORY_TESTS),
+]
+GUARDS[:0] = NEW_GUARDS
+
+NEW = [
+    # --- Sophia: rule
+    ("gradproj/rules/sophia.py", "beta2 = group[\"betas\"][1]", "beta2 = group[\"betas\"][0]"),
+    ("gradproj/rules/sophia.py", "h.mul_(beta2).add_(estimate, alpha=1.0 - beta2)", "h.mul_(beta2).add_(estimate, alpha=beta2)"),
+    ("gradproj/rules/sophia.py", '"rho": 0.04', '"rho": 0.03'),
+    ("gradproj/rules/sophia.py", '("hessian", False)', '("hessian", True)'),
+    ("gradproj/rules/sophia.py", 'grad, group["betas"][0],', 'grad, group["betas"][1],'),
+    # --- Sophia: kernel and its reference
+    ("gradproj/kernels/sophia.py", "m = exp_avg.float().mul_(beta1).add_(grad, alpha=1.0 - beta1)",
+     "m = exp_avg.float().mul_(beta1).add_(grad, alpha=beta1)"),
+    ("gradproj/kernels/sophia.py", "return m.div(hessian.float().mul(rho).clamp_(min=eps))", "return m.div(hessian.float().clamp_(min=eps))"),
+    ("gradproj/kernels/sophia.py", "d = tl.div_rn(m, tl.maximum(rho * h, eps))", "d = tl.div_rn(m, rho * h + eps)"),
+    ("gradproj/kernels/sophia.py", "d = tl.minimum(tl.maximum(d, -1.0), 1.0)", "d = tl.minimum(d, 1.0)"),
+    # --- fused q8 diffGrad
+    ("gradproj/kernels/diffgrad_q8.py", "SIGNS = (True, False, True)", "SIGNS = (True, False, False)"),
+    ("gradproj/kernels/diffgrad_q8.py", "friction = tl.div_rn(1.0, 1.0 + tl.exp(-tl.abs(prev - g)))",
+     "friction = tl.div_rn(1.0, 1.0 + tl.exp(-(prev - g)))"),
+    ("gradproj/kernels/diffgrad_q8.py", "p_absmax, p_scaled = _scale_rows(g, valid)", "p_absmax, p_scaled = _scale_rows(prev, valid)"),
+    ("gradproj/kernels/diffgrad_q8.py", "        absmax.copy_(new_absmax.view(absmax.shape))\n", "\n"),
+    # --- CPU fused AdamW on q8/q4 moments
+    ("gradproj/kernels/cpu_adam.py", "m.add_(sliced, alpha=1.0 - beta1)", "m.add_(sliced, alpha=1.0 - beta2)"),
+    ("gradproj/kernels/cpu_adam.py", "b0, b1 = start // block, -(-stop // block)", "b0, b1 = start // block, stop // block"),
+    ("gradproj/kernels/cpu_adam.py", "out.data_ptr() + 4 * start", "out.data_ptr() + start"),
+    ("gradproj/kernels/cpu_adam.py", "(state[2], state[3], v_code, beta2)", "(state[2], state[3], m_code, beta2)"),
+    # --- the C codecs and the AdamW tail (portable scalar code and AVX-512)
+    ("gradproj/kernels/cpu_blockwise.c", "for (int j = 0; j < 15; j++) count += !(mids[j] >= s);",
+     "for (int j = 0; j < 14; j++) count += !(mids[j] >= s);"),
+    ("gradproj/kernels/cpu_blockwise.c", "codes[j] = (uint8_t)(pos[2 * j] | (pos[2 * j + 1] << 4));",
+     "codes[j] = (uint8_t)(pos[2 * j + 1] | (pos[2 * j] << 4));"),
+    ("gradproj/kernels/cpu_blockwise.c", "(uint8_t)(first + (mids[first] < s[i]) + (mids[first + 1] < s[i]));",
+     "(uint8_t)(first + (mids[first] < s[i]));"),
+    ("gradproj/kernels/cpu_blockwise.c", "d[i] = (m[i] / (root[i] + eps)) * step_size;", "d[i] = (m[i] / root[i] + eps) * step_size;"),
+    ("gradproj/kernels/cpu_blockwise.c", "o[2 * j + 1] = (code[c[j] >> 4] * a) * scale;", "o[2 * j + 1] = (code[c[j] & 15] * a) * scale;"),
+    ("gradproj/kernels/cpu_blockwise.c", "for (int i = 0; i < len; i++) o[i] = (code[c[i]] * a) * scale;",
+     "for (int i = 0; i < len; i++) o[i] = code[c[i]] * (a * scale);"),
+    ("gradproj/kernels/cpu_blockwise.c", "pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(2));",
+     "pos = _mm512_mask_add_epi32(pos, k, pos, _mm512_set1_epi32(1));"),
+    ("gradproj/kernels/cpu_blockwise.c", "__m512i packed = _mm512_or_si512(pos, _mm512_srli_epi64(pos, 28));",
+     "__m512i packed = _mm512_or_si512(pos, _mm512_srli_epi64(pos, 32));"),
+    ("gradproj/kernels/cpu_common.h", "b &= 0x7fffffffu;", "b &= 0xffffffffu;"),
+    # --- zeroth-order (MeZO)
+    ("gradproj/train/zeroth_order.py", "self._perturb(layout, seed, -2 * self.eps)", "self._perturb(layout, seed, -self.eps)"),
+    ("gradproj/train/zeroth_order.py", "projected = [d / (2 * self.eps) for d in diffs]", "projected = [d / self.eps for d in diffs]"),
+    ("gradproj/train/zeroth_order.py", "estimate = z.mul_(g / self.n)", "estimate = z.mul_(g)"),
+    ("gradproj/train/zeroth_order.py", "s = zo_param_seed(seed, j)", "s = zo_param_seed(seed, 0)"),
+    ("gradproj/train/zeroth_order.py", "seeds = [zo_seed(self.base, self.position + i) for i in range(self.n)]",
+     "seeds = [zo_seed(self.base, self.position) for i in range(self.n)]"),
+    ("gradproj/train/zeroth_order.py", 'due = not state or state["step"] >= state["next_refresh"]',
+     'due = not state or state["step"] > state["next_refresh"]'),
+    ("gradproj/train/zeroth_order.py", "level += (plus + minus) / (2 * self.n)", "level += (plus + minus) / 2"),
+    # --- Sophia's curvature pass in the loop, and the estimators
+    ("gradproj/train/curvature.py", "self.batch_size = t.batch_size * spec.data.seq_len * t.grad_accum",
+     "self.batch_size = t.batch_size * spec.data.seq_len"),
+    ("gradproj/train/curvature.py", "return bool(self.every) and steps_taken % self.every == 0",
+     "return bool(self.every) and steps_taken % self.every == self.every - 1"),
+    ("gradproj/train/curvature.py", "(loss / k).backward()", "loss.backward()"),
+    ("gradproj/train/curvature.py", "SEED_STRIDE + step) * 1_013 + 5", "SEED_STRIDE) * 1_013 + 5"),
+    ("gradproj/optimizers/curvature.py", "rule.update_curvature(low.square().mul_(batch_size),", "rule.update_curvature(low.square(),"),
+    ("gradproj/optimizers/curvature.py", "estimate = torch.zeros_like(u) if hv is None else u * space.project(hv)",
+     "estimate = torch.zeros_like(u) if hv is None else space.project(hv)"),
+    ("gradproj/optimizers/curvature.py", "generator=generator).float().mul_(2).sub_(1)", "generator=generator).float()"),
+    ("gradproj/optimizers/curvature.py", "labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(1)",
+     "labels = flat.argmax(-1)"),
+    ("gradproj/optimizers/curvature.py", "return F.cross_entropy(flat, labels), flat.shape[0]", "return F.cross_entropy(flat, labels), logits.shape[0]"),
+    # --- parametrizations
+    ("gradproj/parametrizations/lora.py", "self.scaling = rank, alpha, alpha / rank", "self.scaling = rank, alpha, alpha / math.sqrt(rank)"),
+    ("gradproj/parametrizations/lora.py", "bound = 1 / math.sqrt(self.in_features)", "bound = 1 / math.sqrt(self.out_features)"),
+    ("gradproj/parametrizations/lora.py", 'o["seed"] + SEED_STRIDE * index,', 'o["seed"],'),
+    ("gradproj/parametrizations/lora.py", 'return not self.options["train_rest"]', 'return self.options["train_rest"]'),
+    ("gradproj/parametrizations/lora_ga.py", "a, b = vh[:r], u[:, r:2 * r]", "a, b = vh[:r], u[:, :r]"),
+    ("gradproj/parametrizations/lora_ga.py", "c = module.out_features ** 0.25 / stable_gamma ** 0.5", "c = module.in_features ** 0.25 / stable_gamma ** 0.5"),
+    ("gradproj/parametrizations/lora_ga.py", "module.weight.copy_(module.weight.float() - offset)", "module.weight.copy_(module.weight.float() + offset)"),
+    ("gradproj/parametrizations/lora_ga.py", "a, b = a / module.scaling, b / module.scaling", "a, b = a * module.scaling, b * module.scaling"),
+    ("gradproj/parametrizations/lora_ga.py", "a, b = vh[1:2 * r:2], u[:, 0:2 * r:2]", "a, b = vh[0:2 * r:2], u[:, 1:2 * r:2]"),
+    ("gradproj/parametrizations/sparse_support.py", "half_bits = max(1, (max(numel - 1, 1).bit_length() + 1) // 2)",
+     "half_bits = max(1, max(numel - 1, 1).bit_length() // 2)"),
+    ("gradproj/parametrizations/sparse_support.py", "h = (r ^ key) & _MASK32", "h = r & _MASK32"),
+    ("gradproj/parametrizations/sltrain.py", "grad_b = (grad_w @ a.to(grad_w.dtype).T) * s", "grad_b = grad_w @ a.to(grad_w.dtype).T"),
+    ("gradproj/parametrizations/sltrain.py", "bound = 1 / math.sqrt(n)  # A", "bound = 1 / math.sqrt(m)  # A"),
+    ("gradproj/parametrizations/weightnorm.py", "return torch.linalg.vector_norm(v.to(_wide(v.dtype)), dim=1)",
+     "return torch.linalg.vector_norm(v.to(_wide(v.dtype)), dim=0)"),
+    ("gradproj/parametrizations/weightnorm.py", "bound = 1.0 / math.sqrt(in_features)", "bound = 1.0 / math.sqrt(out_features)"),
+    ("gradproj/parametrizations/weightnorm.py", "    if detach_norm:\n        norm = norm.detach()", "    if not detach_norm:\n        norm = norm.detach()"),
+    ("gradproj/parametrizations/gradnormlorp.py", "gw.addcmul_(vhat, grad_m[:, None], value=-1.0)", "gw.addcmul_(vhat, grad_m[:, None], value=1.0)"),
+    ("gradproj/parametrizations/gradnormlorp.py", 'scale = self.options["alpha"] / rank if rank else 1.0', 'scale = self.options["alpha"] / rank ** 0.5 if rank else 1.0'),
+    ("gradproj/parametrizations/gradnormlorp.py", 'manual_seed(self.options["seed"] * 1_000_003 + index)', 'manual_seed(self.options["seed"] * 1_000_003)'),
+    ("gradproj/parametrizations/welore_rank.py", "return int((normalized < threshold).sum())", "return int((normalized <= threshold).sum())"),
+    ("gradproj/parametrizations/welore_rank.py", "low = pruned / r > min_ratio and kept * (m + n) < m * n", "low = pruned / r > min_ratio"),
+    ("gradproj/parametrizations/welore_rank.py", "root = s[:kept].sqrt()", "root = s[:kept]"),
+    ("gradproj/parametrizations/welore_rank.py", "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) >= ratio:",
+     "if compression(choices_at(normalized, shapes, values[mid], min_ratio)) > ratio:"),
+    # (replaces round -> int in the uniform baseline, which no property distinguishes)
+    ("gradproj/parametrizations/welore_rank.py", "bisect.bisect_left(", "bisect.bisect_right("),
+    ("gradproj/parametrizations/int8.py", 'projected = ("weight",)', "projected = ()"),
+    ("gradproj/parametrizations/base.py", 'return "full" if p.requires_grad', 'return "full" if True'),
+    ("gradproj/parametrizations/base.py", "    if param.freezes_rest():\n", "    if not param.freezes_rest():\n"),
+    # --- per-layer DDP
+    ("gradproj/distributed/perlayer.py", "bucket.buffer.div_(self.world)  # DDP's averaging", "pass  # DDP's averaging"),
+    ("gradproj/distributed/perlayer.py", "total = reduced if first is None else first + reduced", "total = reduced"),
+    ("gradproj/distributed/perlayer.py", "        if size >= limits[min(turn, len(limits) - 1)]:", "        if size > limits[min(turn, len(limits) - 1)]:"),
+    # --- the planner: parametrizations and zeroth-order
+    ("gradproj/memory/accounting.py", 'values += sum(parts.values()) - parts.get("scales", 0)', "values += sum(parts.values())"),
+    ("gradproj/memory/accounting.py", "out[key] = out.get(key, 0) + value", "out[key] = value"),
+    ("gradproj/memory/plan.py", "exist at a time: {4 * largest:,} bytes", "exist at a time: {2 * largest:,} bytes"),
+    ("gradproj/parametrizations/lora_ga.py", 'frozen = breakdown.get("frozen", 0)', 'frozen = breakdown.get("factors", 0)'),
+    # --- the planner's per-layer (DDP) gradient peaks and parametrized FSDP2 shards
+    ("gradproj/memory/ranks.py", "last.append((4 * math.prod(shape), torch.float32))", "last.append((2 * math.prod(shape), torch.float32))"),
+    ("gradproj/memory/ranks.py", "buckets = max(ddp_bucket_peak(last, limits), ddp_bucket_peak(fits, limits) if fits else 0)",
+     "buckets = ddp_bucket_peak(last, limits)"),
+    ("gradproj/memory/ranks.py", "peak = max(peak, previous + size + max(sizes[i][0] for i in members))", "peak = max(peak, previous + size)"),
+    ("gradproj/memory/accounting.py", "transient = max(transient, grad_nbytes(p))", "transient += grad_nbytes(p)"),
+    ("gradproj/memory/accounting.py", "+ sum(nbytes(t) for t in module.buffers(recurse=False)))", ")"),
+]

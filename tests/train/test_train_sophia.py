@@ -97,3 +97,56 @@ def test_bad_curvature_settings_name_the_key(tmp_path, capsys, change, needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not (tmp_path / "run").exists()
+
+
+def test_the_pass_runs_after_every_kth_step_on_the_mean_of_fresh_micro_batches(tmp_path, monkeypatch):
+    """k = 2, 6 steps, grad_accum 2: passes after steps 2, 4, 6 (the official script's
+    `iter_num % k == k − 1`, 0-based), each on 2 fresh input batches; the GNB gradient is the
+    mean of the micro-batches' gradients, recomputed here from the inputs the pass used with
+    a deterministic stand-in for the sampled-label loss; B = batch·seq_len·grad_accum
+    tokens; and the labels' generator is seeded afresh for every pass."""
+    import copy
+
+    import torch
+
+    from gradproj.train import curvature as curvature_pass
+    from gradproj.train.loop import Trainer
+    from gradproj.train.spec import load_spec
+    text = SOPHIA.replace("threads = 1", "threads = 1\ngrad_accum = 2").replace("steps = 8", "steps = 6")
+    trainer = Trainer(load_spec(write_spec(tmp_path, text)))
+    inputs, seeds, calls = [], [], []
+
+    def stand_in(logits, generator=None):  # mean(logits²): a loss with no random labels
+        seeds.append(generator.initial_seed())
+        return logits.float().pow(2).mean(), logits.shape[0] * logits.shape[1]
+
+    monkeypatch.setattr(curvature_pass, "sampled_label_loss", stand_in)
+    batch = trainer.curvature.data.batch
+
+    def recording_batch(step, micro=0):
+        x, y = batch(step, micro)
+        inputs.append(x)
+        return x, y
+
+    monkeypatch.setattr(trainer.curvature.data, "batch", recording_batch)
+    opt = trainer.opt
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def spy(estimator, batch_size=None, **_):
+        xs = inputs[-2:]
+        model = copy.deepcopy(trainer.model)
+        mean = sum(model.logits(x).float().pow(2).mean() for x in xs) / len(xs)
+        copies = dict(model.named_parameters())
+        names = [n for n, q in trainer.model.named_parameters() if any(q is p for p in params)]
+        want = torch.autograd.grad(mean, [copies[n] for n in names])
+        got = [dict(trainer.model.named_parameters())[n].grad for n in names]
+        calls.append((opt.state[params[0]]["step"], estimator, batch_size, len(inputs),
+                      not torch.equal(xs[0], xs[1]),
+                      all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(got, want))))
+
+    monkeypatch.setattr(opt, "update_curvature", spy)
+    trainer.run()
+    tokens = 4 * 32 * 2
+    assert calls == [(2, "gnb", tokens, 2, True, True), (4, "gnb", tokens, 4, True, True),
+                     (6, "gnb", tokens, 6, True, True)]
+    assert len(seeds) == 6 and len({seeds[0], seeds[2], seeds[4]}) == 3

@@ -40,6 +40,11 @@ def test_sophia_step_matches_reference(n, storage, rho, hutchinson, seed):
     den = (h0.double() * rho).float().double().clamp(min=eps)
     bound = err_m / den + 2 * u * (m_fp32.abs() / den).clamp(max=1.0)
     assert_within(d_k, d_r, bound, "direction")
+    # where |M| exceeds D by more than M's rounding both clip to exactly sign(M); the bound
+    # above says nothing there when D = ε (h ≤ 0: err_m / ε is huge), and that is where
+    # max(ρ·h, ε) and the official ρ·h + ε differ: the latter flips the sign for ρ·h < −ε
+    clipped = (m_fp32.abs() - err_m) > den * (1 + 4 * u)
+    assert torch.equal(d_k[clipped], torch.sign(m_fp32[clipped]).float())
     assert (d_k.abs() <= 1).all() and d_k.dtype == torch.float32
     assert_within(m_k.float(), m_r.float(), err_m + 2 * storage_rounding(m_fp32, storage), "exp_avg")
     assert torch.equal(h_k, h0)  # H is read, never written
