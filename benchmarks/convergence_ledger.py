@@ -48,7 +48,8 @@ def fingerprint(spec: dict) -> str:
 
 @functools.cache
 def commit() -> str:
-    """The commit the runs are made at (read once per process, at the first call) (+ '-dirty' with uncommitted changes), or 'unknown'."""
+    """The commit the runs are made at, '-dirty' with uncommitted changes under gradproj/,
+    or 'unknown' (read once per process, at the first call)."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
