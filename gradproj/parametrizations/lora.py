@@ -3,8 +3,9 @@
     y = x·Wᵀ + (α/r)·(x·Aᵀ)·Bᵀ + b          W m×n frozen, A r×n, B m×r trained
 
 As peft initialises it: A Kaiming-uniform (a = √5, seeded per layer), B = 0, so the
-model is unchanged at step 0; the bias and everything outside the targeted layers are
-frozen (`train_rest = true` keeps them trainable). The forward never forms W + (α/r)·B·A
+model is unchanged at step 0. The targeted layers' W and bias stay frozen (peft's
+bias = "none"); everything outside them is frozen too, unless `train_rest = true` keeps
+it trainable. The forward never forms W + (α/r)·B·A
 (two thin matmuls: r·(m+n) per token instead of m·n); `merged()` folds it into one
 dense weight for inference at no extra cost. `project_factors = true` puts A and B in
 the low-rank group (GaLore on the factors); by default they are stepped at full rank.
