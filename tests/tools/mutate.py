@@ -5,8 +5,10 @@
 Each mutation in MUTATIONS (tests/tools/mutations.py) is (file, old text, new text): `old`
 must occur exactly once in the file. The worktree is copied to a scratch folder (never
 edited in place), the mutation applied there, and `pytest -x -q -p no:randomly` runs the
-guarding modules of GUARDS. A mutant is caught when pytest fails. Not collected by pytest
-(no test_ prefix); it prints caught/planted per file.
+guarding modules of GUARDS. A mutant is caught when pytest fails (or times out). Each set of
+guard modules first runs once on the unmutated tree: if it fails there, its mutants are
+skipped, not counted as caught. Not collected by pytest (no test_ prefix); it prints
+caught/planted per file.
 """
 from __future__ import annotations
 
@@ -48,6 +50,17 @@ def main() -> int:
            "HYPOTHESIS_STORAGE_DIRECTORY": str(scratch / "hyp")}
     results = defaultdict(lambda: [0, 0])
     survivors = []
+    baseline: dict[tuple[str, ...], bool] = {}  # guard modules -> they pass on the clean tree
+
+    def guards_fail(modules: tuple[str, ...]) -> bool:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly",
+                                   "-p", "no:cacheprovider", *modules], cwd=wt, env=env,
+                                  capture_output=True, text=True, timeout=args.timeout)
+            return proc.returncode != 0
+        except subprocess.TimeoutExpired:
+            return True
+
     for path, old, new in (NEW if args.new else EXTRA if args.extra else MUTATIONS):
         only = [o for o in args.only.split(",") if o]
         if only and not any(o in path or o in old for o in only):
@@ -57,16 +70,18 @@ def main() -> int:
         if original.count(old) != 1:
             print(f"SKIP {path}: {old!r} occurs {original.count(old)} times")
             continue
+        modules = tuple(m for m in guards_of(path) if (wt / m).exists())
+        if modules not in baseline:  # a guard failing unmutated would "catch" every mutant
+            baseline[modules] = not guards_fail(modules)
+            if not baseline[modules]:
+                print(f"BASELINE FAILS: {' '.join(modules)} fail on the unmutated tree")
+        if not baseline[modules]:
+            print(f"SKIP {path}: its guards fail unmutated")
+            continue
         target.write_text(original.replace(old, new))
         start = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly",
-                                   "-p", "no:cacheprovider",
-                                   *[m for m in guards_of(path) if (wt / m).exists()]], cwd=wt, env=env,
-                                  capture_output=True, text=True, timeout=args.timeout)
-            caught = proc.returncode != 0
-        except subprocess.TimeoutExpired:
-            caught = True
+            caught = guards_fail(modules)
         finally:
             target.write_text(original)
         results[path][0] += caught
