@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import time
@@ -146,7 +147,10 @@ def run_sweeps(sweeps: list[Sweep], start: Callable[[str, float, int], dict | No
     `train(job(name, lr, seed))` runs in a worker (inline when jobs is 1) and `finish`
     stores its record and returns it as stored. Returns the number of new runs made."""
     made, in_flight = 0, {}  # future -> (sweep, lr, seed)
-    pool = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
+    # spawned, not forked: a CUDA run's workers each start CUDA afresh (a forked child
+    # cannot), and no worker inherits the parent's thread pools
+    pool = (ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+            if jobs > 1 else None)
     try:
         while True:
             progressed = True
