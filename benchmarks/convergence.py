@@ -391,12 +391,14 @@ def main(argv: list[str] | None = None) -> None:
         if not s.done():
             so_far = ", ".join(f"{lr:g}/seed {seed}: {r['eval_loss']:.4f}"
                                for (lr, seed), r in sorted(s.results.items()))
-            missing[s.name] = f"not finished ({len(s.results)} runs: {so_far or 'none'})"
+            missing[s.name] = (f"not finished ({len(s.results)} of its runs so far: {so_far})"
+                               if s.results else "not started")
     log(f"{made} new runs; {len(methods)} of {len(sweeps)} methods finished; interleaved step timing")
     time_steps(methods, steps, out / "work", args)
     text = markdown(methods, missing, args, steps)
     cpu_h = sum(r.get("cpu_s", r["wall_s"]) for s in sweeps for r in s.results.values()) / 3600
-    text += (f"\n\nRuns made at commits {', '.join(sorted({c for m in methods.values() for c in m['commits']})) or '—'}; "
+    commits = sorted({r.get("commit", "unknown") for s in sweeps for r in s.results.values()})
+    text += (f"\n\nRuns made at commits {', '.join(commits) or '—'}; "
              f"{cpu_h:.1f} CPU-hours of training in the ledger. This sitting: {made} new runs, "
              f"{time.perf_counter() - begin:.0f} s with {args.jobs} run(s) at a time; load average "
              f"{os.getloadavg()[0]:.1f} at the end.\n")

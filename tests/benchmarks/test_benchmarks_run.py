@@ -108,7 +108,7 @@ def test_convergence_ledger_reuses_matching_runs_only(monkeypatch, tmp_path):
     base = ["--out", str(tmp_path), "--methods", "adamw", "--timing-rounds", "0"]
     convergence.main(base + ["--max-runs", "2"])
     assert len(calls) == 2
-    assert "| AdamW | not finished (2 runs" in (tmp_path / "results.md").read_text()
+    assert "| AdamW | not finished (2 of its runs so far" in (tmp_path / "results.md").read_text()
     convergence.main(base)
     assert len(calls) == 4  # the third grid value and the second seed: nothing run twice
     assert len(set(calls)) == 4
