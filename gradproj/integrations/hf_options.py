@@ -37,7 +37,7 @@ import torch
 from ..train.checks import did_you_mean
 from ..optimizers import LowRankOptimizer
 from ..optimizers.options import GENERIC_DEFAULTS
-from ..optimizers.presets import MODEL_KEYS, with_overrides
+from ..optimizers.presets import MODEL_KEYS, canonical_rule, with_overrides
 from ..registry import PRESETS, RESIDUALS, RULES
 
 
@@ -241,10 +241,6 @@ def split_parametrization(args: dict[str, Any], source: str = "optim_args") -> d
     return parametrization_table(table, source)
 
 
-def _canonical_rule(name: str) -> str:
-    return RULES.canonical(name) if name in RULES else name
-
-
 def build_options(preset: str, options: Mapping[str, Any], *, adam_from_args: bool = False,
                   adam: Mapping[str, float] | None = None, explicit: Any = ()) -> dict:
     """The optimizer options of `preset` + `options`, in the layers of the module docstring.
@@ -256,7 +252,7 @@ def build_options(preset: str, options: Mapping[str, Any], *, adam_from_args: bo
     paper defaults otherwise. A rule without the option (sgdm has no betas) skips it.
     """
     merged = with_overrides(preset, {"rule": options["rule"]} if "rule" in options else {})
-    rule = _canonical_rule(merged.get("rule", GENERIC_DEFAULTS["rule"]))
+    rule = canonical_rule(merged.get("rule", GENERIC_DEFAULTS["rule"]))
     own = RULES.get(rule).defaults if rule in RULES else {}
     if adam:
         names = (ADAM_ARGS if adam_from_args else ()) if rule == "adamw" else [

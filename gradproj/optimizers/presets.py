@@ -79,6 +79,11 @@ def preset_options(name: str) -> dict:
     return dict(PRESETS.get(name))
 
 
+def canonical_rule(name: str) -> str:
+    """A rule's registered name for an alias (sgd -> sgdm); an unknown name as it is."""
+    return RULES.canonical(name) if name in RULES else name
+
+
 def with_overrides(preset: str | None, overrides: Mapping[str, Any]) -> dict:
     """A preset's options with `overrides` on top (no preset: the overrides alone).
 
@@ -87,9 +92,8 @@ def with_overrides(preset: str | None, overrides: Mapping[str, Any]) -> dict:
     GaLore's projection around Sophia with Sophia's ε 1e-15 and β (0.965, 0.99), not the
     1e-6 and (0.9, 0.999) GaLore's preset names for its AdamW. An override still wins."""
     options = preset_options(preset) if preset else {}
-    before, after = (RULES.canonical(r) if r in RULES else r
-                     for r in (options.get("rule", GENERIC_DEFAULTS["rule"]),
-                               overrides.get("rule", options.get("rule"))))
+    before, after = (canonical_rule(r) for r in (options.get("rule", GENERIC_DEFAULTS["rule"]),
+                                                 overrides.get("rule", options.get("rule"))))
     if preset and after != before and before in RULES and after in RULES:
         own = RULES.get(after).defaults
         for key in RULES.get(before).defaults.keys() & own.keys():
