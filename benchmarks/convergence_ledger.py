@@ -154,16 +154,13 @@ def run_sweeps(sweeps: list[Sweep], start: Callable[[str, float, int], dict | No
     try:
         while True:
             progressed = True
-            while progressed:  # take every cached record, and fill free slots in table order
-                progressed = False
-                for sweep in sweeps:
+            while progressed:
+                progressed = take_cached(sweeps, start)  # first every record there is, so
+                if progressed:                           # a later row never takes a slot
+                    continue                             # an earlier row's grown grid needs
+                for sweep in sweeps:  # then the free slots, in table order
                     for lr, seed in sweep.wanted():
                         if any((s, l, e) == (sweep, lr, seed) for s, l, e in in_flight.values()):
-                            continue
-                        record = start(sweep.name, lr, seed)
-                        if record is not None:
-                            sweep.results[(lr, seed)] = record
-                            progressed = True
                             continue
                         if max_new is not None and made >= max_new:
                             continue
@@ -174,6 +171,8 @@ def run_sweeps(sweeps: list[Sweep], start: Callable[[str, float, int], dict | No
                         elif len(in_flight) < jobs:
                             made += 1
                             in_flight[pool.submit(train, job(sweep.name, lr, seed))] = (sweep, lr, seed)
+                    if progressed:  # inline: its result may grow this sweep's grid
+                        break
             if not in_flight:
                 return made
             finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
@@ -183,6 +182,20 @@ def run_sweeps(sweeps: list[Sweep], start: Callable[[str, float, int], dict | No
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def take_cached(sweeps: list[Sweep], start: Callable[[str, float, int], dict | None]) -> bool:
+    """Every wanted run the ledger already has, into its sweep; whether any was."""
+    took = False
+    for sweep in sweeps:
+        while True:
+            found = [(key, start(sweep.name, *key)) for key in sweep.wanted()]
+            found = [(key, record) for key, record in found if record is not None]
+            if not found:
+                break
+            sweep.results.update(found)
+            took = True
+    return took
 
 
 def stamp(record: dict, spec_sha: str) -> dict:

@@ -6,7 +6,9 @@
     python benchmarks/step_time.py --sizes 60m --repeats 9 --out results.md
 
 Every optimizer steps the *same* parameters with the *same* fixed gradients (a step only
-reads p.grad and its own state, so sharing the weights changes no cost). Rounds interleave
+reads p.grad and its own state, so sharing the weights changes no cost); the
+"gradient views" rows hold those values in their buckets' buffers (`gradient_as_bucket_view`),
+set as .grad before each of their steps, untimed, as backward would leave them. Rounds interleave
 the optimizers, rotating their order, and each figure is the median over rounds of the
 per-round ratio to `torch.optim.AdamW` measured in that round: the ratios hold on a
 machine shared with other jobs even when the absolute times drift.
@@ -66,11 +68,12 @@ def lowrank_params(model) -> list[torch.nn.Parameter]:
 
 
 # -- the contenders ----------------------------------------------------------------------
-def ours(projector: str, state_format: str = "fp32", **projector_options):
+def ours(projector: str, state_format: str = "fp32", views: bool = False, **projector_options):
     def build(model, rank):
         return gp.build_optimizer(model, "galore", lr=LR, rank=rank, update_gap=GAP, scale=SCALE,
                                   projector=projector, state_format=state_format,
-                                  projector_options=projector_options)
+                                  projector_options=projector_options,
+                                  gradient_as_bucket_view=views)
     return build
 
 
@@ -108,6 +111,8 @@ def contenders() -> dict[str, tuple[Callable, str | None]]:
         "torch AdamW (foreach)": (adamw, None),
         "gradproj GaLore svd": (ours("svd"), "svd"),
         "gradproj GaLore randomized": (ours("randomized"), "randomized"),
+        "gradproj GaLore svd, gradient views": (ours("svd", views=True), "svd"),
+        "gradproj GaLore randomized, gradient views": (ours("randomized", views=True), "randomized"),
     }
     if "q8" in gp.STATE_FORMATS:
         table["gradproj GaLore svd, q8 states"] = (ours("svd", "q8"), "svd")
@@ -182,7 +187,7 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None,
     n_low = sum(p.numel() for p in lowrank_params(model))
     print(f"\n## {size}: {n_params / 1e6:.1f}M parameters, {n_low / 1e6:.1f}M projected; "
           f"rank {rank}, T {GAP}, alpha {SCALE}, {device}")
-    opts, kinds, rows = {}, {}, []
+    opts, kinds, own, rows = {}, {}, {}, []
     # galore-torch's 8-bit step swaps p.data and p.grad for low-rank tensors and restores
     # them at its end; one that raises midway (it does with bitsandbytes 0.50) would leave
     # the shared weights low-rank for every later optimizer, so they are put back.
@@ -202,12 +207,19 @@ def bench_size(size: str, device: str, repeats: int, only: list[str] | None,
             print(f"   skipped {name}: {type(exc).__name__}: {message}")
             continue
         opts[name], kinds[name] = opt, kind
+        # its own .grad tensors: with gradient_as_bucket_view the first steps made them
+        # slices of its buckets' buffers (the values are the fixed gradients all share)
+        own[name] = [p.grad for p in params]
+        for p, (_, grad) in zip(params, tensors):
+            p.grad = grad
     used = {k for k in kinds.values() if k}
     refresh = refresh_costs(model, rank, device, 3, used, clock) if used else {}
     times = {name: [] for name in opts}
     names = list(opts)
     for r in range(repeats):  # rotate the order every round so no one always runs first
         for name in names[r % len(names):] + names[:r % len(names)]:
+            for p, grad in zip(params, own[name]):
+                p.grad = grad
             sync(device)
             start = clock()
             opts[name].step()

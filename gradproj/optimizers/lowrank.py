@@ -174,16 +174,32 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 self._step_bucket(bucket, group, [p.grad for p in bucket.params])
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, except that gradients living in a bucket's buffer
+        (`gradient_as_bucket_view`) are zeroed in place, one op a bucket, and stay there."""
+        viewed = {id(b): b for buckets in self._bucket_cache.values() for b in buckets
+                  if b.viewed()}.values()
+        for bucket in viewed:
+            for p in bucket.params:
+                p.grad = None
+        super().zero_grad(set_to_none)
+        for bucket in viewed:
+            bucket.grad_buffer.zero_()
+            for p, view in zip(bucket.params, bucket.grad_views):
+                p.grad = view
+
     def buckets(self, index: int, group: dict, params: list[torch.Tensor]) -> list[Bucket]:
         """`params` of group `index` partitioned into buckets, cached while neither the
         set of parameters with a gradient nor the options that shape a bucket change."""
         key = (index, *map(id, self.plugins(group)), group["lowrank"], group["rank"],
-               group["proj_type"], group["bucket_cap_mb"], *map(id, params))
+               group["proj_type"], group["bucket_cap_mb"], group["gradient_as_bucket_view"],
+               *map(id, params))
         cached = self._bucket_cache.get(key)
         if cached is not None:
             return cached
         buckets = partition(params, lambda p: self.is_low_rank(p, group),
-                            lambda p: self.side(p, group), group["bucket_cap_mb"])
+                            lambda p: self.side(p, group), group["bucket_cap_mb"],
+                            group["gradient_as_bucket_view"])
         if len(self._bucket_cache) > 64:  # parameter sets that vary step to step
             self._bucket_cache.clear()
         self._bucket_cache[key] = buckets
@@ -219,8 +235,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             state["step"] += 1
         grad = None
         if grads is not None:
-            grad = grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
-            grad = grad.float()
+            grad = bucket.gradients(grads, group["gradient_as_bucket_view"]).float()
             if bucket.low_rank:
                 grad = grad.view(len(params), *matrix_shape(params[0]))
                 self._refresh_due(bucket, group, grad, states)

@@ -21,6 +21,9 @@ GENERIC_DEFAULTS: dict = {
     # most fp32 gradient MiB one bucket stacks (a step's temporaries are a few times it);
     # "auto": 256, and on a CPU weights of 256 KiB and more step alone (optimizers/buckets.py)
     "bucket_cap_mb": "auto",
+    # a bucket's gradients live in one buffer (slices as .grad) that steps read without a
+    # copy; they stay allocated between steps (zero_grad zeroes them in place)
+    "gradient_as_bucket_view": False,
     **REFRESH_DEFAULTS,          # refresh fixed|adaptive, moments keep|reset|rotate (refresh.py)
 }
 
@@ -62,6 +65,8 @@ def validate_group(group: dict) -> None:
         ("bucket_cap_mb", group["bucket_cap_mb"] == "auto"
          or (_is_number(group["bucket_cap_mb"]) and group["bucket_cap_mb"] > 0),
          "a number > 0 or \"auto\" (by device)"),
+        ("gradient_as_bucket_view", isinstance(group["gradient_as_bucket_view"], bool),
+         "true or false"),
     )
     for name, ok, allowed in checks:
         if not ok:

@@ -33,7 +33,8 @@ def test_step_time_smallest(capsys):
     step_time.main(["--sizes", "tiny", "--repeats", "2", "--threads", "1",
                     "--only", "torch AdamW,gradproj GaLore svd,gradproj GaLore randomized"])
     out = capsys.readouterr().out
-    for name in ("torch AdamW (foreach)", "gradproj GaLore svd", "gradproj GaLore randomized"):
+    for name in ("torch AdamW (foreach)", "gradproj GaLore svd", "gradproj GaLore randomized",
+                 "gradproj GaLore randomized, gradient views"):
         assert f"| tiny | {name} |" in out
     assert "| 1.00 |" in out  # AdamW's ratio to itself: the baseline was measured
 
@@ -120,6 +121,28 @@ def test_convergence_ledger_reuses_matching_runs_only(monkeypatch, tmp_path):
     assert len(calls) == 8
     convergence.main(base + ["--eval-batches", "4", "--rerun", "AdamW"])
     assert len(calls) == 12
+
+
+def test_convergence_rows_finish_in_table_order():
+    """An earlier row whose cached grid grows past an edge runs its new lr before a later
+    row starts (in a sitting that begins with that row's grid already in the ledger)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from convergence_ledger import Sweep, run_sweeps
+    finally:
+        sys.path.remove(str(BENCH))
+    cached = {("A", lr, 0): {"eval_loss": 2.0 - lr} for lr in (1e-3, 3e-3, 1e-2)}  # best: edge
+    calls = []
+
+    def train(job):
+        calls.append(job)
+        name, lr, seed = job
+        return {"eval_loss": 1.0 + abs(math.log10(lr / 1e-2))}
+
+    sweeps = [Sweep("A", [1e-3, 3e-3, 1e-2], [0, 1], 1), Sweep("B", [1e-3, 3e-3, 1e-2], [0], 0)]
+    made = run_sweeps(sweeps, lambda *key: cached.get(key), train, lambda *key: key,
+                      lambda record: record, jobs=1, max_new=None, log=print)
+    assert calls[:2] == [("A", 0.03, 0), ("A", 0.03, 1)] and made == 5
 
 
 def test_convergence_adamw_is_galore_without_projection(tmp_path):

@@ -128,6 +128,8 @@ def test_two_ranks_match_one_process(results, name):
     tol = Q8_TOL if "q8" in name else FP32_TOL
     assert result["max_diff"] <= tol, f"{name}: max |ΔW| {result['max_diff']:.3g} > {tol:.3g}"
     assert result["bases_identical"], f"{name}: a basis differs between ranks"
+    if "views" in name:
+        assert result["views_kept"], f"{name}: DDP replaced the gradient views"
 
 
 @pytest.mark.slow

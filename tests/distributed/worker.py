@@ -44,6 +44,9 @@ CHECKS = {  # name: (parallel, options, extra options of the single-process refe
     "ddp-randomized": ("ddp", {"projector": "randomized", **MULTI}, {}, False),
     "ddp-fira": ("ddp", {"projector": "svd", "residual": "fira", **MULTI}, {}, False),
     "ddp-q8": ("ddp", {"projector": "randomized", "state_format": "q8", **MULTI}, {}, False),
+    # gradients as bucket views: DDP (its own gradient_as_bucket_view off) copies the
+    # all-reduced values into the existing .grad, so the views survive its reduction
+    "ddp-views": ("ddp", {"projector": "svd", "gradient_as_bucket_view": True, **MULTI}, {}, False),
     # FSDP2 computes the spec's side: the reference is the same spec in one process
     "fsdp2-svd-keep": ("fsdp2", {"projector": "svd", **KEEP}, {}, False),
     "fsdp2-svd": ("fsdp2", {"projector": "svd", **MULTI}, {}, False),
@@ -76,6 +79,9 @@ def run_check(name: str, env: DistEnv) -> dict:
     same = bases_identical(opt)
     seconds = time.perf_counter() - t0
     result = {"bases_identical": same, "seconds": seconds}
+    if options.get("gradient_as_bucket_view"):  # every stacked bucket's .grad still its slices
+        stacked = [b for bs in opt._bucket_cache.values() for b in bs if len(b.params) > 1]
+        result["views_kept"] = bool(stacked) and all(b.viewed() for b in stacked)
     if env.rank == 0:
         ref_model, ref_opt = build(DistEnv(), {**options, **ref_options})
         ref_losses = train(ref_model, ref_opt, DistEnv(), 0, STEPS)

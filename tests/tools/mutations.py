@@ -265,6 +265,7 @@ MEMORY_TESTS = ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
                 "tests/memory/test_activations.py", "tests/parametrizations/test_parametrization_memory.py",
                 "tests/train/test_zeroth_order_train.py", "tests/memory/test_readme_figures.py",
                 "tests/distributed/test_perlayer_ddp.py"]
+BUCKET_TESTS = ["tests/core/test_buckets.py", "tests/core/test_gradient_views.py"]
 NEW_GUARDS = [
     ("gradproj/rules/sophia.py", SOPHIA_TESTS + RULE_TESTS),
     ("gradproj/kernels/sophia.py", SOPHIA_TESTS + LANE),
@@ -278,6 +279,8 @@ NEW_GUARDS = [
     ("gradproj/parametrizations/", PARAM_TESTS),
     ("gradproj/distributed/perlayer.py", ["tests/distributed/test_perlayer_ddp.py"]),
     ("gradproj/memory/", MEMORY_TESTS),
+    ("gradproj/optimizers/buckets.py", BUCKET_TESTS),
+    ("gradproj/optimizers/lowrank.py", BUCKET_TESTS),
 ]
 GUARDS[:0] = NEW_GUARDS
 
@@ -393,4 +396,11 @@ NEW = [
     ("gradproj/memory/ranks.py", "peak = max(peak, previous + size + max(sizes[i][0] for i in members))", "peak = max(peak, previous + size)"),
     ("gradproj/memory/accounting.py", "transient = max(transient, grad_nbytes(p))", "transient += grad_nbytes(p)"),
     ("gradproj/memory/accounting.py", "+ sum(nbytes(t) for t in module.buffers(recurse=False)))", ")"),
+    # --- gradient_as_bucket_view
+    ("gradproj/optimizers/buckets.py", "return all(g is v for g, v in zip(grads, self.grad_views))", "return True"),
+    ("gradproj/optimizers/buckets.py", "if as_view and all(type(g)", "if all(type(g)"),
+    ("gradproj/optimizers/buckets.py", "for p, view in zip(self.params, self.grad_views):",
+     "for p, view in zip(self.params[::-1], self.grad_views):"),
+    ("gradproj/optimizers/lowrank.py", "            bucket.grad_buffer.zero_()", "            pass"),
+    ("gradproj/optimizers/lowrank.py", "        super().zero_grad(set_to_none)", "        super().zero_grad(False)"),
 ]

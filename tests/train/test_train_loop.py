@@ -132,3 +132,16 @@ def test_plot_overlays_runs(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out)]) == 0
     assert out.stat().st_size > 10_000
 
+
+
+def test_gradient_as_bucket_view_trains_as_the_copying_step(tmp_path):
+    """The [optimizer] option through the loop's accumulation, clipping and zero_grad:
+    the same loss at every step (tests/core/test_gradient_views.py: the step itself)."""
+    losses = []
+    for view in ("false", "true"):
+        text = MICRO_SPEC.replace("lr = 1e-2", f"lr = 1e-2\ngradient_as_bucket_view = {view}").replace(
+            "threads = 1", "threads = 1\ngrad_accum = 2\ngrad_clip = 0.5")
+        run = tmp_path / view
+        assert main(["train", str(write_spec(tmp_path, text, f"{view}.toml", run))]) == 0
+        losses.append([r["loss/train"] for r in read_metrics(run) if "loss/train" in r])
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
