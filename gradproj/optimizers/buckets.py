@@ -37,25 +37,24 @@ from ..stacked_state import StackedState
 # ~16 MB a weight; on a CPU only for small weights — a 256 KiB copy takes ~50 µs here,
 # about what the ~20 ops of one weight cost — so there larger weights step alone
 # (60M LLaMA on this 2-core machine, one thread: 988 ms per step with its 1–64 MiB
-# weights alone, 1293 ms stacked; galore-torch 915 ms). Gradients that are bucket views
-# need no copy, and there stacking pays on a CPU too (60M, one thread, 21 interleaved
-# rounds: 0.93× the time of weights alone; stacked by copy 1.26×), so they always stack.
+# weights alone, 1293 ms stacked; galore-torch 915 ms). Not only for the copy: with
+# gradient views (no copy) the stacked 60M step took 0.93–0.97× the time of weights
+# alone, but the 130M one 1.06× (its k×m×n temporaries, ~75 MB a bucket, leave the
+# caches; benchmarks/step_time.py, one thread), so large weights step alone either way.
 AUTO_CAP_MB = 256
 CPU_STACK_MAX_BYTES = 256 * 2 ** 10
 
 
-def cap_bytes(cap_mb: float | str, p: torch.Tensor, views: bool = False) -> float:
-    """The most fp32 gradient bytes a bucket of weights like `p` stacks (0: p steps alone);
-    `views`: the gradients become bucket views (no copy after the first step)."""
+def cap_bytes(cap_mb: float | str, p: torch.Tensor) -> float:
+    """The most fp32 gradient bytes a bucket of weights like `p` stacks (0: p steps alone)."""
     if cap_mb != "auto":
         return cap_mb * 2 ** 20
-    if p.device.type == "cpu" and not views and 4 * p.numel() >= CPU_STACK_MAX_BYTES:
+    if p.device.type == "cpu" and 4 * p.numel() >= CPU_STACK_MAX_BYTES:
         return 0
     return AUTO_CAP_MB * 2 ** 20
 
 
-def partition(params: list[torch.Tensor], low_rank, side, cap_mb,
-              views: bool = False) -> list["Bucket"]:
+def partition(params: list[torch.Tensor], low_rank, side, cap_mb) -> list["Bucket"]:
     """`params` in buckets of one layout, in order of first appearance, each holding at most
     `cap_bytes` of fp32 gradients; `low_rank(p)` and `side(p)` are the optimizer's."""
     open_buckets: dict[tuple, Bucket] = {}
@@ -64,7 +63,7 @@ def partition(params: list[torch.Tensor], low_rank, side, cap_mb,
         projected = low_rank(p)
         layout = (projected, tuple(p.shape), p.dtype, p.device, is_quantized(p))
         bucket = open_buckets.get(layout)
-        if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap_bytes(cap_mb, p, views):
+        if bucket is None or 4 * p.numel() * (len(bucket.params) + 1) > cap_bytes(cap_mb, p):
             bucket = open_buckets[layout] = Bucket([], projected, side(p) if projected else None)
             buckets.append(bucket)
         bucket.params.append(p)

@@ -192,14 +192,12 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """`params` of group `index` partitioned into buckets, cached while neither the
         set of parameters with a gradient nor the options that shape a bucket change."""
         key = (index, *map(id, self.plugins(group)), group["lowrank"], group["rank"],
-               group["proj_type"], group["bucket_cap_mb"], group["gradient_as_bucket_view"],
-               *map(id, params))
+               group["proj_type"], group["bucket_cap_mb"], *map(id, params))
         cached = self._bucket_cache.get(key)
         if cached is not None:
             return cached
         buckets = partition(params, lambda p: self.is_low_rank(p, group),
-                            lambda p: self.side(p, group), group["bucket_cap_mb"],
-                            group["gradient_as_bucket_view"])
+                            lambda p: self.side(p, group), group["bucket_cap_mb"])
         if len(self._bucket_cache) > 64:  # parameter sets that vary step to step
             self._bucket_cache.clear()
         self._bucket_cache[key] = buckets

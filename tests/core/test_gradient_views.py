@@ -130,11 +130,11 @@ def test_option_is_validated():
         gp.build_optimizer(_model(), "galore", gradient_as_bucket_view="yes")
 
 
-def test_large_cpu_weights_stack_only_as_views_with_the_same_result():
-    """On a CPU, "auto" steps weights of ≥ 256 KiB alone when stacking them is a copy, and
-    stacks them when their gradients are views (no copy): 3 weights of 320 KiB, one bucket
-    against three, bit-identical after refreshes at 0 and 3 (one thread: bmm splits by
-    batch with more)."""
+
+def test_explicit_cap_stacks_large_cpu_weights_as_views_with_the_same_result():
+    """3 weights of 320 KiB (on a CPU "auto" steps them alone) stacked by `bucket_cap_mb`
+    into one bucket of views: bit-identical to the copying step with them alone, after
+    refreshes at 0 and 3 (one thread: bmm splits by batch with more)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,9 +142,9 @@ def test_large_cpu_weights_stack_only_as_views_with_the_same_result():
         for _ in range(2):
             torch.manual_seed(0)
             models.append(nn.Sequential(*(nn.Linear(320, 256, bias=False) for _ in range(3))))
-        opts = [gp.build_optimizer(m, "galore", rank=16, update_gap=3, lr=1e-2,
-                                   gradient_as_bucket_view=view)
-                for m, view in zip(models, (False, True))]
+        opts = [gp.build_optimizer(models[0], "galore", rank=16, update_gap=3, lr=1e-2),
+                gp.build_optimizer(models[1], "galore", rank=16, update_gap=3, lr=1e-2,
+                                   bucket_cap_mb=4, gradient_as_bucket_view=True)]
         for step in range(5):
             x = torch.randn(16, 320, generator=torch.Generator().manual_seed(step))
             for model, opt in zip(models, opts):
@@ -158,3 +158,4 @@ def test_large_cpu_weights_stack_only_as_views_with_the_same_result():
                                                  list(opt.param_groups[0]["params"]))]
              for opt in opts]
     assert sizes == [[1, 1, 1], [3]]
+    assert len({p.grad.untyped_storage().data_ptr() for p in models[1].parameters()}) == 1
