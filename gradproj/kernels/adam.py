@@ -17,6 +17,7 @@ moments); `adam_q8.py` and `adam_q4.py` hold the 8-bit and 4-bit variants.
 """
 import torch
 
+from .cpu_out import reusable_empty
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 
 
@@ -56,10 +57,23 @@ def adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     return torch.div(m, denom, out=denom).mul_(step_size)
 
 
+def adam_step_cpu(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
+    """The reference's ops on fp32 CPU moments, its direction written into a reused buffer
+    (`cpu_out.py`: a fresh 64 MB one costs ~30 ms of page faults a step): the same values."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    out = reusable_empty(tuple(grad.shape))
+    torch.sqrt(exp_avg_sq, out=out).add_(eps)
+    return torch.div(exp_avg, out, out=out).mul_(step_size)
+
+
 def adam_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     """Fused Adam: update moments in place, return the fp32 direction (grad's shape)."""
     _check(grad, exp_avg, exp_avg_sq)
     if not use_triton(grad, exp_avg, exp_avg_sq):
+        if grad.device.type == "cpu" and all(t.dtype == torch.float32 for t in
+                                              (grad, exp_avg, exp_avg_sq)):
+            return adam_step_cpu(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
         return adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
     g = grad.float().contiguous()
     out = torch.empty_like(g)

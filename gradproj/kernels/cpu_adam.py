@@ -35,6 +35,7 @@ import threading
 import torch
 
 from . import cpu_blockwise
+from .cpu_out import reusable_empty
 from .qmaps import tables
 
 # values per slice on one thread (a multiple of 256): the slices of M, V, √V and G
@@ -67,7 +68,7 @@ def adam_blockwise_step(bits, grad, m_codes, m_absmax, v_codes, v_absmax, beta1,
             and cpu_blockwise.fits(v_codes, v_absmax, bits, n)):
         return None
     block = cpu_blockwise.BLOCKS[bits]
-    out = torch.empty(grad.shape, dtype=torch.float32)
+    out = reusable_empty(tuple(grad.shape))  # cpu_out.py: not page-faulted anew each step
     single = torch.get_num_threads() == 1 and grad.dtype == torch.float32 and grad.is_contiguous()
     if single:  # slices of SLICE values (they start on block boundaries: SLICE % 256 == 0)
         chunk, g = SLICE, grad.reshape(-1)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from kernel_helpers import adam_direction_bound, adam_moment_bounds, assert_within
 
 import gradproj.kernels  # noqa: F401
-from gradproj.kernels import dispatch
+from gradproj.kernels import cpu_out, dispatch
 from gradproj.kernels.adam import adam_step, adam_step_ref
 from gradproj.kernels.backproj import backproject_update
 from gradproj.kernels.int8_sr import int8_dequantize, int8_sr_quantize, sr_uniform_ref
@@ -40,9 +40,9 @@ def test_every_kernel_is_registered_with_host_and_reference():
 
 
 def test_cpu_adam_step_is_adam_spelled_out():
-    """On CPU `adam_step` runs its reference; both are checked against Adam written out
-    in float64 here (not against each other: on CPU they are one function), with the
-    kernel helpers' rounding bounds: M ← β1·M + (1−β1)·G, V ← β2·V + (1−β2)·G²,
+    """On CPU `adam_step` runs the reference's ops (fp32: `adam_step_cpu`, into a reused
+    buffer); both are checked against Adam written out in float64 here, with the kernel
+    helpers' rounding bounds: M ← β1·M + (1−β1)·G, V ← β2·V + (1−β2)·G²,
     N = s·M/(√V + ε), moments updated in place."""
     gen = torch.Generator().manual_seed(0)
     g, m, v = torch.randn(300, generator=gen), torch.randn(300, generator=gen), torch.rand(300, generator=gen)
@@ -57,6 +57,30 @@ def test_cpu_adam_step_is_adam_spelled_out():
         assert_within(m1, m_exact, err_m, "exp_avg")
         assert_within(v1, v_exact, err_v, "exp_avg_sq")
         assert_within(n, n_exact, adam_direction_bound(m_exact, v_exact, err_m, err_v, eps, s), "direction")
+
+
+def test_cpu_adam_step_reuses_its_buffer_only_when_free_and_matches_the_reference():
+    """Above cpu_out.MIN_NUMEL the fp32 CPU step writes its direction into a kept buffer:
+    bit-identical to the reference over 3 steps; a dropped direction's buffer is handed
+    out again, one still held (or a view of it) is not overwritten."""
+    n = cpu_out.MIN_NUMEL + 300
+    gen = torch.Generator().manual_seed(1)
+    m, v = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    m_ref, v_ref = m.clone(), v.clone()
+    pointers = []
+    for step in range(3):
+        g = torch.randn(n, generator=gen)
+        n_ref = adam_step_ref(g, m_ref, v_ref, 0.9, 0.999, 1e-6, 0.5 + step)
+        d = adam_step(g, m, v, 0.9, 0.999, 1e-6, 0.5 + step)
+        assert torch.equal(d, n_ref) and torch.equal(m, m_ref) and torch.equal(v, v_ref)
+        pointers.append(d.data_ptr())
+        del d
+    assert len(set(pointers)) == 1  # one buffer, page-faulted once
+    held = adam_step(g, m, v, 0.9, 0.999, 1e-6, 0.5)
+    view, kept = held[:10], held.clone()
+    del held
+    again = adam_step(g, m, v, 0.9, 0.999, 1e-6, 0.5)
+    assert again.data_ptr() != view.data_ptr() and torch.equal(view, kept[:10])
 
 
 def test_bad_inputs_raise_value_errors():

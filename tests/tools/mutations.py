@@ -281,6 +281,8 @@ NEW_GUARDS = [
     ("gradproj/memory/", MEMORY_TESTS),
     ("gradproj/optimizers/buckets.py", BUCKET_TESTS),
     ("gradproj/optimizers/lowrank.py", BUCKET_TESTS),
+    ("gradproj/kernels/cpu_out.py", ["tests/kernels/test_kernels_dispatch.py"]),
+    ("gradproj/kernels/adam.py", ["tests/kernels/test_kernels_dispatch.py"] + RULE_TESTS),
 ]
 GUARDS[:0] = NEW_GUARDS
 
@@ -403,4 +405,10 @@ NEW = [
      "for p, view in zip(self.params[::-1], self.grad_views):"),
     ("gradproj/optimizers/lowrank.py", "            bucket.grad_buffer.zero_()", "            pass"),
     ("gradproj/optimizers/lowrank.py", "        super().zero_grad(set_to_none)", "        super().zero_grad(False)"),
+    # --- reused CPU output buffers
+    ("gradproj/kernels/cpu_out.py", "    if _use_count(buffer) != idle:", "    if False:"),
+    ("gradproj/kernels/cpu_out.py", "MIN_NUMEL = 1 << 20", "MIN_NUMEL = 1 << 30"),
+    ("gradproj/kernels/adam.py", "    torch.sqrt(exp_avg_sq, out=out).add_(eps)", "    torch.sqrt(exp_avg_sq, out=out)"),
+    ("gradproj/kernels/adam.py", "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)\n    out",
+     "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=beta2)\n    out"),
 ]
