@@ -42,9 +42,12 @@ class SeededProjector(Projector):
         basis = state.scratch.get(("basis", side))
         if basis is None:  # the seeds go to the device once per refresh, not every step
             seeds = tuple(self._side_seed(seed, side) % (1 << 63) for seed in state.values(SEED_KEY))
-            on_device = state.cached(("seeds", side), seeds,
+            if device.type != "cpu":
+                seeds = state.cached(("seeds", side), seeds,
                                      lambda: torch.tensor(seeds, dtype=torch.int64, device=device))
-            basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], on_device, device)
+            # (on a CPU the ints themselves: the C streams take them, the same bits as the
+            # tensor arithmetic at a fraction of its time)
+            basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], seeds, device)
         return basis
 
     def basis_nbytes(self, shape, rank, side, dtype):
