@@ -282,6 +282,8 @@ NEW_GUARDS = [
     ("gradproj/optimizers/buckets.py", BUCKET_TESTS),
     ("gradproj/optimizers/lowrank.py", BUCKET_TESTS),
     ("gradproj/kernels/cpu_out.py", ["tests/kernels/test_kernels_dispatch.py"]),
+    ("gradproj/projectors/base.py", PROJ_TESTS + BUCKET_TESTS),
+    ("gradproj/projectors/gaussian.py", PROJ_TESTS + BUCKET_TESTS),
     ("gradproj/kernels/adam.py", ["tests/kernels/test_kernels_dispatch.py"] + RULE_TESTS),
 ]
 GUARDS[:0] = NEW_GUARDS
@@ -411,4 +413,9 @@ NEW = [
     ("gradproj/kernels/adam.py", "    torch.sqrt(exp_avg_sq, out=out).add_(eps)", "    torch.sqrt(exp_avg_sq, out=out)"),
     ("gradproj/kernels/adam.py", "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)\n    out",
      "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=beta2)\n    out"),
+    # --- the right-side projection's two forms; the seeded bases' CPU draw
+    ("gradproj/projectors/base.py", "if basis.shape[-1] > 1 else", "if basis.shape[-1] > 0 else"),
+    ("gradproj/projectors/base.py", "grad = grad @ basis if", "grad = grad @ basis.mT.mT * 1.0001 if"),
+    ("gradproj/projectors/gaussian.py", 'self.draw(rows, state["rank"], seeds, device)',
+     'self.draw(rows, state["rank"], seeds[::-1], device)'),
 ]
