@@ -60,3 +60,22 @@ def test_lora_trains_only_the_factors_unless_train_rest(train_rest):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     rest = {"norm.weight", "norm.bias"} if train_rest else set()
     assert trained == {"a.lora_A", "a.lora_B"} | rest
+
+
+def test_sltrain_b_is_zero_with_a_sparse_part_and_kaiming_without_one():
+    """SLTrain's B starts at 0 (the authors' SpLoRaLinear); at density 0 (pure B·A) it is
+    U(±1/√r) as ReLoRA's lora_only, or W = 0 and its gradients, which pass through
+    other zero weights, stay 0: the bias-free two-layer B·A net below, with B = 0, gets a
+    zero gradient on all four factors (checked by hand); with the Kaiming B none is zero."""
+    with_s, pure = two_layers("sltrain", density=0.2)["a"], two_layers("sltrain", density=0.0)["a"]
+    assert not with_s.lora_B.any()
+    bound = 1 / math.sqrt(RANK)
+    b = pure.lora_B.detach()
+    assert float(b.abs().max()) <= bound and float(b.abs().max()) > 0.9 * bound
+    assert abs(float(b.pow(2).mean()) / (bound ** 2 / 3) - 1) < 0.4
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(IN, IN, bias=False), torch.nn.Linear(IN, IN, bias=False))
+    apply_parametrization(net, {"kind": "sltrain", "rank": RANK, "density": 0.0}, ["0", "1"])
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(3))
+    net(x).square().sum().backward()
+    assert all(float(p.grad.abs().max()) > 0 for n, p in net.named_parameters() if "lora" in n)

@@ -418,4 +418,6 @@ NEW = [
     ("gradproj/projectors/base.py", "grad = grad @ basis if", "grad = grad @ basis.mT.mT * 1.0001 if"),
     ("gradproj/projectors/gaussian.py", 'self.draw(rows, state["rank"], seeds, device)',
      'self.draw(rows, state["rank"], seeds[::-1], device)'),
+    # --- SLTrain at density 0 (pure B·A)
+    ("gradproj/parametrizations/sltrain.py", "                if self.count == 0:  # pure B·A", "                if self.count < 0:  # pure B·A"),
 ]
