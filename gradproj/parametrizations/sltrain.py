@@ -4,13 +4,15 @@ Follows the authors' code (github.com/andyjm3/SLTrain, `SpLoRaLinear`): B m×r =
 A r×n Kaiming-uniform (a = √5), scaling α/r (their 60M recipe: r 128, α 32, δ 0.03,
 lr 3e-3), S has `int(δ·m·n)` nonzeros with values uniform in ±1/√n, and only the values
 are trained: the support is fixed. At density 0 (pure low-rank B·A, the papers' "Low-Rank"
-baseline) B starts Kaiming-uniform too, U(±1/√r), as ReLoRA's `lora_only` mode that
+baseline) B starts Kaiming-uniform too, U(±1/√r), as in ReLoRA's `lora_only` mode that
 baseline comes from: with B = 0 and no S every attention and MLP weight is 0, each
 factor's gradient passes through another zero weight, and the body never trains (the
-tiny model stayed at eval loss 2.3427 at lr 1e-3 and 3e-3 alike). Two departures, both memory: the support is
-regenerated from a per-layer seed (`sparse_support.support`, a keyed permutation)
-instead of stored as an int64 buffer (8 bytes per nonzero; only the 8-byte seed is
-kept, as a 0-d buffer, so a checkpoint fixes it), and the forward/backward is a custom
+tiny model stayed at eval loss 2.3427 at lr 1e-3 and 3e-3 alike).
+
+Two departures, both memory: the support is regenerated from a per-layer seed
+(`sparse_support.support`, a keyed permutation) instead of stored as an int64 buffer
+(8 bytes per nonzero; only the 8-byte seed is kept, as a 0-d buffer, so a checkpoint
+fixes it), and the forward/backward is a custom
 autograd Function in PyTorch, as their C++ extension does: the dense m×n weight is
 formed in forward, used, and dropped; backward rebuilds it (support included). Saved
 for backward: the input, as for any Linear — never W, never the positions.

@@ -42,11 +42,11 @@ class SeededProjector(Projector):
         basis = state.scratch.get(("basis", side))
         if basis is None:  # the seeds go to the device once per refresh, not every step
             seeds = tuple(self._side_seed(seed, side) % (1 << 63) for seed in state.values(SEED_KEY))
+            # on a CPU the ints themselves: the C streams take them (the same bits as the
+            # tensor arithmetic, at a fraction of its time)
             if device.type != "cpu":
-                seeds = state.cached(("seeds", side), seeds,
-                                     lambda: torch.tensor(seeds, dtype=torch.int64, device=device))
-            # (on a CPU the ints themselves: the C streams take them, the same bits as the
-            # tensor arithmetic at a fraction of its time)
+                seeds = state.cached(("seeds", side), seeds, lambda ints=seeds: torch.tensor(
+                    ints, dtype=torch.int64, device=device))
             basis = state.scratch[("basis", side)] = self.draw(rows, state["rank"], seeds, device)
         return basis
 
