@@ -121,7 +121,8 @@ METHODS: dict[str, tuple[str, dict, tuple[float, ...]]] = {
                           ZO_GRID),
     # weight-side pre-training (SLTrain, Han et al. 2024): every attention and MLP weight is
     # (α/r)·B·A + S, S 3 % sparse on a seeded support, trained by full-rank AdamW; against
-    # pure low-rank B·A (density 0) at the rank with the same trainable count (issue 16).
+    # pure low-rank B·A (density 0; B starts U(±1/√r) there, as ReLoRA's lora_only: with
+    # B = 0 it cannot train) at the rank with the same trainable count (issue 16).
     # The parametrization converts the projection targets; SLTrain's factors are not
     # projected (project_factors false), so every parameter takes AdamW's full-rank rule
     "SLTrain": ("galore", {"model": {"parametrization": sltrain(RANK, 0.03)}}, ADAMW_GRID),
