@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import RULES
 from .base import Rule, adam_bias_correction, check_betas, check_flag, check_positive, rule_step

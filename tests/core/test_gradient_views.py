@@ -130,7 +130,6 @@ def test_option_is_validated():
         gp.build_optimizer(_model(), "galore", gradient_as_bucket_view="yes")
 
 
-
 def test_explicit_cap_stacks_large_cpu_weights_as_views_with_the_same_result():
     """3 weights of 320 KiB (on a CPU "auto" steps them alone) stacked by `bucket_cap_mb`
     into one bucket of views: bit-identical to the copying step with them alone, after
