@@ -44,8 +44,9 @@ def _check(grad, *moments):
                              f"the gradient's {tuple(grad.shape)}")
 
 
-def adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
-    """Reference: `rules/adamw.py`'s math, op for op; moments updated in place."""
+def adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, out=None):
+    """Reference: `rules/adamw.py`'s math, op for op; moments updated in place. `out`: an
+    fp32 buffer of grad's shape for the direction (the values are the same)."""
     m = exp_avg.float().mul_(beta1).add_(grad, alpha=1.0 - beta1)
     v = exp_avg_sq.float().mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     exp_avg.copy_(m)
@@ -53,28 +54,21 @@ def adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     # the quotient goes into the denominator's buffer: the same values as m.div(denom),
     # and one fresh moment-sized allocation less per step — on CPU each is page-faulted
     # anew (1M values, one thread: 5.45 -> 4.16 ms, torch AdamW foreach 4.49 ms)
-    denom = v.sqrt().add_(eps)
+    if out is None:
+        denom = v.sqrt().add_(eps)
+    else:
+        denom = torch.sqrt(v, out=out).add_(eps)
     return torch.div(m, denom, out=denom).mul_(step_size)
-
-
-def adam_step_cpu(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
-    """The reference's ops on fp32 CPU moments, its direction written into a reused buffer
-    (`cpu_out.py`: a fresh 64 MB one costs ~30 ms of page faults a step): the same values."""
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    out = reusable_empty(tuple(grad.shape))
-    torch.sqrt(exp_avg_sq, out=out).add_(eps)
-    return torch.div(exp_avg, out, out=out).mul_(step_size)
 
 
 def adam_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     """Fused Adam: update moments in place, return the fp32 direction (grad's shape)."""
     _check(grad, exp_avg, exp_avg_sq)
     if not use_triton(grad, exp_avg, exp_avg_sq):
-        if grad.device.type == "cpu" and all(t.dtype == torch.float32 for t in
-                                              (grad, exp_avg, exp_avg_sq)):
-            return adam_step_cpu(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
-        return adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
+        # on CPU the direction goes into a reused buffer (`cpu_out.py`: a fresh 64 MB one
+        # costs ~30 ms of page faults a step)
+        out = reusable_empty(tuple(grad.shape)) if grad.device.type == "cpu" else None
+        return adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, out)
     g = grad.float().contiguous()
     out = torch.empty_like(g)
     n = g.numel()

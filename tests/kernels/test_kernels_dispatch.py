@@ -40,8 +40,8 @@ def test_every_kernel_is_registered_with_host_and_reference():
 
 
 def test_cpu_adam_step_is_adam_spelled_out():
-    """On CPU `adam_step` runs the reference's ops (fp32: `adam_step_cpu`, into a reused
-    buffer); both are checked against Adam written out in float64 here, with the kernel
+    """On CPU `adam_step` runs its reference, the direction into a reused buffer; both
+    are checked against Adam written out in float64 here, with the kernel
     helpers' rounding bounds: M ← β1·M + (1−β1)·G, V ← β2·V + (1−β2)·G²,
     N = s·M/(√V + ε), moments updated in place."""
     gen = torch.Generator().manual_seed(0)

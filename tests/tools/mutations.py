@@ -410,9 +410,9 @@ NEW = [
     # --- reused CPU output buffers
     ("gradproj/kernels/cpu_out.py", "    if _use_count(buffer) != idle:", "    if False:"),
     ("gradproj/kernels/cpu_out.py", "MIN_NUMEL = 1 << 20", "MIN_NUMEL = 1 << 30"),
-    ("gradproj/kernels/adam.py", "    torch.sqrt(exp_avg_sq, out=out).add_(eps)", "    torch.sqrt(exp_avg_sq, out=out)"),
-    ("gradproj/kernels/adam.py", "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)\n    out",
-     "    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=beta2)\n    out"),
+    ("gradproj/kernels/adam.py", "denom = torch.sqrt(v, out=out).add_(eps)", "denom = torch.sqrt(v, out=out)"),
+    ("gradproj/kernels/adam.py", 'out = reusable_empty(tuple(grad.shape)) if grad.device.type == "cpu" else None',
+     "out = None"),
     # --- the right-side projection's two forms; the seeded bases' CPU draw
     ("gradproj/projectors/base.py", "if basis.shape[-1] > 1 else", "if basis.shape[-1] > 0 else"),
     ("gradproj/projectors/base.py", "grad = grad @ basis if", "grad = grad @ basis.mT.mT * 1.0001 if"),
