@@ -227,7 +227,7 @@ def run_cpu(args) -> None:
                     opts[name].step()
                 times[name].append((clock() - start) / args.steps)
     base = times[names[0]]
-    print(f"\n| optimizer | ms per step | × torch AdamW (foreach) |\n|---|---|---|")
+    print("\n| optimizer | ms per step | × torch AdamW (foreach) |\n|---|---|---|")
     for name in names:
         ratio = statistics.median(t / b for t, b in zip(times[name], base))
         print(f"| {name} | {statistics.median(times[name]) * 1e3:.2f} | {ratio:.2f} |")

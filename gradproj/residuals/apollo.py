@@ -5,7 +5,7 @@ import math
 
 from ..registry import RESIDUALS
 from .base import Residual
-from .fira import channel_norm_ratio, check_gamma, limit_norm_growth
+from .fira import channel_norm_ratio, check_gamma, norm_growth_limiter
 
 SCALE_TYPES = ("channel", "tensor")
 
@@ -37,5 +37,6 @@ class Apollo(Residual):
         c = folded_scale  # the limiter sees uncorrected norms, as the reference
         phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:]),
                                  per_channel=group["scale_type"] == "channel").div_(c)
-        update = limit_norm_growth(grad * phi, state, group["norm_growth_limit"])
-        return update.mul_(c * math.sqrt(group["scale"]))
+        update = grad * phi
+        limiter = norm_growth_limiter(update, state, group["norm_growth_limit"])
+        return update.mul_(c * math.sqrt(group["scale"]) / limiter)

@@ -1,7 +1,8 @@
 """What happens to the gradient outside the subspace: the `RESIDUALS` plugin kind.
 
 A residual policy composes the full-size update U from the pieces of one low-rank step:
-G (m×n fp32 gradient), R = project(G), N = rule(R), `back`, the back-projection, and c,
+G (m×n fp32 gradient), R = project(G), N = rule(R), `back`, the back-projection (it
+returns a fresh tensor, which the policy may overwrite), and c,
 the factor the rule folded into N (`Rule.step_scale`: Adam's bias correction).
 The optimizer then applies W ← W − lr·U − lr·wd·W. Policies keep any state of their own
 (e.g. Fira's limited norm) in the per-parameter state dict under their own keys.

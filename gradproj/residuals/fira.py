@@ -30,28 +30,35 @@ def channel_norm_ratio(direction: torch.Tensor, low_grad: torch.Tensor,
         dims = (-1,)
     else:
         dims = (-2, -1)
-    return (direction.norm(dim=dims, keepdim=True)
-            / (low_grad.norm(dim=dims, keepdim=True) + NORM_EPS))
+    return channel_norm(direction, dims) / (channel_norm(low_grad, dims) + NORM_EPS)
 
 
-def limit_norm_growth(update: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
-    """Fira's norm-growth limiter: ‖U_t‖ ≤ γ·‖U_{t−1}‖ (γ = 1.01), in place on `update`.
+def channel_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """√Σx² over `dims`, kept. `Tensor.norm` over the row axis (dims (-2,)) takes a strided
+    path on CPU: 730 µs for a 96×8×64 bucket against 25 µs for this sum of squares, which
+    also gives a bucket the bits of each of its weights alone (tests/core/test_buckets.py)."""
+    return (x * x).sum(dim=dims, keepdim=True).sqrt_()
 
-    limiter = max(‖U‖/(prev + 1e-8), γ)/γ;  U ← U/limiter;  prev ← ‖U‖/limiter. The first
-    step only records its norm. The stored norm is a 0-d fp32 tensor on U's device (one
-    per weight; a k×m×n bucket reads and writes the k of them stacked), so the check
-    costs no host–device sync. γ = 0 turns the limiter off.
+
+def norm_growth_limiter(update: torch.Tensor, state: dict, gamma: float) -> torch.Tensor:
+    """Fira's norm-growth limiter l for `update` U, shaped (…, 1, 1): the caller divides U
+    by it, folded into a pass it makes anyway, so that ‖U/l‖ ≤ γ·‖U_{t−1}‖ (γ = 1.01).
+
+    l = max(‖U‖/(prev + 1e-8), γ)/γ;  prev ← ‖U‖/l. The first step only records its norm
+    (l = 1). The stored norm is a 0-d fp32 tensor on U's device (one per weight; a k×m×n
+    bucket reads and writes the k of them stacked), so the check costs no host–device
+    sync. γ = 0 turns the limiter off (l = 1, no norm taken).
     """
+    ones = update.new_ones(update.shape[:-2] + (1, 1))
     if not gamma:
-        return update
+        return ones
     norm = update.norm(dim=(-2, -1))
     if LIMIT_KEY not in state:
         state[LIMIT_KEY] = norm.float()
-        return update
+        return ones
     limiter = torch.clamp(norm / (state[LIMIT_KEY] + NORM_EPS), min=gamma) / gamma
-    update.div_(limiter[..., None, None])
     state[LIMIT_KEY] = (norm / limiter).float()
-    return update
+    return limiter[..., None, None]
 
 
 def check_gamma(group: dict) -> None:
@@ -84,8 +91,11 @@ class Fira(Residual):
         check_gamma(group)
 
     def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
-        outside = grad - back(low_grad)
+        outside = back(low_grad)  # a fresh tensor (`back`'s contract): S = G − back(R) into it
+        torch.sub(grad, outside, out=outside)
         c = folded_scale
         phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:])).div_(c)
-        scaled = limit_norm_growth(outside.mul_(phi), state, group["norm_growth_limit"])
-        return back(direction).mul_(group["scale"]).add_(scaled, alpha=c)
+        scaled = outside.mul_(phi)
+        limiter = norm_growth_limiter(scaled, state, group["norm_growth_limit"])
+        # α on the r×n direction and c/l in the one pass that adds: 2 full-size passes fewer
+        return back(direction * group["scale"]).addcmul_(scaled, c / limiter)

@@ -61,18 +61,20 @@ class AdamP(Rule):
         return lookahead.div_(exp_avg_sq.sqrt().add_(eps)).mul_(scale)
 
     def finish_update(self, weights, update, grad, group):
-        decay = torch.full((len(weights),), float(group["weight_decay"]), device=weights.device)
-        if weights.dim() > 2:  # weights of ≥ 2 dims (the stack adds one)
-            signal = update if grad is None else grad
-            update, invariant = project_scale_invariant(weights, update, signal, group["delta"],
-                                                        group["eps"])
-            decay = torch.where(invariant, decay * group["wd_ratio"], decay)
-        return update.add_(weights * decay.view(-1, *([1] * (weights.dim() - 1))))
+        wd = float(group["weight_decay"])
+        if weights.dim() <= 2:  # vectors (the stack adds one dim): plain decoupled decay
+            return update.add_(weights, alpha=wd) if wd else update
+        signal = update if grad is None else grad
+        update, _ = project_scale_invariant(weights, update, signal, group["delta"],
+                                            group["eps"], wd, group["wd_ratio"])
+        return update
 
 
 def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: torch.Tensor,
-                            delta: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """AdamP's projection over a k×… stack: (update, k bools: slice detected scale-invariant).
+                            delta: float, eps: float, weight_decay: float = 0.0,
+                            wd_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdamP's projection over a k×… stack, decay included: (p' + wd'·W, k bools: slice
+    detected scale-invariant), wd' = wd·wd_ratio on the detected slices and wd on the others.
 
     Views, in order: channel (k×out×rest) then layer (k×1×all); a slice takes the first
     view whose max |cos| is below δ/√(view width) and keeps its update otherwise.
@@ -81,8 +83,10 @@ def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: t
     channel (a layer's are their sums, or root sums of squares), and the projection is one pass,
     p − W·⟨W,p⟩/(‖W‖ + ε)² with the chosen view's norms — which is p − Ŵ·⟨Ŵ,p⟩ with
     Ŵ = W/(‖W‖ + ε). The cosine is F.cosine_similarity's: ⟨G,W⟩/(max(‖G‖, ε)·max(‖W‖, ε)).
-    (Spelled out view by view it was 2 × 10 passes over the stack, 4.1× AdamW's host
-    time in benchmarks/overhead.py --quick; these 7 passes are 1.9×, same run.)"""
+    The decay joins the projection's coefficient, p + W·(wd' − ⟨W,p⟩/(‖W‖ + ε)²): one
+    pass for both. (Spelled out view by view it was 2 × 10 passes over the stack, 4.1×
+    AdamW's host time in benchmarks/overhead.py --quick; these 7 passes are 1.9×, same
+    run, and 1.6× with the decay folded in.)"""
     k, rows = len(weights), weights.shape[1]
     w, g, u = (x.reshape(k, rows, -1) for x in (weights, grad, update))
     product = torch.empty_like(w)  # one buffer for both dot products' elementwise pass
@@ -94,9 +98,11 @@ def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: t
     g_layer, w_layer = (x.square().sum(1).sqrt() for x in (g_norm, w_norm))
     cosine = gw.sum(1).abs() / (g_layer.clamp_min(eps) * w_layer.clamp_min(eps))
     layer = cosine < delta / math.sqrt(w[0].numel())  # taken where channel is not (below)
-    coefficient = torch.where(channel.view(k, 1), wu / (w_norm + eps).square(),
-                              torch.where(layer.view(k, 1),
-                                          wu.sum(1, keepdim=True) / (w_layer + eps).square().view(k, 1),
-                                          torch.zeros_like(wu)))
-    out = torch.addcmul(u, w, coefficient.unsqueeze(2), value=-1.0)
-    return out.reshape(update.shape), channel | layer
+    radial = torch.where(channel.view(k, 1), wu / (w_norm + eps).square(),
+                         torch.where(layer.view(k, 1),
+                                     wu.sum(1, keepdim=True) / (w_layer + eps).square().view(k, 1),
+                                     torch.zeros_like(wu)))
+    invariant = channel | layer
+    decay = torch.where(invariant, weight_decay * wd_ratio, weight_decay)
+    out = torch.addcmul(u, w, (decay.view(k, 1) - radial).unsqueeze(2))
+    return out.reshape(update.shape), invariant
