@@ -19,7 +19,7 @@ pytest.importorskip("accelerate")
 import gradproj as gp  # noqa: E402
 from gradproj.integrations.hf_options import OptionError  # noqa: E402
 from gradproj.integrations.transformers import GradprojTrainer  # noqa: E402
-from gradproj.parametrizations import ParametrizedLinear, parametrized_modules  # noqa: E402
+from gradproj.parametrizations import parametrized_modules  # noqa: E402
 from gradproj.quant.linear import is_quantized  # noqa: E402
 
 from test_hf_trainer import Arithmetic, StopAt, args, logged, tiny_llama  # noqa: E402
