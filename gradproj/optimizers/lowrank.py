@@ -322,8 +322,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return
         lr, decay = group["lr"], group["weight_decay"]
         if finish is not None:
-            weights = (params[0].detach().float().unsqueeze(0) if len(params) == 1  # no copy
-                       else torch.stack([p.detach().float() for p in params]))
+            # one weight: a view, no copy; the step runs under no_grad (no detach per weight)
+            weights = (params[0].detach().unsqueeze(0) if len(params) == 1
+                       else torch.stack(params)).float()
             update = finish(weights, update.float().reshape(weights.shape))
             decay = 0.0
         update = update.to(params[0].dtype).reshape(len(params), *params[0].shape)

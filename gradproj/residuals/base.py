@@ -2,10 +2,11 @@
 
 A residual policy composes the full-size update U from the pieces of one low-rank step:
 G (m×n fp32 gradient), R = project(G), N = rule(R), `back`, the back-projection (it
-returns a fresh tensor, which the policy may overwrite), and c,
-the factor the rule folded into N (`Rule.step_scale`: Adam's bias correction).
-The optimizer then applies W ← W − lr·U − lr·wd·W. Policies keep any state of their own
-(e.g. Fira's limited norm) in the per-parameter state dict under their own keys.
+returns a fresh tensor, which the policy may overwrite), and c, the factor the rule
+folded into N (`Rule.step_scale`: Adam's bias correction). The optimizer then applies
+W ← W − lr·U − lr·wd·W; U must be a fresh tensor too (never G or R themselves): the
+optimizer and a rule that `finishes_update` may overwrite it. Policies keep any state of
+their own (e.g. Fira's limited norm) in the per-parameter state dict under their own keys.
 
 Capabilities (class attributes with safe defaults):
   `uses_full_grad` (True): `combine` reads G itself, not only R. Per-layer mode may

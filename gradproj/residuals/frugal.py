@@ -1,6 +1,8 @@
 """FRUGAL (Zmushko et al. 2024): stateful rule in the subspace, state-free signSGD outside it."""
 from __future__ import annotations
 
+import torch
+
 from ..registry import RESIDUALS
 from .base import Residual
 
@@ -24,5 +26,6 @@ class Frugal(Residual):
             raise ValueError(f"option 'free_lr_scale' must be a number >= 0, got {kappa!r}")
 
     def combine(self, grad, low_grad, direction, back, state, group, folded_scale=1.0):
-        outside = grad - back(low_grad)
-        return back(direction).mul_(group["scale"]).add_(outside.sign_(), alpha=group["free_lr_scale"])
+        outside = back(low_grad)  # a fresh tensor: G − back(R) into it, then its sign
+        torch.sub(grad, outside, out=outside).sign_()
+        return back(direction * group["scale"]).add_(outside, alpha=group["free_lr_scale"])

@@ -75,6 +75,7 @@ def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: t
                             wd_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """AdamP's projection over a k×… stack, decay included: (p' + wd'·W, k bools: slice
     detected scale-invariant), wd' = wd·wd_ratio on the detected slices and wd on the others.
+    `update` is overwritten (where its reshape is a view; the result is returned either way).
 
     Views, in order: channel (k×out×rest) then layer (k×1×all); a slice takes the first
     view whose max |cos| is below δ/√(view width) and keeps its update otherwise.
@@ -104,5 +105,5 @@ def project_scale_invariant(weights: torch.Tensor, update: torch.Tensor, grad: t
                                      torch.zeros_like(wu)))
     invariant = channel | layer
     decay = torch.where(invariant, weight_decay * wd_ratio, weight_decay)
-    out = torch.addcmul(u, w, (decay.view(k, 1) - radial).unsqueeze(2))
-    return out.reshape(update.shape), invariant
+    u.addcmul_(w, (decay.view(k, 1) - radial).unsqueeze(2))  # the step's own U: in place
+    return u.reshape(update.shape), invariant

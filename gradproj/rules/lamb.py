@@ -49,7 +49,7 @@ class LAMB(Rule):
                              self.step_scale(t, group))
 
     def finish_update(self, weights, update, grad, group):
-        u = update.add(weights, alpha=group["weight_decay"]) if group["weight_decay"] else update
+        u = update.add_(weights, alpha=group["weight_decay"]) if group["weight_decay"] else update
         return u.mul_(trust_ratio(weights, u, group["clamp_value"]))
 
 

@@ -251,11 +251,11 @@ def test_adamp_gradient_against_the_weight_is_not_scale_invariant():
     torch.manual_seed(5)
     w, u = torch.randn(2, 24, 16), torch.randn(2, 24, 16)
     for sign in (1.0, -1.0):
-        out, invariant = project_scale_invariant(w, u, sign * w, 0.1, 1e-8)
+        out, invariant = project_scale_invariant(w, u.clone(), sign * w, 0.1, 1e-8)  # in place
         assert not invariant.any() and torch.equal(out, u)
     tangent = torch.randn(2, 24, 16)
     tangent -= (tangent * w).sum(2, keepdim=True) * w / (w * w).sum(2, keepdim=True)
-    out, invariant = project_scale_invariant(w, u, tangent, 0.1, 1e-8)  # rows ⟂ W: detected
+    out, invariant = project_scale_invariant(w, u.clone(), tangent, 0.1, 1e-8)  # ⟂ W: detected
     assert invariant.all() and (out * w).sum(2).abs().max() < 1e-4
 
 
