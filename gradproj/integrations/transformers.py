@@ -118,6 +118,19 @@ def llamafactory_optimizer(model: torch.nn.Module, finetuning_args: Mapping[str,
     return _refuse_without_curvature_pass(_build(model, choice, args), "llamafactory_optimizer")
 
 
+class _GradientViews(transformers.TrainerCallback):
+    """HF's loop calls `model.zero_grad()` (set to None) after every step, which takes the
+    gradients out of their bucket buffers (`gradient_as_bucket_view`); this puts them back
+    before the next backward, so every step reads the buffer without a stack."""
+
+    def __init__(self, trainer: "transformers.Trainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **_):
+        if self.trainer.gradproj_optimizer is not None:
+            self.trainer.gradproj_optimizer.restore_gradient_views()
+
+
 class GradprojTrainer(transformers.Trainer):
     """`transformers.Trainer` building gradproj's optimizer from `args` (module docstring).
 
@@ -160,6 +173,7 @@ class GradprojTrainer(transformers.Trainer):
                                    else None)
         self.curvature = CurvatureCallback(self)
         self.add_callback(self.curvature)
+        self.add_callback(_GradientViews(self))
         if self.gradproj_choice is not None:
             # converted now (q-galore's INT8, a parametrization), so resume_from_checkpoint
             # loads the converted layers' tensors into them

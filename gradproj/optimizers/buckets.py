@@ -101,6 +101,12 @@ class Bucket:
                 p.grad = view
         return stacked
 
+    def attach_views(self) -> None:
+        """Zero the buffer in place (one op) and make its slices the parameters' `.grad`."""
+        self.grad_buffer.zero_()
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = view
+
     def viewed(self, grads: list[torch.Tensor] | None = None) -> bool:
         """Whether `grads` (default: the parameters' .grad) are all slices of the buffer."""
         if not self.grad_views:
@@ -115,3 +121,9 @@ class Bucket:
                 del self.subsets[other]
             kept = self.subsets[members] = ({}, {})
         return StackedState(states, *kept)
+
+
+def view_buckets(cache: dict) -> list[Bucket]:
+    """The distinct buckets of an optimizer's bucket cache that hold gradient views."""
+    unique = {id(b): b for buckets in cache.values() for b in buckets if b.grad_views}
+    return list(unique.values())

@@ -34,7 +34,7 @@ from ..registry import PROJECTORS, RESIDUALS, RULES, STATE_FORMATS
 from ..rules.base import rule_step
 from ..seeds import param_seed
 from ..stacked_state import StackedState
-from .buckets import Bucket, partition
+from .buckets import Bucket, partition, view_buckets
 from .curvature import update_curvature
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 from .refresh import refresh_subspace
@@ -177,16 +177,21 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except that gradients living in a bucket's buffer
         (`gradient_as_bucket_view`) are zeroed in place, one op a bucket, and stay there."""
-        viewed = {id(b): b for buckets in self._bucket_cache.values() for b in buckets
-                  if b.viewed()}.values()
+        viewed = [b for b in view_buckets(self._bucket_cache) if b.viewed()]
         for bucket in viewed:
             for p in bucket.params:
                 p.grad = None
         super().zero_grad(set_to_none)
         for bucket in viewed:
-            bucket.grad_buffer.zero_()
-            for p, view in zip(bucket.params, bucket.grad_views):
-                p.grad = view
+            bucket.attach_views()
+
+    def restore_gradient_views(self) -> None:
+        """Give back its (zeroed) buffer slices to every bucket whose gradients were all set
+        to None from outside — HF Trainer's `model.zero_grad()` after each step — so the
+        next backward accumulates into the buffer instead of the next step stacking anew."""
+        for bucket in view_buckets(self._bucket_cache):
+            if all(p.grad is None for p in bucket.params):
+                bucket.attach_views()
 
     def buckets(self, index: int, group: dict, params: list[torch.Tensor]) -> list[Bucket]:
         """`params` of group `index` partitioned into buckets, cached while neither the

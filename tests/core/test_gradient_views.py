@@ -125,6 +125,30 @@ def test_gradients_reset_outside_the_optimizer_are_stacked_again():
                 if p.dim() == 2}) == 1
 
 
+def test_views_restored_after_model_zero_grad_step_without_a_stack():
+    """`restore_gradient_views` after `model.zero_grad()` (what GradprojTrainer does after
+    HF's call) re-attaches zeroed views: steady steps stack nothing again, same results."""
+    models, opts = _pair("galore", rank=4)
+    for step in range(5):
+        for model, opt in zip(models, opts):
+            _backward(model, step)
+            if step == 4 and opt is opts[1]:
+                counter = _Stacks()
+                with counter:
+                    opt.step()
+            else:
+                opt.step()
+            model.zero_grad()
+            opt.restore_gradient_views()
+    _assert_same(models, opts)
+    assert counter.stacked == 0
+    grads = [p.grad for p in models[1][:4].parameters() if p.dim() == 2]
+    assert all(g is not None and not g.any() for g in grads)
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 1
+    assert models[1][4].weight.grad is None  # steps alone: no buffer to restore
+    assert all(p.grad is None for p in models[0].parameters())  # without the option
+
+
 def test_option_is_validated():
     with pytest.raises(ValueError, match="gradient_as_bucket_view"):
         gp.build_optimizer(_model(), "galore", gradient_as_bucket_view="yes")

@@ -108,6 +108,51 @@ def test_each_preset_trains_through_the_trainer(tmp_path, optim, optim_args):
     assert sum(len(g["params"]) for g in low) == 2 * 7
 
 
+class CountStacks(transformers.TrainerCallback):
+    """Values of gradients the optimizer stacks (aten.stack/cat) at each optimizer step."""
+
+    def __init__(self):
+        self.stacked: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **_):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        stacked = self.stacked
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, a=(), kw=None):
+                if func in (torch.ops.aten.stack.default, torch.ops.aten.cat.default):
+                    stacked[-1] += sum(t.numel() for t in a[0])
+                return func(*a, **(kw or {}))
+
+        stacked.append(0)
+        step, mode = optimizer.step, Mode()
+
+        def counted(*a, **kw):  # this step only
+            optimizer.step = step
+            with mode:
+                return step(*a, **kw)
+        optimizer.step = counted
+
+
+def test_gradient_views_survive_the_trainers_zero_grad(tmp_path):
+    """HF calls model.zero_grad() after each step; GradprojTrainer re-attaches the bucket
+    views, so from the second step on nothing is stacked, with the losses of the copying run."""
+    runs = {}
+    for views in ("false", "true"):
+        counter = CountStacks()
+        trainer = GradprojTrainer(model=tiny_llama(), train_dataset=Arithmetic(),
+                                  args=args(tmp_path / views, optim_args="rank=8,update_proj_gap=50,"
+                                            f"gradient_as_bucket_view={views}", steps=6),
+                                  callbacks=[counter])
+        trainer.train()
+        runs[views] = (logged(trainer, "loss"), counter.stacked)
+    assert runs["true"][0] == runs["false"][0]
+    copying, viewing = runs["false"][1], runs["true"][1]
+    assert len(copying) == len(viewing) == 6 and min(copying) > 0
+    assert viewing[0] == copying[0] and viewing[1:] == [0] * 5
+
+
 @pytest.mark.parametrize("optim,optim_args", [
     ("galore_adamw", "rank=8,update_proj_gap=5"),
     # INT8 weights: the Trainer converts the layers before it loads the checkpoint into them

@@ -290,6 +290,10 @@ NEW_GUARDS = [
 GUARDS[:0] = NEW_GUARDS
 
 NEW = [
+    # --- gradient views put back after a caller's zero_grad (HF Trainer)
+    ("gradproj/optimizers/lowrank.py", "            if all(p.grad is None for p in bucket.params):",
+     "            if all(p.grad is not None for p in bucket.params):"),
+    ("gradproj/optimizers/buckets.py", "        self.grad_buffer.zero_()\n", "\n"),
     # --- Sophia: rule
     ("gradproj/rules/sophia.py", "beta2 = group[\"betas\"][1]", "beta2 = group[\"betas\"][0]"),
     ("gradproj/rules/sophia.py", "h.mul_(beta2).add_(estimate, alpha=1.0 - beta2)", "h.mul_(beta2).add_(estimate, alpha=beta2)"),
@@ -404,9 +408,10 @@ NEW = [
     # --- gradient_as_bucket_view
     ("gradproj/optimizers/buckets.py", "return all(g is v for g, v in zip(grads, self.grad_views))", "return True"),
     ("gradproj/optimizers/buckets.py", "if as_view and all(type(g)", "if all(type(g)"),
-    ("gradproj/optimizers/buckets.py", "for p, view in zip(self.params, self.grad_views):",
-     "for p, view in zip(self.params[::-1], self.grad_views):"),
-    ("gradproj/optimizers/lowrank.py", "            bucket.grad_buffer.zero_()", "            pass"),
+    ("gradproj/optimizers/buckets.py", "            for p, view in zip(self.params, self.grad_views):",
+     "            for p, view in zip(self.params[::-1], self.grad_views):"),
+    ("gradproj/optimizers/buckets.py", "        for p, view in zip(self.params, self.grad_views):\n            p.grad = view\n\n",
+     "        for p, view in zip(self.params[::-1], self.grad_views):\n            p.grad = view\n\n"),
     ("gradproj/optimizers/lowrank.py", "        super().zero_grad(set_to_none)", "        super().zero_grad(False)"),
     # --- reused CPU output buffers
     ("gradproj/kernels/cpu_out.py", "    if _use_count(buffer) != idle:", "    if False:"),
