@@ -208,3 +208,25 @@ def test_auto_side_minimises_state_plus_basis_bytes():
         costs[side] = rule.state_nbytes(low, fmt) + projector.basis_nbytes((256, 64), 8, side, p.dtype)
     assert opt.side(p, opt.param_groups[0]) == min(costs, key=costs.get)
     assert resolve_side("std", (256, 64)) == "right" and min(costs, key=costs.get) == "left"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_svd_fallback_basis_is_the_cleaned_gradients_top_vectors_and_each_fallback_counts(side):
+    """A NaN entry makes the exact SVD unusable: the fallback range finder runs on the
+    cleaned gradient (NaN → 0), giving an m×r (left) or n×r (right) basis spanning its top-r
+    singular vectors; every fallback adds one to `svd_fallbacks` (catches a right-side
+    fallback run on G instead of Gᵀ, and a counter that only ever reads 1)."""
+    m, n, r = 16, 24, 3
+    grad = gradient_like(m, n, 5, decay=0.5)
+    grad[3, 5] = float("nan")
+    clean = torch.nan_to_num(grad, nan=0.0).double()
+    u, _, vh = torch.linalg.svd(clean, full_matrices=False)
+    top = u[:, :r] if side == "left" else vh[:r].T
+    state = {}
+    projector = gp.PROJECTORS.create("svd")
+    for fits in (1, 2):
+        projector.fit(grad, state, rank=r, side=side, seed=fits, dtype=torch.float32)
+        assert state["svd_fallbacks"] == fits
+    p = projector.load_basis(state, side, (m, n)).double()
+    assert p.shape == top.shape
+    assert (p @ p.T - top @ top.T).abs().max() <= 1e-3

@@ -195,3 +195,37 @@ def test_q_galore_preset_trains_and_resumes_bit_exactly():
         assert torch.equal(value, expected[key]), key
     state = opt2.state[resumed["attn"].weight]
     assert state["update_gap"] >= 2 and ("proj_left.codes" in state or "proj_right.codes" in state)
+
+
+def test_quant_linear_bias_gradient_is_the_sum_over_positions():
+    """out = x·Wᵀ + b over a 2×3 batch of positions: ∂(Σ c∘out)/∂b = Σ over positions of c
+    (catches a mean over positions instead of the sum)."""
+    layer = QuantLinear(8, 5, bias=True)
+    layer.set_weight(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, generator=gen)
+    c = torch.randn(2, 3, 5, generator=gen)
+    (layer(x) * c).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, c.sum(dim=(0, 1)), rtol=1e-6, atol=1e-6)
+
+
+def test_quant_linear_keeps_a_scale_for_the_partial_last_group():
+    """10·30 = 300 weights in groups of 256: two groups, the second holding 44 weights
+    (catches a floor division that drops the partial group)."""
+    layer = QuantLinear(10, 30, bias=False)
+    assert layer.weight_scale.shape == (2,)
+    w = torch.randn(30, 10, generator=torch.Generator().manual_seed(2))
+    layer.set_weight(w)
+    step = layer.weight_scale.repeat_interleave(256)[:300].view(30, 10)
+    assert ((layer.dequantized_weight() - w).abs() <= step / 2 * (1 + 1e-5)).all()
+    tail = w.reshape(-1)[256:]
+    assert layer.weight_scale[1].item() == pytest.approx(tail.abs().max().item() / 127, rel=1e-6)
+
+
+def test_int8_weight_bytes_is_codes_plus_fp32_scales():
+    """A 300×10 QuantLinear: 3000 one-byte codes + ceil(3000/256) = 12 fp32 scales = 3048
+    bytes; an nn.Linear beside it counts nothing."""
+    from gradproj.quant.linear import int8_weight_bytes
+
+    model = torch.nn.Sequential(QuantLinear(10, 300, bias=True), torch.nn.Linear(300, 4))
+    assert int8_weight_bytes(model) == 3000 + 4 * 12

@@ -259,3 +259,70 @@ def test_similarity_window_holds_the_last_refreshes_oldest_first():
     c8 = abs(2 * c4 ** 2 - 1)
     expected = torch.tensor([c2, c2, c2, c4, c8])
     torch.testing.assert_close(state["similarities"], expected, rtol=0, atol=1e-4)
+
+
+def test_qgalore_defaults_cap_the_gap_at_eight_times_update_gap():
+    """Default refresh_max_factor is 8 (Q-GaLore): on a stable subspace the gap of 2 grows
+    2 → 4 → 8 → 16 and stops there (catches a default of 4, which stops at 8)."""
+    grads = stable_stream(16, 24, 2, 200, seed=0)
+    state = refreshes(grads, (16, 24), update_gap=2, refresh="adaptive", refresh_window=3)
+    assert state["update_gap"] == 16
+
+
+def test_two_sided_similarity_is_the_mean_of_the_sides():
+    """proj_type "full" keeps a left and a right basis; the window records the mean of the
+    two sides' similarities, so an unchanged gradient reads 1.0, never 2.0."""
+    g = torch.randn(12, 20, generator=torch.Generator().manual_seed(4))
+    w = torch.nn.Parameter(torch.zeros(12, 20))
+    opt = gp.LowRankOptimizer([{"params": [w], "rank": 2, "update_gap": 1}], lr=1e-3,
+                              proj_type="full", refresh="adaptive", refresh_window=2)
+    for _ in range(3):
+        w.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(opt.state[w]["similarities"], torch.tensor([1.0, 1.0]),
+                               rtol=0, atol=1e-5)
+
+
+def test_similarity_orthonormalises_a_skewed_basis_first():
+    """span{e1, e1 + e2} is span{e1, e2}: similarity 1. Without the QR the cosines would be
+    the singular values of [[1, 0], [1, 1]] (1.618, 0.618; clamped mean 0.809)."""
+    eye = torch.eye(5)
+    skewed = torch.stack([eye[:, 0], eye[:, 0] + eye[:, 1]], dim=1)
+    assert subspace_similarity(skewed, eye[:, :2]) == pytest.approx(1.0, abs=1e-6)
+    assert subspace_similarity(eye[:, :2], 3.0 * skewed) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rotate_with_a_non_orthonormal_basis_maps_a_moment_in_its_span_exactly():
+    """Gaussian bases are not orthonormal: R = PᵀG, and rotation maps M by
+    A = P₂ᵀP₁(P₁ᵀP₁)⁻¹. For G₁ = P₁·X (inside span P₁) that gives exactly (1−β1)·P₂ᵀG₁,
+    so after step 2 M = β1(1−β1)·P₂ᵀG₁ + (1−β1)·P₂ᵀG₂ (catches a rotation without the
+    pseudo-inverse correction)."""
+    shape, r, b1 = (10, 16), 3, 0.9
+    gen = torch.Generator().manual_seed(6)
+
+    def make():
+        w = torch.nn.Parameter(torch.zeros(shape))
+        opt = gp.LowRankOptimizer([{"params": [w], "rank": r, "update_gap": 1}], lr=1e-3,
+                                  projector="gaussian", moments="rotate")
+        return w, opt
+
+    def basis(w, opt):
+        side = opt.side(w, opt.param_groups[0])
+        assert side == "left"
+        return opt.plugins(opt.param_groups[0])[1].load_basis(opt.state[w], side, shape)
+
+    probe, probe_opt = make()  # the same seed: the same first basis P₁
+    probe.grad = torch.randn(shape, generator=gen)
+    probe_opt.step()
+    p1 = basis(probe, probe_opt).clone()
+    assert not torch.allclose(p1.T @ p1, torch.eye(r), atol=1e-3)  # really not orthonormal
+    g1 = p1 @ torch.randn(r, shape[1], generator=gen)
+    g2 = torch.randn(shape, generator=gen)
+    w, opt = make()
+    for g in (g1, g2):
+        w.grad = g.clone()
+        opt.step()
+    p2 = basis(w, opt)
+    assert not torch.allclose(p1, p2)
+    expected = b1 * (1 - b1) * (p2.T @ g1) + (1 - b1) * (p2.T @ g2)
+    torch.testing.assert_close(opt.state[w]["exp_avg"], expected, rtol=1e-4, atol=1e-5)

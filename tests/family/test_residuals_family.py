@@ -213,3 +213,26 @@ def test_bad_residual_option_names_the_option(residual, options, name):
     w = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ValueError, match=name):
         gp.LowRankOptimizer([w], residual=residual, **options)
+
+
+def test_drop_fused_step_on_a_large_weight_applies_alpha_and_decoupled_decay():
+    """A 1024×64 fp32 weight (2^16 values) takes Drop's fused back-projection step (addmm_
+    on CPU, Triton on GPU): W ← W − lr·α·back(N), then W ← W − lr·wd·W, as the unfused
+    path (catches the fused step dropping α or the weight decay)."""
+    from gradproj.kernels import backproj
+
+    shape, r, lr, alpha, wd = (1024, 64), 4, 1e-2, 0.25, 0.1
+    if not backproj.fuses(torch.zeros(shape)):
+        pytest.skip("the fused back-projection is off (GRADPROJ_KERNELS=reference)")
+    gen = torch.Generator().manual_seed(8)
+    w0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(2)]
+    p = svd_basis(grads[0], r, "right")  # m >= n: GaLore's right side
+    adam, w = Adam(), w0.clone()
+    for g in grads:
+        w = w - lr * alpha * back(adam(project(g, p, "right")), p, "right")
+        w = w - lr * wd * w
+    got, bases, _ = run(w0, grads, {"rank": r, "update_gap": 1000, "scale": alpha},
+                        residual="drop", lr=lr, weight_decay=wd, projector="svd")
+    assert bases[0][0] == "right"
+    torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)

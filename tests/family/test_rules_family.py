@@ -226,3 +226,49 @@ def test_adafactor_second_moments_use_the_unsigned_maps(fmt_name):
     state = {"step": 0}
     rule.init_state(state, (4096, 2), torch.device("cpu"), fmt)
     assert state["exp_avg_sq_row.signed"] is False and "exp_avg_sq_row.codes" in state
+
+
+def test_adafactor_state_bytes_are_a_row_and_a_column_mean():
+    """A 6×10 gradient keeps 6 row means and 10 column means: (6 + 10)·4 fp32 bytes (catches
+    a column moment sized by the rows, which a square shape would hide)."""
+    rule, fmt = gp.RULES.create("adafactor"), gp.STATE_FORMATS.create("fp32")
+    assert rule.state_nbytes((6, 10), fmt) == 4 * (6 + 10)
+    assert rule.state_nbytes((10,), fmt) == 4 * 10
+
+
+def test_adafactor_first_step_on_a_rank_one_square_is_the_sign():
+    """G∘G = a·bᵀ has rank one, so t = 1's factored V̂ = R·Cᵀ/mean(R) is G∘G exactly and
+    U = G/√V̂ = sign(G), RMS 1: no clipping, W moves by −lr·sign(G). Catches a column (or
+    row) moment of sums instead of means, an RMS taken as the norm, and an ε1 that is not
+    negligible next to G²."""
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.rand(6, generator=gen) + 0.5, torch.rand(9, generator=gen) + 0.5
+    signs = torch.where(torch.rand(6, 9, generator=gen) < 0.5, -1.0, 1.0)
+    g = torch.outer(u, v) * signs * 0.03  # |G| ~ 1e-2: G² ~ 1e-4
+    got, _ = run_full_rank(torch.zeros(6, 9), [g], rule="adafactor", lr=0.1)
+    torch.testing.assert_close(got, -0.1 * torch.sign(g), rtol=1e-5, atol=1e-6)
+
+
+def test_adafactor_first_step_on_a_vector_is_the_sign():
+    """1-D tensors keep an unfactored V: at t = 1 V = G² + ε1 with ε1 = 1e-30, so
+    U = sign(G), RMS 1, and W moves by −lr·sign(G) even for |G| ~ 1e-3 (catches a larger
+    default ε1 and an update clipped by its norm instead of its RMS)."""
+    g = torch.tensor([-2e-3, -1e-3, -5e-4, 4e-4, 1e-3, 3e-3, 2e-3, -3e-3])
+    got, _ = run_full_rank(torch.zeros(8), [g], rule="adafactor", lr=0.5)
+    torch.testing.assert_close(got, -0.5 * torch.sign(g), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rule,first,signs", [
+    ("adamw", 0.1, {"exp_avg": True, "exp_avg_sq": False}),
+    ("lion", 0.01, {"exp_avg": True}),  # M ← β2·M + (1−β2)·G with β2 = 0.99
+    ("diffgrad", 0.1, {"exp_avg": True, "exp_avg_sq": False, "previous_grad": True}),
+])
+def test_quantized_moments_take_the_map_of_their_sign(rule, first, signs):
+    """First moments (and diffGrad's previous gradient) change sign: the signed map; second
+    moments are means of G² ≥ 0: the unsigned one. After one step on an all-negative 64×64
+    gradient (4096 values: quantized) the q8 first moment is (1−β)·G, not clamped to 0."""
+    g = -(torch.rand(64, 64, generator=torch.Generator().manual_seed(4)) + 0.5)
+    _, state = run_full_rank(torch.zeros(64, 64), [g], rule=rule, lr=1e-3, state_format="q8")
+    assert {key: state[f"{key}.signed"] for key in signs} == signs
+    m = gp.STATE_FORMATS.create("q8").read(state, "exp_avg")
+    torch.testing.assert_close(m, first * g, rtol=0.03, atol=0.0)

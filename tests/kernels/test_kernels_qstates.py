@@ -178,3 +178,36 @@ def test_quantized_states_for_every_rule(rule, state_format):
     _train(state_format, rule=rule, steps=3, model=model_copy, opt=resumed, lr=1e-3)
     for a, b in zip(model.parameters(), model_copy.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_format,shape,blocks,code_bytes", [
+    ("q8", (33, 128), 17, 4224), ("q8", (41, 100), 17, 4100),      # ceil(n / 256) absmax
+    ("q4", (33, 128), 33, 33 * 64), ("q4", (41, 100), 33, 33 * 64),  # ceil(n / 128), 64 B each
+])
+def test_moments_off_the_block_grid_keep_a_partial_block_and_step_as_if_alone(
+        state_format, shape, blocks, code_bytes):
+    """4224 = 16.5 blocks of 256 and 4100 values are off q8's block grid (4100 off q4's
+    too): the last, partial block still gets its absmax, and two such weights in one group
+    step exactly as each does alone — their blocks must not be stacked across the two
+    moments (catches a floor block count and a q8 stacking test on multiples of 128)."""
+    gen = torch.Generator().manual_seed(11)
+    w0 = [torch.randn(shape, generator=gen) for _ in range(2)]
+    grads = [[torch.randn(shape, generator=gen) for _ in range(2)] for _ in range(3)]
+
+    def run(indices):
+        ws = [torch.nn.Parameter(w0[i].clone()) for i in indices]
+        opt = gp.LowRankOptimizer([{"params": ws, "lowrank": False}], lr=1e-2,
+                                  state_format=state_format)
+        for step in grads:
+            for w, i in zip(ws, indices):
+                w.grad = step[i].clone()
+            opt.step()
+        return [w.detach() for w in ws], [opt.state[w] for w in ws]
+
+    together, states = run([0, 1])
+    for i in (0, 1):
+        alone, _ = run([i])
+        torch.testing.assert_close(together[i], alone[0], rtol=0, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert states[0][f"{key}.absmax"].shape == (blocks,)
+        assert states[0][f"{key}.codes"].numel() == code_bytes

@@ -76,3 +76,23 @@ def test_fused_attention_keeps_activations_linear_in_sequence_length():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="batch and seq_len"):
         activation_bytes(_model("meta", torch.float32), 0, 8)
+
+
+def test_checkpointed_fp32_layer_input_is_not_counted_twice():
+    """In fp32 a block's RMSNorm saves the block input itself (bf16 saves an fp32 copy): that
+    input is already among the kept checkpoint inputs, so the recomputed layer's bytes leave
+    it out and the plan still equals kept + one layer's own saved tensors (catches the
+    recompute term counting the layer's input again)."""
+    batch, seq, dtype = 2, 32, torch.float32
+    model = _model("cpu", dtype, checkpointing=True)
+    model.train()
+    tokens = torch.randint(0, CFG.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    kept = _saved_bytes(lambda: model(tokens, tokens), _weights(model))
+    x = torch.randn(batch, seq, CFG.dim, dtype=dtype, requires_grad=True)
+    with_input = _saved_bytes(lambda: model.layers[0](x, model.rope), _weights(model))
+    one_layer = max(_saved_bytes(lambda: layer(x, model.rope), [*_weights(model), x])
+                    for layer in model.layers)
+    assert with_input == one_layer + x.untyped_storage().nbytes()  # the input is saved
+    planned = activation_bytes(_model("meta", dtype), batch, seq, checkpointing=True)
+    assert planned.recompute == one_layer
+    assert planned.total == kept + one_layer

@@ -177,3 +177,20 @@ def test_every_example_spec_loads():
     for path in examples:
         spec = load_spec(path)
         assert spec.resolved()["optimizer"]["lowrank"]["targets"], path
+
+
+def test_batches_need_seq_len_plus_two_tokens():
+    """A split of exactly seq_len + 1 tokens has no (input, target) pair to spare: refused by
+    name (catches a `< seq_len + 1` bound that lets it through to a torch.randint error)."""
+    with pytest.raises(DataError, match="seq_len"):
+        Batches(np.arange(9, dtype=np.int64), 8, 2, seed=0, vocab_size=256, split="train")
+    x, y = Batches(np.arange(10, dtype=np.int64), 8, 2, seed=0, vocab_size=256, split="train").batch(0)
+    assert x.shape == y.shape == (2, 8)
+
+
+def test_a_token_id_equal_to_vocab_size_is_refused():
+    """Ids run 0..vocab_size-1, so an id == vocab_size is out of range (catches `>` for `>=`)."""
+    tokens = np.full(12, 16, dtype=np.int64)  # every window holds id 16
+    with pytest.raises(DataError, match="token id 16"):
+        Batches(tokens, 8, 1, seed=0, vocab_size=16, split="eval").batch(0)
+    Batches(tokens, 8, 1, seed=0, vocab_size=17, split="eval").batch(0)  # 16 < 17: fine
