@@ -210,4 +210,3 @@ def test_memory_table_overrides_stay_valid():
     opt = {method: plans["60m", method][0] for method in METHODS}
     # each step of the family saves optimizer memory over the one before it
     assert opt["ours (best)"] < opt["Q-GaLore"] < opt["GaLore 8-bit"] < opt["GaLore"] < opt["AdamW BF16"]
-
