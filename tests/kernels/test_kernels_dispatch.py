@@ -59,6 +59,28 @@ def test_cpu_adam_step_is_adam_spelled_out():
         assert_within(n, n_exact, adam_direction_bound(m_exact, v_exact, err_m, err_v, eps, s), "direction")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_adam_step_writes_half_precision_moments_back(dtype):
+    """bf16/fp16 moments (the dense bf16 state format) are stepped in fp32 and stored
+    rounded: each new moment is the float64 Adam moment of the stored one, rounded to the
+    dtype (within one of its ulps), and the direction uses the fp32 values before rounding."""
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(300, generator=gen)
+    m, v = torch.randn(300, generator=gen).to(dtype), torch.rand(300, generator=gen).to(dtype)
+    b1, b2, eps, s = 0.9, 0.999, 1e-6, 0.5
+    m_exact = b1 * m.double() + (1 - b1) * g.double()
+    v_exact = b2 * v.double() + (1 - b2) * g.double() ** 2
+    ulp = torch.finfo(dtype).eps
+    for step in (adam_step, adam_step_ref):
+        m1, v1 = m.clone(), v.clone()
+        n = step(g, m1, v1, b1, b2, eps, s)
+        assert m1.dtype == v1.dtype == dtype
+        assert ((m1.double() - m_exact).abs() <= ulp * m_exact.abs() + 1e-6).all(), "exp_avg"
+        assert ((v1.double() - v_exact).abs() <= ulp * v_exact.abs() + 1e-9).all(), "exp_avg_sq"
+        n_exact = s * m_exact / (v_exact.sqrt() + eps)
+        assert ((n.double() - n_exact).abs() <= 1e-4 * n_exact.abs() + 1e-6).all(), "direction"
+
+
 def test_cpu_adam_step_reuses_its_buffer_only_when_free_and_matches_the_reference():
     """Above cpu_out.MIN_NUMEL the fp32 CPU step writes its direction into a kept buffer:
     bit-identical to the reference over 3 steps; a dropped direction's buffer is handed

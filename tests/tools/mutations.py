@@ -290,6 +290,9 @@ NEW_GUARDS = [
 GUARDS[:0] = NEW_GUARDS
 
 NEW = [
+    # --- the CPU Adam reference skips self-copies of fp32 moments
+    ("gradproj/kernels/adam.py", "    if m is not exp_avg:\n", "    if m is exp_avg:\n"),
+    ("gradproj/kernels/adam.py", "    if v is not exp_avg_sq:\n", "    if v is exp_avg_sq:\n"),
     # --- gradient views put back after a caller's zero_grad (HF Trainer)
     ("gradproj/optimizers/lowrank.py", "            if all(p.grad is None for p in bucket.params):",
      "            if all(p.grad is not None for p in bucket.params):"),
