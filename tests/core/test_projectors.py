@@ -230,3 +230,54 @@ def test_svd_fallback_basis_is_the_cleaned_gradients_top_vectors_and_each_fallba
     p = projector.load_basis(state, side, (m, n)).double()
     assert p.shape == top.shape
     assert (p @ p.T - top @ top.T).abs().max() <= 1e-3
+
+
+def test_int4_bucket_of_bases_off_the_group_grid_reads_each_weights_own_basis():
+    """A bucket (StackedState) of 3 INT4 bases of 10×3 = 30 values with groups of 16 (2 groups,
+    2 padding values each): each slice of the bucket's basis is that weight's basis alone, its
+    values within scale/2 of the fp32 basis (catches slicing the bucket's concatenated groups
+    without dropping each weight's padding)."""
+    from gradproj.stacked_state import StackedState
+    proj = gp.PROJECTORS.create("int4", inner="randomized", group_size=16)
+    gen = torch.Generator().manual_seed(2)
+    states, grads = [], [torch.randn(10, 24, generator=gen) for _ in range(3)]
+    for i, g in enumerate(grads):
+        state: dict = {}
+        proj.fit(g, state, rank=3, side="left", seed=i, dtype=torch.float32)
+        states.append(state)
+    bucket = proj.load_basis(StackedState(states), "left", (10, 24))
+    assert bucket.shape == (3, 10, 3)
+    for i, state in enumerate(states):
+        alone = proj.load_basis(state, "left", (10, 24))
+        torch.testing.assert_close(bucket[i], alone, rtol=0, atol=0)
+
+
+def test_int4_quantizes_the_inner_fp32_basis_whatever_the_weight_dtype():
+    """INT4 over SVD for a bf16 weight: each group's stored minimum and scale are the exact
+    min and (max − min)/15 of the fp32 SVD basis (computed here by torch.linalg.svd) — not of
+    a bf16-rounded copy (catches the inner projector fitting in the weight's dtype)."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(64, 16, generator=gen)
+    proj = gp.PROJECTORS.create("int4", inner="svd", group_size=32)
+    state: dict = {}
+    proj.fit(g, state, rank=4, side="left", seed=0, dtype=torch.bfloat16)
+    u = torch.linalg.svd(g, full_matrices=False)[0][:, :4]
+    got = proj.load_basis(state, "left", (64, 16))
+    # the SVD projector may flip column signs: match them to the reference's
+    u = u * torch.sign((u * got).sum(dim=0, keepdim=True))
+    groups = u.reshape(-1, 32)
+    lo, hi = groups.amin(dim=1), groups.amax(dim=1)
+    torch.testing.assert_close(state["proj_left.min"], lo, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state["proj_left.scale"], (hi - lo) / 15, rtol=0, atol=1e-6)
+    assert (got - u).abs().max() <= float(state["proj_left.scale"].max()) / 2 + 1e-6
+
+
+def test_int4_codes_round_to_the_nearest_level():
+    """Group-wise INT4 of a ramp with known levels: (x − min)/scale rounds to the nearest
+    integer, so every value is within scale/2 (catches floor instead of round)."""
+    x = torch.tensor([0.0, 15.0, 0.7, 2.3, 4.6, 9.9, 14.2, 7.5])  # group of 8: min 0, scale 1
+    codes, scale, minimum = int4_quantize_ref(x, 8)
+    assert scale.tolist() == [1.0] and minimum.tolist() == [0.0]
+    q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(-1).tolist()
+    assert q == [0, 15, 1, 2, 5, 10, 14, 8]  # 7.5: half to even
+    assert int4_dequantize_ref(codes, scale, minimum, (8,)).tolist() == [float(v) for v in q]

@@ -236,3 +236,46 @@ def test_drop_fused_step_on_a_large_weight_applies_alpha_and_decoupled_decay():
                         residual="drop", lr=lr, weight_decay=wd, projector="svd")
     assert bases[0][0] == "right"
     torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+
+
+def _group(residual, **options):
+    w = torch.nn.Parameter(torch.zeros(8, 6))
+    return gp.LowRankOptimizer([w], residual=residual, **options).param_groups[0]
+
+
+def test_residual_defaults_are_the_papers():
+    """Without options, APOLLO's update may grow by at most γ = 1.01 a step (Fira's and
+    APOLLO's limiter), and FRUGAL's residual moves by κ = 1 (its pre-training setting): the
+    second APOLLO update for a gradient twice as large is 1.01× the first, FRUGAL's residual
+    update is sign(G) (catches other default γ or κ)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(8, 6, generator=gen)
+    low = torch.randn(2, 6, generator=gen)  # side "left": R is r×n
+    direction = torch.randn(2, 6, generator=gen)
+    apollo, state = gp.RESIDUALS.create("apollo"), {}
+    group = _group("apollo")
+    first = apollo.combine(g, low, direction, None, state, group).norm()
+    second = apollo.combine(2 * g, low, direction, None, state, group).norm()
+    assert abs(float(second / first) - 1.01) < 1e-5
+    frugal = gp.RESIDUALS.create("frugal")
+    out = frugal.combine(g, low, direction, lambda x: torch.zeros(8, 6), {}, _group("frugal"))
+    torch.testing.assert_close(out, torch.sign(g), rtol=0, atol=0)
+
+
+def test_limits_at_the_edge_of_their_range_are_accepted():
+    """γ = 1 (an update may not grow at all) and κ = 0 (FRUGAL without its residual) are
+    valid options: the limiter then holds the norm exactly, the residual adds nothing
+    (catches `>` for `>=` in the γ check and `<=` for `<` in the κ check)."""
+    gen = torch.Generator().manual_seed(1)
+    g, low, direction = torch.randn(8, 6, generator=gen), torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    for name in ("fira", "apollo"):
+        group = _group(name, norm_growth_limit=1)
+        assert group["norm_growth_limit"] == 1
+    apollo, state = gp.RESIDUALS.create("apollo"), {}
+    group = _group("apollo", norm_growth_limit=1)
+    first = apollo.combine(g, low, direction, None, state, group).norm()
+    second = apollo.combine(3 * g, low, direction, None, state, group).norm()
+    assert abs(float(second / first) - 1.0) < 1e-5
+    group = _group("frugal", free_lr_scale=0)
+    out = gp.RESIDUALS.create("frugal").combine(g, low, direction, lambda x: torch.ones(8, 6), {}, group)
+    torch.testing.assert_close(out, torch.ones(8, 6), rtol=0, atol=0)  # back(·) alone

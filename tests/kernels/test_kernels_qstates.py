@@ -211,3 +211,82 @@ def test_moments_off_the_block_grid_keep_a_partial_block_and_step_as_if_alone(
     for key in ("exp_avg", "exp_avg_sq"):
         assert states[0][f"{key}.absmax"].shape == (blocks,)
         assert states[0][f"{key}.codes"].numel() == code_bytes
+
+
+def _nearest_spelled_out(x: torch.Tensor, code: torch.Tensor, block: int):
+    """Per block of the flattened x: its absmax (max |x|, nothing else), and for each value the
+    least |value/absmax − code| over the map, float64 — no gradproj code involved."""
+    flat = x.reshape(-1).double()
+    absmax, err = [], torch.empty_like(flat)
+    for start in range(0, flat.numel(), block):
+        chunk = flat[start:start + block]
+        a = chunk.abs().max()
+        absmax.append(a)
+        err[start:start + block] = ((chunk / a)[:, None] - code.double()[None, :]).abs().min(dim=1).values * a
+    return torch.stack(absmax).float(), err
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (8, False), (4, True), (4, False)])
+def test_codec_references_and_cpu_path_pick_the_nearest_code_of_their_own_map(bits, signed):
+    """The references (q8/q4 `_quantize_ref`/`_dequantize_ref`) and the dispatched CPU codec,
+    on blocks of ~1e-20 values and a short last block of values < 1: absmax is each block's
+    exact max |x| and every value decodes to within fp32 rounding of the nearest code of the
+    map the sign flag names (catches padding that is not zeros, a signed map for unsigned
+    codes, a clamp of absmax far above 1e-38)."""
+    block, code = (256, dynamic_map(signed)) if bits == 8 else \
+        (128, dynamic_map(True, 3, 4) if signed else linear_map())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(block * 3 + block // 2 + 3, generator=gen) * 0.3
+    x[:block] *= 1e-19  # a block of tiny magnitudes
+    x = x if signed else x.abs()
+    want_absmax, want_err = _nearest_spelled_out(x, code, block)
+    mod = q8 if bits == 8 else q4
+    for quantize, dequantize in ((mod.q8_quantize_ref, mod.q8_dequantize_ref) if bits == 8 else
+                                 (mod.q4_quantize_ref, mod.q4_dequantize_ref),
+                                 (mod.q8_quantize, mod.q8_dequantize) if bits == 8 else
+                                 (mod.q4_quantize, mod.q4_dequantize)):
+        codes, absmax = quantize(x, signed)
+        torch.testing.assert_close(absmax, want_absmax, rtol=0, atol=0)
+        y = dequantize(codes, absmax, signed) if bits == 8 else dequantize(codes, absmax, signed, tuple(x.shape))
+        err = (y.double() - x.double()).abs()
+        scale = want_absmax.double().repeat_interleave(block)[:x.numel()]
+        assert torch.all(err <= want_err + 1e-6 * scale), (quantize.__name__, (err - want_err).max())
+
+
+@pytest.mark.parametrize("name", ["q8", "q4"])
+@pytest.mark.parametrize("shape", [(8, 16), (64, 80)])  # fp32 below 4096 values, codes above
+def test_blockwise_diffgrad_and_sophia_steps_update_the_moments_they_name(name, shape):
+    """One diffGrad and one Sophia step through a q8/q4 format from zero moments, against the
+    update written out by hand: M = (1−β1)·G, V = (1−β2)·G², the previous gradient kept;
+    Sophia's direction clip(M / max(ρ·H, ε), ±1) with H read, not written (catches M and V,
+    or M and H, swapped, and β1 and ρ swapped, on the fp32 path of small moments and the
+    codes path of large ones)."""
+    fmt = STATE_FORMATS.create(name)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(shape, generator=gen)
+    # exact on the fp32 path; on codes within a share of the largest value (4-bit: 1/8)
+    share = 0.0 if math.prod(shape) < 4096 else 0.02 if name == "q8" else 0.125
+
+    def close(actual, want):
+        torch.testing.assert_close(actual, want, rtol=0, atol=1e-6 + share * float(want.abs().max()))
+    b1, b2, rho, eps = 0.9, 0.999, 0.04, 1e-15
+    state: dict = {}
+    fmt.zeros(state, "exp_avg", shape, "cpu", True)
+    fmt.zeros(state, "exp_avg_sq", shape, "cpu", False)
+    fmt.zeros(state, "previous_grad", shape, "cpu", True)
+    fmt.diffgrad_step(state, "exp_avg", "exp_avg_sq", "previous_grad", g, b1, b2, 1e-8, 1.0)
+    close(fmt.read(state, "exp_avg"), (1 - b1) * g)
+    close(fmt.read(state, "exp_avg_sq"), (1 - b2) * g * g)
+    close(fmt.read(state, "previous_grad"), g)
+    state = {}
+    b1 = 0.965
+    fmt.zeros(state, "exp_avg", shape, "cpu", True)
+    fmt.zeros(state, "hessian", shape, "cpu", False)
+    h = 1.0 + torch.rand(shape, generator=gen)  # in [1, 2): the direction stays mostly unclipped
+    fmt.write(state, "hessian", h)
+    h_read = fmt.read(state, "hessian")
+    d = fmt.sophia_step(state, "exp_avg", "hessian", g, b1, rho, eps)
+    m = (1 - b1) * g
+    close(fmt.read(state, "exp_avg"), m)
+    torch.testing.assert_close(fmt.read(state, "hessian"), h_read, rtol=0, atol=0)
+    close(d, (m / (rho * h_read).clamp(min=eps)).clamp(-1, 1))

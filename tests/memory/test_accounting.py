@@ -167,3 +167,18 @@ def test_zo_sgd_plans_the_bases_alone():
         low_rank_shape(matrix_shape(p), g["rank"], opt.side(p, g)) if opt.is_low_rank(p, g)
         else tuple(p.shape), fmt) for g in opt.param_groups for p in g["params"])
     assert momentum.total - plain.total == buffers > 0
+
+
+def test_side_rows_count_every_layer_and_give_the_saving_of_the_other_side():
+    """Two layers of 1024×256 up-projections, rank 64, q8 AdamW moments, a seeded basis (0 B):
+    side left keeps 2 moments of 64×256 = 16384 codes + 64 absmax (4 B) = 16640 B each,
+    side right 2 of 1024×64 = 65536 + 4·256 = 66560 B; "auto" picks left, one row counts
+    both layers, and the reason gives the saving over right, 1 − 33280/133120 = 75 %
+    (catches a row count that does not add up and a saving taken relative to the cheaper side)."""
+    model = build_model(model_config("tiny", n_layers=2, dim=256, ffn_dim=1024), device="meta")
+    opt = gp.build_optimizer(model, "galore", rank=64, proj_type="auto", state_format="q8",
+                             projector="gaussian")
+    rows = {r.name: r for r in optimizer_bytes(opt, {p: n for n, p in model.named_parameters()}).sides}
+    up = rows["layers.*.mlp.up_proj.weight"]
+    assert (up.count, up.side, up.costs) == (2, "left", {"left": 33280, "right": 133120})
+    assert up.reason == "auto: left 33,280 B < right 133,120 B of states + basis (-75%)"

@@ -536,3 +536,72 @@ MORE = [
     ("gradproj/residuals/base.py", '                                        group["weight_decay"])',
      "                                        0.0)"),
 ]
+
+# A fifth set (run with --more2): lines of the codecs, maps, formats, CPU codec host,
+# projectors, residuals and accounting that the sets above left unplanted. The CPU codec
+# host had no guard; it gets the CPU codec tests and the codec round trips.
+GUARDS[:0] = [("gradproj/kernels/cpu_blockwise.py", CPU_TESTS + ["tests/kernels/test_kernels_qstates.py"])]
+MORE2 = [
+    # --- q8 / q4 references
+    ("gradproj/kernels/q8.py", "        flat = torch.cat([flat, flat.new_zeros(pad)])\n    return flat.view(-1, BLOCK)",
+     "        flat = torch.cat([flat, flat.new_ones(pad)])\n    return flat.view(-1, BLOCK)"),
+    ("gradproj/kernels/q8.py", "_, mids = tables(8, signed, x.device)\n    absmax, scaled = scale_ref(",
+     "_, mids = tables(8, True, x.device)\n    absmax, scaled = scale_ref("),
+    ("gradproj/kernels/q4.py", "_, mids = tables(4, signed, x.device)\n    absmax, scaled = scale_ref(",
+     "_, mids = tables(4, True, x.device)\n    absmax, scaled = scale_ref("),
+    ("gradproj/kernels/q4.py", "code, _ = tables(4, signed, codes.device)\n    q = torch.stack(",
+     "code, _ = tables(4, True, codes.device)\n    q = torch.stack("),
+    ("gradproj/kernels/q4.py", "    if codes.numel() != -(-numel // BLOCK) * HALF:",
+     "    if codes.numel() != numel // BLOCK * HALF:"),
+    # --- maps and tables
+    ("gradproj/kernels/qmaps.py", "inv = 1.0 / absmax.clamp(min=1e-38)", "inv = 1.0 / absmax.clamp(min=1e-8)"),
+    ("gradproj/kernels/qmaps.py", "key = (bits, bool(signed), str(device))", "key = (bits, str(device))"),
+    # --- blockwise formats: the fp32 path of small moments, the fused Sophia step
+    ("gradproj/formats/blockwise.py", "return diffgrad_step(grad, state[m_key], state[v_key], state[prev_key], beta1,",
+     "return diffgrad_step(grad, state[v_key], state[m_key], state[prev_key], beta1,"),
+    ("gradproj/formats/blockwise.py", "return sophia_step(grad, state[m_key], state[h_key], beta1, rho, eps)",
+     "return sophia_step(grad, state[m_key], state[h_key], rho, beta1, eps)"),
+    ("gradproj/formats/blockwise.py", "*self._codes(state, m_key, h_key), beta1, rho, eps)",
+     "*self._codes(state, h_key, m_key), beta1, rho, eps)"),
+    # --- CPU codec host
+    ("gradproj/kernels/cpu_blockwise.py", "*(p + (b - b0) * block * 4 for p in floats)", "*(p + (b - b0) * block for p in floats)"),
+    ("gradproj/kernels/cpu_blockwise.py", "dequantize_into(out, codes, absmax, bits, signed, n, 0, -(-n // BLOCKS[bits]), scale)",
+     "dequantize_into(out, codes, absmax, bits, signed, n, 0, n // BLOCKS[bits], scale)"),
+    ("gradproj/kernels/cpu_blockwise.py", 'first[nan_bucket] = torch.bucketize(torch.tensor(float("nan")), mids)',
+     "first[nan_bucket] = 0"),
+    # --- projectors
+    ("gradproj/projectors/gaussian.py", "return self.draw(rows, rank, [self._side_seed(seed, side)], grad.device)[0]",
+     "return self.draw(rows, rank, [seed], grad.device)[0]"),
+    ("gradproj/projectors/sparse.py", "or isinstance(s, bool) or s < 1):", "or isinstance(s, bool) or s <= 1):"),
+    ("gradproj/projectors/int4.py", "basis = flat.view(k, -1)[:, :numel].reshape(k, *rows_cols)",
+     "basis = flat[:k * numel].view(k, *rows_cols)"),
+    ("gradproj/projectors/int4.py", "rank=rank, side=side, seed=seed, dtype=torch.float32)",
+     "rank=rank, side=side, seed=seed, dtype=dtype)"),
+    ("gradproj/kernels/int4.py", "q = torch.round((groups - lo[:, None]) / scale[:, None])",
+     "q = torch.floor((groups - lo[:, None]) / scale[:, None])"),
+    ("gradproj/projectors/base.py", '        return "left" if std == "right" else "right"\n    if proj_type in',
+     '        return "right" if std == "right" else "left"\n    if proj_type in'),
+    ("gradproj/projectors/base.py", "size = torch.empty((), dtype=dtype).element_size()", "size = 4"),
+    ("gradproj/projectors/base.py", '        other = "left" if std == "right" else "right"',
+     '        other = "left" if std == "left" else "right"'),
+    # --- residuals
+    ("gradproj/residuals/fira.py", "        dims = (-1,)\n", "        dims = (-2,)\n"),
+    ("gradproj/residuals/fira.py", "not (gamma == 0 or gamma >= 1)", "not (gamma == 0 or gamma > 1)"),
+    ("gradproj/residuals/fira.py", '    defaults = {"norm_growth_limit": 1.01}', '    defaults = {"norm_growth_limit": 1.1}'),
+    ("gradproj/residuals/fira.py", "phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:])).div_(c)",
+     "phi = channel_norm_ratio(direction, low_grad, tuple(grad.shape[-2:]))"),
+    ("gradproj/residuals/apollo.py", 'defaults = {"scale_type": "channel", "norm_growth_limit": 1.01}',
+     'defaults = {"scale_type": "channel", "norm_growth_limit": 1.1}'),
+    ("gradproj/residuals/frugal.py", 'defaults = {"free_lr_scale": 1.0}', 'defaults = {"free_lr_scale": 0.1}'),
+    ("gradproj/residuals/frugal.py", "isinstance(kappa, bool) or kappa < 0:", "isinstance(kappa, bool) or kappa <= 0:"),
+    # --- accounting
+    ("gradproj/memory/accounting.py", "    if values + scales != total:", "    if values + scales == total:"),
+    ("gradproj/memory/accounting.py", "return {k: v for k, v in probe.items() if k not in state}",
+     "return {k: v for k, v in probe.items() if k in state}"),
+    ("gradproj/memory/accounting.py", "sums += 4 * torch.Size(", "sums += 2 * torch.Size("),
+    ("gradproj/memory/accounting.py", "if p.requires_grad or is_quantized(p)]", "if p.requires_grad]"),
+    ("gradproj/memory/accounting.py", "        rows[key].count += 1", "        rows[key].count = 1"),
+    ("gradproj/memory/accounting.py", "(-{100 * (theirs - mine) / theirs:.0f}%)", "(-{100 * (theirs - mine) / mine:.0f}%)"),
+    ("gradproj/memory/accounting.py", "return self.states + self.state_scales + self.bases + self.basis_scales",
+     "return self.states + self.state_scales + self.bases"),
+]
