@@ -240,11 +240,9 @@ def test_codec_references_and_cpu_path_pick_the_nearest_code_of_their_own_map(bi
     x[:block] *= 1e-19  # a block of tiny magnitudes
     x = x if signed else x.abs()
     want_absmax, want_err = _nearest_spelled_out(x, code, block)
-    mod = q8 if bits == 8 else q4
-    for quantize, dequantize in ((mod.q8_quantize_ref, mod.q8_dequantize_ref) if bits == 8 else
-                                 (mod.q4_quantize_ref, mod.q4_dequantize_ref),
-                                 (mod.q8_quantize, mod.q8_dequantize) if bits == 8 else
-                                 (mod.q4_quantize, mod.q4_dequantize)):
+    mod, name = (q8, "q8") if bits == 8 else (q4, "q4")
+    for suffix in ("_ref", ""):  # the reference, then the dispatched CPU codec
+        quantize, dequantize = getattr(mod, f"{name}_quantize{suffix}"), getattr(mod, f"{name}_dequantize{suffix}")
         codes, absmax = quantize(x, signed)
         torch.testing.assert_close(absmax, want_absmax, rtol=0, atol=0)
         y = dequantize(codes, absmax, signed) if bits == 8 else dequantize(codes, absmax, signed, tuple(x.shape))

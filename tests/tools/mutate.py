@@ -2,7 +2,7 @@
 
     python tests/tools/mutate.py [--only SUBSTRING,SUBSTRING...] [--timeout 600] [--extra | --new | --more | --more2]
 
-Each mutation in MUTATIONS (tests/tools/mutations.py) is (file, old text, new text): `old`
+Each mutation of a set in SETS (tests/tools/mutations.py) is (file, old text, new text): `old`
 must occur exactly once in the file. The worktree is copied to a scratch folder (never
 edited in place), the mutation applied there, and `pytest -x -q -p no:randomly` runs the
 guarding modules of GUARDS. A mutant is caught when pytest fails (or times out). Each set of
@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from mutations import EXTRA, GUARDS, MORE, MORE2, MUTATIONS, NEW  # noqa: E402
+from mutations import GUARDS, SETS  # noqa: E402
 
 
 def guards_of(path: str) -> list[str]:
@@ -38,10 +38,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="")
     parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--extra", action="store_true", help="the second set (mutations.EXTRA)")
-    parser.add_argument("--new", action="store_true", help="the third set (mutations.NEW)")
-    parser.add_argument("--more", action="store_true", help="the fourth set (mutations.MORE)")
-    parser.add_argument("--more2", action="store_true", help="the fifth set (mutations.MORE2)")
+    which = parser.add_mutually_exclusive_group()
+    for name in filter(None, SETS):  # --extra, --new, ...: mutations.SETS[name]
+        which.add_argument(f"--{name}", dest="set", action="store_const", const=name, default="",
+                           help=f"the set mutations.SETS[{name!r}] (default: the first set)")
     parser.add_argument("--root", default=str(ROOT), help="the tree to mutate (default: this one)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="gradproj-mut-"))
@@ -63,7 +63,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             return True
 
-    for path, old, new in (MORE2 if args.more2 else MORE if args.more else NEW if args.new else EXTRA if args.extra else MUTATIONS):
+    for path, old, new in SETS[args.set]:
         only = [o for o in args.only.split(",") if o]
         if only and not any(o in path or o in old for o in only):
             continue

@@ -605,3 +605,7 @@ MORE2 = [
     ("gradproj/memory/accounting.py", "return self.states + self.state_scales + self.bases + self.basis_scales",
      "return self.states + self.state_scales + self.bases"),
 ]
+
+# every set by its mutate.py flag ("" = the first set, run without a flag); a new set
+# is one entry here and is then both runnable and checked by test_mutations_apply.py
+SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2}
