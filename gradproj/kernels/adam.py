@@ -12,11 +12,15 @@ arguments computed on the host from the integer step, so a new step never recomp
 Division and square root use the IEEE-rounded `div_rn`/`sqrt_rn` (Triton's default `/` and `sqrt` are approximate on
 NVIDIA), so the kernel matches the reference to a few fp32 ulps.
 
-The state formats call it (`DenseFormat.adam_step`, and `BlockwiseFormat` for its small fp32
-moments); `adam_q8.py` and `adam_q4.py` hold the 8-bit and 4-bit variants.
+On CPU, fp32 moments take one C pass instead (`cpu_adam.adam_dense_step`: the same
+formula, each operation rounded as written), bf16/fp16 ones and GRADPROJ_KERNELS=reference
+the reference chain. The state formats call it (`DenseFormat.adam_step`, and
+`BlockwiseFormat` for its small fp32 moments); `adam_q8.py` and `adam_q4.py` hold the 8-bit
+and 4-bit variants.
 """
 import torch
 
+from . import cpu_adam
 from .cpu_out import reusable_empty
 from .dispatch import CompileConfig, register_kernel, tile, tl, triton, use_triton
 
@@ -68,8 +72,11 @@ def adam_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size):
     """Fused Adam: update moments in place, return the fp32 direction (grad's shape)."""
     _check(grad, exp_avg, exp_avg_sq)
     if not use_triton(grad, exp_avg, exp_avg_sq):
-        # on CPU the direction goes into a reused buffer (`cpu_out.py`: a fresh 64 MB one
-        # costs ~30 ms of page faults a step)
+        fused = cpu_adam.adam_dense_step(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size)
+        if fused is not None:  # fp32 on CPU: one C pass (cpu_adam.py)
+            return fused
+        # else the reference; on CPU the direction goes into a reused buffer (`cpu_out.py`:
+        # a fresh 64 MB one costs ~30 ms of page faults a step)
         out = reusable_empty(tuple(grad.shape)) if grad.device.type == "cpu" else None
         return adam_step_ref(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, step_size, out)
     g = grad.float().contiguous()

@@ -378,3 +378,22 @@ void gp_adam_q4_finish(int64_t n, int64_t b0, int64_t b1, const float* m, const 
 #endif
     }
 }
+
+/* Dense fp32 Adam (kernels/adam.py's CPU path, `cpu_adam.adam_dense_step`) over the values
+   of blocks [b0, b1) of 256, the pointers at block b0's first value: one pass instead of
+   the reference's eight ATen ops. Each operation is one IEEE rounding as written (no FMA,
+   IEEE sqrtf), so the values do not depend on the vector width, the split over threads or
+   where a slice starts:  M = M·β1 + G·c1;  V = V·β2 + (G·G)·c2;  N = (M / (√V + ε))·s. */
+void gp_adam_dense(int64_t n, int64_t b0, int64_t b1, const float* restrict g,
+                   float* restrict m, float* restrict v, float* restrict d, float beta1,
+                   float c1, float beta2, float c2, float eps, float step_size) {
+    int64_t stop = b1 * 256 < n ? b1 * 256 : n;
+    int64_t len = stop - b0 * 256;
+    for (int64_t i = 0; i < len; i++) {
+        float mi = m[i] * beta1 + g[i] * c1;
+        float vi = v[i] * beta2 + (g[i] * g[i]) * c2;
+        m[i] = mi;
+        v[i] = vi;
+        d[i] = (mi / (sqrtf(vi) + eps)) * step_size;
+    }
+}

@@ -54,6 +54,7 @@ _FINISH = (None, [_I, _I, _I, _P, _P, _P, _P, _F, _F, _P, _P, _P, _P, _P, _P])
 SIGNATURES = {"gp_q8_quantize": _QUANT, "gp_q4_quantize": _QUANT,
               "gp_q8_dequantize": _DEQUANT, "gp_q4_dequantize": _DEQUANT,
               "gp_adam_q8_finish": _FINISH, "gp_adam_q4_finish": _FINISH,
+              "gp_adam_dense": (None, [_I, _I, _I, _P, _P, _P, _P, *[_F] * 6]),
               "gp_avx512": (ctypes.c_int, [])}
 BLOCKS = {8: 256, 4: 128}
 # the bucket key keeps sign, exponent and this many mantissa bits: 2^15 one-byte entries

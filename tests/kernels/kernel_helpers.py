@@ -5,6 +5,7 @@ value passes through, times the magnitude it is relative to; nothing is widened 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 
@@ -110,3 +111,16 @@ def check_requantized(codes, absmax, codes_r, absmax_r, value, err, bits, signed
         codes, codes_r = codes.reshape(-1), codes_r.reshape(-1)
         scaled, slack = scaled.reshape(-1)[:value.numel()], slack.reshape(-1)[:value.numel()]
     codes_agree(codes, codes_r, scaled, mids, slack)
+
+
+def adam_fp32_ops(g, m, v, beta1, beta2, eps, step_size):
+    """Adam in numpy float32, one IEEE rounding per operation as written (numpy neither
+    contracts a·b + c nor approximates sqrt): M = M·β1 + G·(1−β1), V = V·β2 + (G·G)·(1−β2),
+    N = (M / (√V + ε))·s, the constants rounded to fp32 once. Updates m and v in place and
+    returns N — what the CPU C pass (`gp_adam_dense`) must give bit for bit."""
+    f = np.float32
+    gn, mn, vn = g.numpy(), m.numpy(), v.numpy()
+    m_new = mn * f(beta1) + gn * f(1.0 - beta1)
+    v_new = vn * f(beta2) + (gn * gn) * f(1.0 - beta2)
+    mn[...], vn[...] = m_new, v_new
+    return torch.from_numpy((m_new / (np.sqrt(v_new) + f(eps))) * f(step_size))

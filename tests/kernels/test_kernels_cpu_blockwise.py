@@ -222,6 +222,9 @@ def test_threads_split_blocks_without_changing_results(monkeypatch):
 
 def _train(state_format, rule, mode, monkeypatch, steps=4):
     monkeypatch.setenv("GRADPROJ_KERNELS", mode)
+    # the biases' fp32 moments (below MIN_QUANTIZED_NUMEL) keep ATen's chain in both modes:
+    # the dense C pass rounds differently by design (test_kernels_cpu_adam_dense.py)
+    monkeypatch.setattr(cpu_adam, "adam_dense_step", lambda *args: None)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 256), torch.nn.Tanh(), torch.nn.Linear(256, 41))
     # layer 0 projected (256×96 at rank 32: 8192 moment values), layer 2 full rank
