@@ -15,7 +15,8 @@ so that a step costs its Python and dispatcher work, not its arithmetic:
   LLaMA scaled down by 32 per dimension has the op count of the real one (the `1b` list).
   This is the headline figure; on a GPU most ops are one kernel launch each (views and
   reads of CPU scalars are not). The script runs on CPU, where gradproj takes the PyTorch
-  references of its Triton kernels: a Triton launch bypasses the dispatcher, uncounted.
+  references of its Triton kernels (counted op by op), except for its C passes (fp32 Adam,
+  the q8/q4 codecs), which bypass the dispatcher uncounted, as a Triton launch does.
 - **host µs/step**: the median over interleaved rounds (the order rotates every round) of
   the step's wall time, and "× AdamW" the median over rounds of the per-round ratio to
   `torch.optim.AdamW(foreach=True)` stepping the same list in the same round.

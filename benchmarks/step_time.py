@@ -91,8 +91,14 @@ def galore_torch(eight_bit: bool):
 
 
 def adamw(model, rank):
-    # the fused CPU kernel exists too, but foreach is torch's default and the issue's baseline
+    # foreach is torch's default and the issue's baseline
     return torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
+
+
+def adamw_fused(model, rank):
+    # torch's one-pass kernel (CPU and CUDA): the full-rank step at its fastest, beside
+    # our own one-pass Adam (kernels/cpu_adam.py on CPU, Triton on CUDA)
+    return torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
 
 
 def bnb_adamw8bit(model, rank):
@@ -109,6 +115,7 @@ def contenders() -> dict[str, tuple[Callable, str | None]]:
     """name -> (builder, refresh kind or None). Refresh kind names what `refresh_costs` times."""
     table = {
         "torch AdamW (foreach)": (adamw, None),
+        "torch AdamW (fused)": (adamw_fused, None),
         "gradproj GaLore svd": (ours("svd"), "svd"),
         "gradproj GaLore randomized": (ours("randomized"), "randomized"),
         "gradproj GaLore svd, gradient views": (ours("svd", views=True), "svd"),
