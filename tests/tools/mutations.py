@@ -259,7 +259,7 @@ EXTRA = [
 # prefix wins), so the specific lists below take precedence over the broad ones above.
 SOPHIA_TESTS = ["tests/family/test_sophia.py", "tests/train/test_train_sophia.py"]
 LANE = ["tests/kernels/test_kernels_interpreter_lane.py"]
-CPU_TESTS = ["tests/kernels/test_kernels_cpu_blockwise.py"]
+CPU_TESTS = ["tests/kernels/test_kernels_cpu_blockwise.py", "tests/kernels/test_kernels_cpu_adam_dense.py"]
 ZO_TESTS = ["tests/train/test_zeroth_order.py", "tests/train/test_zeroth_order_train.py"]
 PARAM_TESTS = ["tests/parametrizations"]
 MEMORY_TESTS = ["tests/memory/test_plan.py", "tests/memory/test_accounting.py",
@@ -606,6 +606,27 @@ MORE2 = [
      "return self.states + self.state_scales + self.bases"),
 ]
 
+# the dense fp32 Adam pass on CPU (stop 24)
+MORE3 = [
+    ("gradproj/kernels/cpu_blockwise.c", "float mi = m[i] * beta1 + g[i] * c1;",
+     "float mi = m[i] * beta1 + g[i] * c2;"),
+    ("gradproj/kernels/cpu_blockwise.c", "float vi = v[i] * beta2 + (g[i] * g[i]) * c2;",
+     "float vi = v[i] * beta2 + g[i] * c2;"),
+    ("gradproj/kernels/cpu_blockwise.c", "d[i] = (mi / (sqrtf(vi) + eps)) * step_size;",
+     "d[i] = (mi / sqrtf(vi + eps)) * step_size;"),
+    ("gradproj/kernels/cpu_blockwise.c", "int64_t len = stop - b0 * 256;",
+     "int64_t len = stop - b0 * 256 - 1;"),
+    ("gradproj/kernels/cpu_blockwise.c", "        m[i] = mi;\n        v[i] = vi;\n",
+     "        m[i] = mi;\n"),
+    ("gradproj/kernels/cpu_adam.py", "(beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size))",
+     "(beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0))"),
+    ("gradproj/kernels/cpu_adam.py", "gp_adam_dense, n, 256, 0, -(-n // 256),",
+     "gp_adam_dense, n, 256, 0, n // 256,"),
+    ("gradproj/kernels/cpu_adam.py", "if not (all(t.dtype == torch.float32 and t.is_contiguous() and",
+     "if not (all(t.dtype == torch.float32 and"),
+]
+
 # every set by its mutate.py flag ("" = the first set, run without a flag); a new set
 # is one entry here and is then both runnable and checked by test_mutations_apply.py
-SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2}
+SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2,
+        "more3": MORE3}
