@@ -6,7 +6,7 @@
 #
 # 1. the CUDA lanes of the kernel tests (every fused kernel against its reference on the GPU,
 #    same codes for q8/q4) and the CUDA memory tests (issues 11, 15, 17)
-# 2. optimizer step time at LLaMA 60M-1B shapes against torch AdamW and galore-torch, with
+# 2. optimizer step time at LLaMA 60M-1B shapes against torch AdamW (foreach and fused) and galore-torch, with
 #    and without gradient_as_bucket_view (issue 11)
 # 3. the fused kernels against the unfused chain they replace (benchmarks/kernels.py)
 # 4. with the time left, convergence runs on the GPU, several at once, into their own ledger
@@ -30,7 +30,7 @@ timeout 180 $PY -m pytest -q -p no:randomly -p no:cacheprovider -rfE \
     tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_diffgrad.py tests/memory/test_cuda.py \
     2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
 
-timeout 200 $PY benchmarks/step_time.py --device cuda --sizes 60m,130m,350m,1b --repeats 5 \
+timeout 240 $PY benchmarks/step_time.py --device cuda --sizes 60m,130m,350m,1b --repeats 5 \
     --out "$OUT/step_time_cuda.md" 2>&1 | tail -30 > "$OUT/step_time_cuda.log"
 
 timeout 60 $PY benchmarks/kernels.py 2>&1 | tail -30 > "$OUT/kernels_cuda.txt"

@@ -273,6 +273,8 @@ NEW_GUARDS = [
     ("gradproj/kernels/diffgrad_q8.py", ["tests/kernels/test_kernels_diffgrad.py"] + RULE_TESTS + LANE),
     ("gradproj/kernels/cpu_adam.py", CPU_TESTS),
     ("gradproj/kernels/cpu_blockwise.c", CPU_TESTS),
+    ("gradproj/kernels/cpu_rowdots", ["tests/kernels/test_kernels_cpu_rowdots.py",
+                                      "tests/family/test_rules_lamb_diffgrad_adamp.py"]),
     ("gradproj/kernels/cpu_common.h", CPU_TESTS + ["tests/kernels/test_kernels_cpu_counter_rng.py"]),
     ("gradproj/train/zeroth_order.py", ZO_TESTS),
     ("gradproj/train/curvature.py", ["tests/train/test_train_sophia.py", "tests/family/test_sophia.py"]),
@@ -624,6 +626,13 @@ MORE3 = [
      "gp_adam_dense, n, 256, 0, n // 256,"),
     ("gradproj/kernels/cpu_adam.py", "if not (all(t.dtype == torch.float32 and t.is_contiguous() and",
      "if not (all(t.dtype == torch.float32 and"),
+    # AdamP's row reductions (cpu_rowdots)
+    ("gradproj/kernels/cpu_rowdots.c", "wu += wi * ui;", "wu += ui * ui;"),
+    ("gradproj/kernels/cpu_rowdots.c", "const float* ur = u + (r - b0) * cols;", "const float* ur = u + r * cols;"),
+    ("gradproj/kernels/cpu_rowdots.c", "out[4 * r + 1] = (float)gg;", "out[4 * r + 1] = (float)ww;"),
+    ("gradproj/kernels/cpu_rowdots.py", "(cols, out.data_ptr()))", "(cols - 1, out.data_ptr()))"),
+    ("gradproj/rules/adamp.py", "gw, g_square, w_square, wu = sums.unbind(2)",
+     "gw, w_square, g_square, wu = sums.unbind(2)"),
 ]
 
 # every set by its mutate.py flag ("" = the first set, run without a flag); a new set
