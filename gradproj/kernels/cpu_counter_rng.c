@@ -44,42 +44,76 @@ static inline uint32_t hash32_u32(uint32_t x) {
    floor, y - floor(y), the compare, the clamp), as in the reference's tensor ops, so
    codes and scales are its bits for every finite input (a NaN or inf value's own code may
    differ; its group's scale does not). One thread: ~3 ns a value, the reference ~50. */
+/* One group of `len` values (index `first` of its row's first value): its scale, and its
+   codes into dst. */
+static void sr_group(const float* in, int64_t len, uint32_t first, uint32_t key0,
+                     uint32_t key1, int8_t* dst, float* scale_out) {
+    float scale = block_absmax(in, len) / 127.0f;  /* NaN absmax: scale 1, as the reference */
+    scale = scale > 0.0f ? scale : 1.0f;
+    *scale_out = scale;
+    /* in chunks of 256 through an int32 buffer: gcc vectorises the arithmetic
+       only where every lane is 32 bits wide, then packs to int8 in a second loop */
+    for (int64_t c0 = 0; c0 < len; c0 += 256) {
+        int m = len - c0 < 256 ? (int)(len - c0) : 256;
+        uint32_t at = first + (uint32_t)c0;
+        int32_t q32[256];
+        for (int t = 0; t < m; t++) {
+            uint32_t bits = hash32_u32(hash32_u32((at + (uint32_t)t) ^ key0) ^ key1) >> 8;
+            float u = (float)(int32_t)bits * 0x1p-24f;
+            float y = in[c0 + t] / scale;
+            /* floor(y) as truncation, one down where that rounded up: exact for |y| < 2^24
+               (|y| <= 127 * 1.5 even where the scale is subnormal) and it vectorises, floorf does not */
+            float r = (float)(int32_t)y;
+            r = r > y ? r - 1.0f : r;
+            float q = u < y - r ? r + 1.0f : r;
+            q = q < -127.0f ? -127.0f : q;
+            q = q > 127.0f ? 127.0f : q;
+            q32[t] = (int32_t)q;
+        }
+        for (int t = 0; t < m; t++)
+            dst[c0 + t] = (int8_t)q32[t];
+    }
+}
+
 void gp_int8_sr_rows(int64_t k, int64_t n, int64_t g, const float* x, const uint64_t* k0,
                      const uint64_t* k1, int8_t* codes, float* scales) {
     int64_t groups = (n + g - 1) / g;
-    for (int64_t i = 0; i < k; i++) {
-        const float* row = x + i * n;
-        int8_t* out = codes + i * n;
-        uint32_t key0 = (uint32_t)k0[i], key1 = (uint32_t)k1[i];
+    for (int64_t i = 0; i < k; i++)
         for (int64_t b = 0; b < groups; b++) {
             int64_t start = b * g, len = n - start < g ? n - start : g;
-            const float* in = row + start;
-            int8_t* dst = out + start;
-            float scale = block_absmax(in, len) / 127.0f;  /* NaN absmax: scale 1, as the reference */
-            scale = scale > 0.0f ? scale : 1.0f;
-            scales[i * groups + b] = scale;
-            /* in chunks of 256 through an int32 buffer: gcc vectorises the arithmetic
-               only where every lane is 32 bits wide, then packs to int8 in a second loop */
-            for (int64_t c0 = 0; c0 < len; c0 += 256) {
-                int m = len - c0 < 256 ? (int)(len - c0) : 256;
-                uint32_t first = (uint32_t)(start + c0);
-                int32_t q32[256];
-                for (int t = 0; t < m; t++) {
-                    uint32_t bits = hash32_u32(hash32_u32((first + (uint32_t)t) ^ key0) ^ key1) >> 8;
-                    float u = (float)(int32_t)bits * 0x1p-24f;
-                    float y = in[c0 + t] / scale;
-                    /* floor(y) as truncation, one down where that rounded up: exact for |y| < 2^24
-                       (|y| <= 127 * 1.5 even where the scale is subnormal) and it vectorises, floorf does not */
-                    float r = (float)(int32_t)y;
-                    r = r > y ? r - 1.0f : r;
-                    float q = u < y - r ? r + 1.0f : r;
-                    q = q < -127.0f ? -127.0f : q;
-                    q = q > 127.0f ? 127.0f : q;
-                    q32[t] = (int32_t)q;
-                }
-                for (int t = 0; t < m; t++)
-                    dst[c0 + t] = (int8_t)q32[t];
-            }
+            sr_group(x + i * n + start, len, (uint32_t)start, (uint32_t)k0[i], (uint32_t)k1[i],
+                     codes + i * n + start, scales + i * groups + b);
+        }
+}
+
+/* apply_quantized_updates' chain for k INT8 weights of n < 2^32 values, one group at a
+   time through `buf` (g floats), codes and scales rewritten in place (weight i's at the
+   addresses codes[i], scales[i]; its update row at update + i*n): w = code·scale (one
+   IEEE product), w = fma(alpha, u, w), with decay w = fma(w, decay_alpha, w) (ATen's
+   add_ with alpha is one fused multiply-add: its vectorised fmadd, and the tails compiled
+   with FMA too, checked by the tests), then the stochastic rounding above. The fp32
+   weights never exist in full: the chain wrote them (4 bytes a value), stacked the
+   codes and copied the new ones back. */
+void gp_int8_step_rows(int64_t k, int64_t n, int64_t g, const int64_t* codes,
+                       const int64_t* scales, const float* update, float alpha,
+                       float decay_alpha, int64_t decay, const uint64_t* k0,
+                       const uint64_t* k1, float* buf) {
+    int64_t groups = (n + g - 1) / g;
+    for (int64_t i = 0; i < k; i++) {
+        int8_t* code = (int8_t*)(intptr_t)codes[i];
+        float* scale = (float*)(intptr_t)scales[i];
+        const float* u = update + i * n;
+        for (int64_t b = 0; b < groups; b++) {
+            int64_t start = b * g, len = n - start < g ? n - start : g;
+            const int8_t* c = code + start;
+            float s = scale[b];
+            for (int64_t t = 0; t < len; t++)
+                buf[t] = fmaf(alpha, u[start + t], (float)c[t] * s);
+            if (decay)
+                for (int64_t t = 0; t < len; t++)
+                    buf[t] = fmaf(buf[t], decay_alpha, buf[t]);
+            sr_group(buf, len, (uint32_t)start, (uint32_t)k0[i], (uint32_t)k1[i], code + start,
+                     scale + b);
         }
     }
 }

@@ -14,12 +14,13 @@ loop over each group of 256 as well, with the reference's IEEE operations one fo
 `uniform_rows(k0, k1, numel, start, stride, offset)` gives k streams and
 `int8_sr_rows(x, k0, k1, group_size)` k rows' codes and scales and
 `int8_dequantize_rows(codes, scales, group_size)` their values back, or None where the C path
-does not apply (GRADPROJ_KERNELS≠auto, not an fp32 CPU tensor, or no compiler): the
+does not apply (and `int8_step_rows` a whole INT8 weight step in place, or False) (GRADPROJ_KERNELS≠auto, not an fp32 CPU tensor, or no compiler): the
 caller keeps the reference.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -30,7 +31,9 @@ _I64, _U64 = ctypes.c_int64, ctypes.c_uint64
 _PTR = ctypes.c_void_p
 SIGNATURES = {"gp_counter_uniform": (None, [_I64, _U64, _U64, _I64, _I64, _U64, _PTR]),
               "gp_int8_sr_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR]),
-              "gp_int8_dequantize_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR])}
+              "gp_int8_dequantize_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR]),
+              "gp_int8_step_rows": (None, [_I64, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_float,
+                                           ctypes.c_float, _I64, _PTR, _PTR, _PTR])}
 
 
 def library():
@@ -91,3 +94,51 @@ def int8_dequantize_rows(codes: torch.Tensor, scales: torch.Tensor,
     lib.gp_int8_dequantize_rows(k, n, group_size, codes.data_ptr(), scales.data_ptr(),
                                 out.data_ptr())
     return out
+
+
+def int8_step_rows(codes: list[torch.Tensor], scales: list[torch.Tensor], update: torch.Tensor,
+                   lr: float, weight_decay: float, k0: list[int], k1: list[int],
+                   group_size: int) -> bool:
+    """W ← W − lr·U (then W ← W − lr·wd·W where wd ≠ 0) on k INT8 weights in place: codes[i] (int8) and scales[i] (fp32, one a group) dequantized, stepped
+    with row i of `update` (k×n fp32) and re-quantized by `int8_sr_rows`' rounding under
+    keys (k0[i], k1[i]) — `quant.linear.apply_quantized_updates`' chain, bit for bit, in one
+    pass a group. False (nothing written) where the C path does not apply: the caller runs
+    the chain."""
+    if mode() != "auto" or not codes or not aten_add_fuses():
+        return False
+    n = codes[0].numel()
+    groups = -(-n // group_size)
+    if not (0 < n < 2 ** 32 and update.device.type == "cpu" and update.dtype == torch.float32
+            and update.is_contiguous() and update.numel() == len(codes) * n
+            and all(c.device.type == "cpu" and c.dtype == torch.int8 and c.is_contiguous()
+                    and c.numel() == n for c in codes)
+            and all(s.device.type == "cpu" and s.dtype == torch.float32 and s.is_contiguous()
+                    and s.numel() == groups for s in scales)):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    addresses = torch.tensor([[c.data_ptr() for c in codes], [s.data_ptr() for s in scales],
+                              k0, k1], dtype=torch.int64)  # uint32 keys: int64 holds them
+    buf = torch.empty(min(group_size, n), dtype=torch.float32)
+    lib.gp_int8_step_rows(len(codes), n, group_size, addresses[0].data_ptr(),
+                          addresses[1].data_ptr(), update.data_ptr(), -lr, -lr * weight_decay,
+                          int(bool(weight_decay)), addresses[2].data_ptr(),
+                          addresses[3].data_ptr(), buf.data_ptr())
+    return True
+
+
+@functools.cache
+def aten_add_fuses() -> bool:
+    """Whether ATen's CPU `y.add_(x, alpha=a)` rounds y + a·x once (a fused multiply-add) in
+    its vectorised body and its scalar tail alike, as its AVX2/AVX-512 kernels do: the C
+    step's `fmaf` gives the chain's bits only then (else it declines). x = a = 1 + 2⁻¹²:
+    a·x = 1 + 2⁻¹¹ + 2⁻²⁴, and y + a·x with y = −(1 + 2⁻¹¹) keeps the 2⁻²⁴ only if the
+    product is not rounded first."""
+    a = 1.0 + 2.0 ** -12
+    for n in (1, 7, 67):  # a tail alone, a short tail, 4 AVX-512 vectors and a tail
+        y = torch.full((n,), -(1.0 + 2.0 ** -11))
+        y.add_(torch.full((n,), a), alpha=a)
+        if not bool((y == 2.0 ** -24).all()):
+            return False
+    return True

@@ -165,9 +165,7 @@ def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
         pairs = [int8_sr_quantize(row, seed, group_size) for row, seed in zip(x, seeds)]
         return torch.stack([c for c, _ in pairs]), torch.stack([s for _, s in pairs])
     if x.device.type == "cpu" and x.shape[0] and x[0].numel():
-        pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
-        fast = cpu_counter_rng.int8_sr_rows(x, [a for a, _ in pairs], [b for _, b in pairs],
-                                            group_size)
+        fast = cpu_counter_rng.int8_sr_rows(x, *_row_keys(seeds), group_size)
         if fast is not None:  # the C loop of cpu_counter_rng.py: the same codes and scales
             return fast
     groups = _row_groups(x, group_size)
@@ -179,6 +177,29 @@ def int8_sr_quantize_rows(x, seeds, group_size=DEFAULT_GROUP):
     q = r + (u < y - r).float()
     codes = q.clamp_(-QMAX, QMAX).to(torch.int8).view(x.shape[0], -1)[:, :x[0].numel()]
     return codes.reshape(x.shape), scale
+
+
+def _row_keys(seeds) -> tuple[list[int], list[int]]:
+    """The k0 and k1 keys of each row's counter stream (as `int8_sr_quantize` derives them)."""
+    pairs = [seed_keys(int(s) % (1 << 63)) for s in seeds]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def int8_step_rows(codes, scales, update, lr, weight_decay, seeds, group_size=DEFAULT_GROUP):
+    """W ← W − lr·U, then W ← W − lr·wd·W (wd ≠ 0), on k INT8 weights in place (codes[i],
+    scales[i], row i of `update`, re-quantized as `int8_sr_quantize_rows` with seeds[i]):
+    True where the C pass of `cpu_counter_rng.py` ran it (CPU, GRADPROJ_KERNELS=auto),
+    False (nothing written) elsewhere."""
+    _check_group(group_size)
+    if update.device.type != "cpu":
+        return False
+    codes = list(codes)
+    ran = cpu_counter_rng.int8_step_rows(
+        codes, list(scales), update.reshape(len(codes), -1).float().contiguous(), lr,
+        weight_decay, *_row_keys(seeds), group_size)
+    if ran:  # written through their addresses: tell autograd, as an in-place op would
+        torch.autograd.graph.increment_version(codes)
+    return ran
 
 
 def int8_dequantize_rows(codes, scale, group_size=DEFAULT_GROUP):

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..kernels.int8_sr import int8_dequantize_rows, int8_sr_quantize_rows
+from ..kernels.int8_sr import int8_dequantize_rows, int8_sr_quantize_rows, int8_step_rows
 from ..seeds import rounding_seed
 from ..stacked_state import StackedState
 from .int8 import DEFAULT_GROUP, int8_dequantize, int8_quantize
@@ -184,8 +184,10 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     lr, decay = group["lr"], group["weight_decay"]
     if any(m.group_size != size for m in modules):
         raise ValueError("INT8 weights of one shape must share one weight_group_size")
-    codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
     own_scales = [m.int8_scale(p) for m, p in zip(modules, params)]
+    if finish is None and int8_step_rows(params, own_scales, update, lr, decay, seeds, size):
+        return  # on CPU the chain below in one C pass a group: the same codes and scales
+    codes = params[0].unsqueeze(0) if len(params) == 1 else torch.stack(params)
     scales = torch.stack(own_scales)
     w = int8_dequantize_rows(codes, scales, size)
     if finish is not None:  # a rule that finishes the update owns its decay (rules/base.py)

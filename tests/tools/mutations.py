@@ -13,18 +13,20 @@ GUARDS = [
     ("gradproj/formats/", CODEC_TESTS),
     ("gradproj/kernels/int4.py", ["tests/core/test_projectors.py", "tests/properties/test_plugins.py"]),
     ("gradproj/kernels/int8_sr.py", ["tests/family/test_quant_weights.py",
-                                     "tests/kernels/test_kernels_cpu_counter_rng.py"]),
+                                     "tests/kernels/test_kernels_cpu_counter_rng.py",
+                                     "tests/kernels/test_kernels_cpu_int8_step.py"]),
     ("gradproj/kernels/counter_rng.py", ["tests/family/test_quant_weights.py",
                                          "tests/core/test_projector_distributions.py",
                                          "tests/kernels/test_kernels_cpu_counter_rng.py"]),
     ("gradproj/kernels/cpu_counter_rng", ["tests/kernels/test_kernels_cpu_counter_rng.py",
-                                          "tests/family/test_quant_weights.py"]),
+                                          "tests/family/test_quant_weights.py",
+                                          "tests/kernels/test_kernels_cpu_int8_step.py"]),
     ("gradproj/kernels/backproj.py", ["tests/kernels/test_kernels_cpu_backproj.py"]),
     ("gradproj/kernels/cpu_feistel", ["tests/parametrizations/test_sltrain.py"]),
     ("gradproj/kernels/adam.py", RULE_TESTS),
     ("gradproj/seeds.py", ["tests/family/test_quant_weights.py", "tests/family/test_refresh.py",
                            "tests/core/test_projector_distributions.py"]),
-    ("gradproj/quant/", ["tests/family/test_quant_weights.py"]),
+    ("gradproj/quant/", ["tests/family/test_quant_weights.py", "tests/kernels/test_kernels_cpu_int8_step.py"]),
     ("gradproj/projectors/", PROJ_TESTS),
     # the base rule owns the step a reset restarts and the moment rotation (refresh policies)
     ("gradproj/rules/base.py", RULE_TESTS + ["tests/family/test_refresh.py"]),
@@ -641,5 +643,21 @@ MORE3 = [
 
 # every set by its mutate.py flag ("" = the first set, run without a flag); a new set
 # is one entry here and is then both runnable and checked by test_mutations_apply.py
+MORE4 = [
+    # --- the INT8 weight step in one C pass (stop 25)
+    ("gradproj/kernels/cpu_counter_rng.c", "            if (decay)\n", "            if (!decay)\n"),
+    ("gradproj/kernels/cpu_counter_rng.c", "buf[t] = fmaf(buf[t], decay_alpha, buf[t]);",
+     "buf[t] = fmaf(buf[t], alpha, buf[t]);"),
+    ("gradproj/kernels/cpu_counter_rng.c", "const float* u = update + i * n;", "const float* u = update;"),
+    ("gradproj/kernels/cpu_counter_rng.c", "sr_group(buf, len, (uint32_t)start,", "sr_group(buf, len, 0,"),
+    ("gradproj/kernels/cpu_counter_rng.c", "sr_group(x + i * n + start, len, (uint32_t)start,",
+     "sr_group(x + i * n + start, len, 0,"),
+    ("gradproj/kernels/cpu_counter_rng.c", "float s = scale[b];", "float s = scale[0];"),
+    ("gradproj/kernels/cpu_counter_rng.py", "-lr * weight_decay,", "-weight_decay,"),
+    ("gradproj/kernels/cpu_counter_rng.py", "int(bool(weight_decay))", "0"),
+    ("gradproj/kernels/cpu_counter_rng.py", "and s.numel() == groups for s in scales)", "for s in scales)"),
+    ("gradproj/kernels/int8_sr.py", "        torch.autograd.graph.increment_version(codes)\n", "        pass\n"),
+    ("gradproj/quant/linear.py", "if finish is None and int8_step_rows(", "if int8_step_rows("),
+]
 SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2,
-        "more3": MORE3}
+        "more3": MORE3, "more4": MORE4}
