@@ -172,8 +172,10 @@ def apply_quantized_updates(params: list[torch.Tensor], update: torch.Tensor,
     step in fp32, re-quantize with stochastic rounding seeded by each weight's seed and step.
 
     The k weights go as one stack (one dequantize, one update, one stochastic rounding of
-    k counter streams), giving each weight the codes it would get alone. `state` holds the
-    weights' states (seed and step).
+    k counter streams), giving each weight the codes it would get alone; on CPU, unless a
+    rule `finish`es the update, the whole chain is one C pass a group with the same codes
+    (`kernels/int8_sr.py`'s `int8_step_rows`). `state` holds the weights' states (seed
+    and step).
     """
     modules = [getattr(p, OWNER_ATTR)() for p in params]
     if any(m is None for m in modules):
