@@ -99,8 +99,9 @@ def int8_dequantize_rows(codes: torch.Tensor, scales: torch.Tensor,
 def int8_step_rows(codes: list[torch.Tensor], scales: list[torch.Tensor], update: torch.Tensor,
                    lr: float, weight_decay: float, k0: list[int], k1: list[int],
                    group_size: int) -> bool:
-    """W ← W − lr·U (then W ← W − lr·wd·W where wd ≠ 0) on k INT8 weights in place: codes[i] (int8) and scales[i] (fp32, one a group) dequantized, stepped
-    with row i of `update` (k×n fp32) and re-quantized by `int8_sr_rows`' rounding under
+    """W ← W − lr·U (then W ← W − lr·wd·W where wd ≠ 0) on k INT8 weights in place:
+    codes[i] (int8) and scales[i] (fp32, one a group) dequantized, stepped with row i of
+    `update` (k×n fp32) and re-quantized by `int8_sr_rows`' rounding under
     keys (k0[i], k1[i]) — `quant.linear.apply_quantized_updates`' chain, bit for bit, in one
     pass a group. False (nothing written) where the C path does not apply: the caller runs
     the chain."""
@@ -108,7 +109,10 @@ def int8_step_rows(codes: list[torch.Tensor], scales: list[torch.Tensor], update
         return False
     n = codes[0].numel()
     groups = -(-n // group_size)
-    if not (0 < n < 2 ** 32 and update.device.type == "cpu" and update.dtype == torch.float32
+    tensors = (update, *codes, *scales)
+    plain = (torch.Tensor, torch.nn.Parameter)  # no DTensor shard or other subclass
+    if not (0 < n < 2 ** 32 and all(type(t) in plain for t in tensors)
+            and update.device.type == "cpu" and update.dtype == torch.float32
             and update.is_contiguous() and update.numel() == len(codes) * n
             and all(c.device.type == "cpu" and c.dtype == torch.int8 and c.is_contiguous()
                     and c.numel() == n for c in codes)

@@ -61,7 +61,7 @@ def test_c_step_writes_in_place_and_bumps_the_version():
 
 
 @pytest.mark.parametrize("why", ["reference mode", "no fused add", "non-contiguous", "fp64 update",
-                                 "wrong scale count"])
+                                 "wrong scale count", "tensor subclass"])
 def test_c_step_declines_and_writes_nothing(monkeypatch, why):
     codes, scale = int8_sr.int8_sr_quantize_ref(torch.randn(8, 64), 5, 64)
     update = torch.randn(1, 512)
@@ -75,11 +75,17 @@ def test_c_step_declines_and_writes_nothing(monkeypatch, why):
         assert not cpu_counter_rng.int8_step_rows([codes], [scale], update.double(), 0.1, 0.0,
                                                   [1], [2], 64)
         return
-    else:
+    elif why == "wrong scale count":
         scale = scale[:-1]
+    else:  # a DTensor shard's numel and data_ptr are not one local block's
+        codes = codes.as_subclass(_Subclass)
     kept = codes.clone()
     assert not int8_sr.int8_step_rows([codes], [scale], update, 0.1, 0.0, [3], 64)
     assert torch.equal(codes, kept)
+
+
+class _Subclass(torch.Tensor):
+    pass
 
 
 def _int8_model():

@@ -656,6 +656,7 @@ MORE4 = [
     ("gradproj/kernels/cpu_counter_rng.py", "-lr * weight_decay,", "-weight_decay,"),
     ("gradproj/kernels/cpu_counter_rng.py", "int(bool(weight_decay))", "0"),
     ("gradproj/kernels/cpu_counter_rng.py", "and s.numel() == groups for s in scales)", "for s in scales)"),
+    ("gradproj/kernels/cpu_counter_rng.py", "all(type(t) in plain for t in tensors)", "True"),
     ("gradproj/kernels/int8_sr.py", "        torch.autograd.graph.increment_version(codes)\n", "        pass\n"),
     ("gradproj/quant/linear.py", "if finish is None and int8_step_rows(", "if int8_step_rows("),
 ]
