@@ -102,3 +102,16 @@ def test_c_int8_stochastic_rounding_equals_the_reference(x, group_size, seeds):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADPROJ_KERNELS", "reference")
         assert torch.equal(values, int8_sr.int8_dequantize_rows(codes, scales, group_size))
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+def test_all_zero_groups_take_scale_one(monkeypatch, kernels):
+    """Deterministically (the hypothesis lane draws such groups only by chance): a group of
+    zeros gets scale 1 and codes 0 on both paths, the group after it its own absmax/127."""
+    monkeypatch.setenv("GRADPROJ_KERNELS", kernels)
+    x = torch.zeros(2, 300)
+    x[1, 256:] = 1.0
+    codes, scales = int8_sr.int8_sr_quantize_rows(x, [1, 2], 256)
+    assert scales.tolist() == [[1.0, 1.0], [1.0, torch.tensor(1.0 / 127).item()]]
+    assert torch.equal(codes[0], torch.zeros(300, dtype=torch.int8))
+    assert torch.equal(codes[1, 256:], torch.full((44,), 127, dtype=torch.int8))
