@@ -37,15 +37,8 @@ static inline uint32_t hash32_u32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* int8_sr_quantize_rows' reference on k rows of n < 2^32 values (row i at x + i*n, keys
-   k0[i], k1[i] < 2^32), in groups of g: scale = absmax/127 (1 for an all-zero group),
-   y = x/scale, code = floor(y) + [u < y - floor(y)] clamped to +-127, u the stream value
-   of the value's index in its row. Every step is one IEEE operation or exact (abs, max,
-   floor, y - floor(y), the compare, the clamp), as in the reference's tensor ops, so
-   codes and scales are its bits for every finite input (a NaN or inf value's own code may
-   differ; its group's scale does not). One thread: ~3 ns a value, the reference ~50. */
-/* One group of `len` values (index `first` of its row's first value): its scale, and its
-   codes into dst. */
+/* One group of the rounding gp_int8_sr_rows describes below: `len` values, `first` the
+   row index of the first; its scale into scale_out and its codes into dst. */
 static void sr_group(const float* in, int64_t len, uint32_t first, uint32_t key0,
                      uint32_t key1, int8_t* dst, float* scale_out) {
     float scale = block_absmax(in, len) / 127.0f;  /* NaN absmax: scale 1, as the reference */
@@ -75,6 +68,13 @@ static void sr_group(const float* in, int64_t len, uint32_t first, uint32_t key0
     }
 }
 
+/* int8_sr_quantize_rows' reference on k rows of n < 2^32 values (row i at x + i*n, keys
+   k0[i], k1[i] < 2^32), in groups of g: scale = absmax/127 (1 for an all-zero group),
+   y = x/scale, code = floor(y) + [u < y - floor(y)] clamped to +-127, u the stream value
+   of the value's index in its row. Every step is one IEEE operation or exact (abs, max,
+   floor, y - floor(y), the compare, the clamp), as in the reference's tensor ops, so
+   codes and scales are its bits for every finite input (a NaN or inf value's own code may
+   differ; its group's scale does not). One thread: ~3 ns a value, the reference ~50. */
 void gp_int8_sr_rows(int64_t k, int64_t n, int64_t g, const float* x, const uint64_t* k0,
                      const uint64_t* k1, int8_t* codes, float* scales) {
     int64_t groups = (n + g - 1) / g;
@@ -90,8 +90,8 @@ void gp_int8_sr_rows(int64_t k, int64_t n, int64_t g, const float* x, const uint
    time through `buf` (g floats), codes and scales rewritten in place (weight i's at the
    addresses codes[i], scales[i]; its update row at update + i*n): w = code·scale (one
    IEEE product), w = fma(alpha, u, w), with decay w = fma(w, decay_alpha, w) (ATen's
-   add_ with alpha is one fused multiply-add: its vectorised fmadd, and the tails compiled
-   with FMA too, checked by the tests), then the stochastic rounding above. The fp32
+   add_ with alpha is one fused multiply-add in its AVX2/AVX-512 kernels, body and tail:
+   cpu_counter_rng.aten_add_fuses checks it once a process), then the rounding above. The fp32
    weights never exist in full: the chain wrote them (4 bytes a value), stacked the
    codes and copied the new ones back. */
 void gp_int8_step_rows(int64_t k, int64_t n, int64_t g, const int64_t* codes,

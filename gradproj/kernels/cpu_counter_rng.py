@@ -14,8 +14,9 @@ loop over each group of 256 as well, with the reference's IEEE operations one fo
 `uniform_rows(k0, k1, numel, start, stride, offset)` gives k streams and
 `int8_sr_rows(x, k0, k1, group_size)` k rows' codes and scales and
 `int8_dequantize_rows(codes, scales, group_size)` their values back, or None where the C path
-does not apply (and `int8_step_rows` a whole INT8 weight step in place, or False) (GRADPROJ_KERNELS≠auto, not an fp32 CPU tensor, or no compiler): the
-caller keeps the reference.
+does not apply (GRADPROJ_KERNELS≠auto, not an fp32 CPU tensor, or no compiler): the
+caller keeps the reference. `int8_step_rows` runs a whole INT8 weight step in place —
+dequantize, update, decay, re-round — or returns False for the caller's chain.
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@
 
    Each sum runs in LANES partial sums (value i into lane i % LANES, the row's tail into
    lanes 0..), added in a fixed order at the end: the order is the code's, not the
-   compiler's, so the loop vectorises without -ffast-math (one serial double sum a
-   quantity ran at ~2.5 ns a value; the lanes at ~0.5 ns) and a row's result is the same
-   on any machine and thread split. */
+   compiler's, so the loop vectorises without -ffast-math (a 96×64×64 stack, one thread:
+   one serial double sum a quantity 2.7 ns a value, the lanes 1.2 ns) and a row's result
+   is the same on any machine and thread split. */
 #include <stdint.h>
 #include <string.h>
 
