@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from ..quant.linear import is_quantized
 from .env import DistEnv
 
 
@@ -26,6 +27,11 @@ def wrap_model(model: nn.Module, env: DistEnv, *, reshard_after_forward: bool = 
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if env.parallel == "fsdp2":
+        quantized = [name for name, p in model.named_parameters() if is_quantized(p)]
+        if quantized:  # FSDP2 would fail in backward: its fp32 gradient shard vs int8 codes
+            raise ValueError(f"parallel = 'fsdp2' cannot shard INT8 weights (QuantLinear codes "
+                             f"take fp32 gradients), got {len(quantized)}, e.g. {quantized[0]!r}; "
+                             f"use parallel = 'ddp' or 'none'")
         for module in blocks(model):
             fully_shard(module, reshard_after_forward=reshard_after_forward)
         fully_shard(model, reshard_after_forward=reshard_after_forward)

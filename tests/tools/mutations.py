@@ -659,6 +659,12 @@ MORE4 = [
     ("gradproj/kernels/cpu_counter_rng.py", "all(type(t) in plain for t in tensors)", "True"),
     ("gradproj/kernels/int8_sr.py", "        torch.autograd.graph.increment_version(codes)\n", "        pass\n"),
     ("gradproj/quant/linear.py", "if finish is None and int8_step_rows(", "if int8_step_rows("),
+    # --- FSDP2 refuses INT8 weights, in the spec and in wrap_model
+    ("gradproj/train/spec.py", 'if int8_weights(optimizer) and train["parallel"] == "fsdp2":',
+     'if int8_weights(optimizer) and train["parallel"] == "ddp":'),
+    ("gradproj/distributed/wrap.py", "        if quantized:  # FSDP2", "        if False:  # FSDP2"),
 ]
+GUARDS[:0] = [(path, ["tests/distributed/test_distributed.py::test_fsdp2_refuses_int8_weights_in_the_spec_and_in_wrap_model"])
+              for path in ("gradproj/train/spec.py", "gradproj/distributed/wrap.py")]
 SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2,
         "more3": MORE3, "more4": MORE4}
