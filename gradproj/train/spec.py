@@ -264,8 +264,8 @@ def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: Path | None = No
     check_curvature(optimizer.effective, train, out, int8_weights(optimizer))
     if int8_weights(optimizer) and train["parallel"] == "fsdp2":
         out.add("train", "parallel", "expected 'none' or 'ddp' with INT8 weights (quantize_weights, "
-                "or [model.parametrization] kind = 'int8': FSDP2 cannot shard int8 weights that "
-                "take fp32 gradients), got 'fsdp2'")
+                "or [model.parametrization] kind = 'int8' / int8 = true: FSDP2 cannot shard "
+                "int8 weights that take fp32 gradients), got 'fsdp2'")
     check_zeroth_order(train, parsed["train"], optimizer, out)
     _check_log(parsed["log"], out)
     width = model.width if isinstance(model, HFModelSpec) else model.dim

@@ -13,9 +13,11 @@ from .checks import Issue
 
 def int8_weights(optimizer) -> bool:
     """Whether the spec's targeted layers become INT8 weights: the q-galore preset's
-    `quantize_weights`, or [model.parametrization] kind = "int8"."""
-    return bool(optimizer.effective.get("quantize_weights")
-                or (optimizer.parametrization or {}).get("kind") == "int8")
+    `quantize_weights`, [model.parametrization] kind = "int8", or a kind's `int8 = true`
+    (SLTrain's INT8 factors)."""
+    table = optimizer.parametrization or {}
+    return bool(optimizer.effective.get("quantize_weights") or table.get("kind") == "int8"
+                or table.get("int8") is True)
 
 
 def check_curvature(effective: dict, train: dict, out, int8: bool) -> None:
@@ -68,8 +70,8 @@ def check_zeroth_order(train: dict, given: dict, optimizer, out) -> None:
                                  f"'zeroth-order' (MeZO does not clip its estimate)"))
     options = optimizer.effective
     if int8_weights(optimizer):
-        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights, or "
-                                     "[model.parametrization] kind = 'int8'): "
+        out.add("train", "gradient", "expected 'backprop' with INT8 weights (quantize_weights, "
+                                     "or [model.parametrization] kind = 'int8' / int8 = true): "
                                      "zeroth-order perturbs the weights in place")
     residual = options.get("residual")
     if (train["zo_subspace"] and residual in RESIDUALS

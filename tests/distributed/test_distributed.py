@@ -106,7 +106,8 @@ def test_spec_accepts_ddp_and_fsdp2(tmp_path):
     # per-layer under DDP: test_perlayer_ddp.py
 
 
-@pytest.mark.parametrize("int8", ['optimizer.preset="q-galore"', 'model.parametrization.kind="int8"'])
+@pytest.mark.parametrize("int8", [['optimizer.preset="q-galore"'], ['model.parametrization.kind="int8"'],
+                                  ['model.parametrization.kind="sltrain"', "model.parametrization.int8=true"]])
 def test_fsdp2_refuses_int8_weights_in_the_spec_and_in_wrap_model(tmp_path, int8):
     """FSDP2 fails inside backward on INT8 weights (their fp32 gradient shard against int8
     codes): the spec names [train].parallel first, wrap_model the weight; DDP takes them."""
@@ -117,8 +118,8 @@ def test_fsdp2_refuses_int8_weights_in_the_spec_and_in_wrap_model(tmp_path, int8
     path = tmp_path / "s.toml"
     path.write_text("[train]\nsteps = 2\n")
     with pytest.raises(SpecError, match=r"\[train\]\.parallel.*: expected 'none' or 'ddp' with INT8"):
-        load_spec(path, [int8, 'train.parallel="fsdp2"'])
-    assert load_spec(path, [int8, 'train.parallel="ddp"']).train.parallel == "ddp"
+        load_spec(path, [*int8, 'train.parallel="fsdp2"'])
+    assert load_spec(path, [*int8, 'train.parallel="ddp"']).train.parallel == "ddp"
     model = quantize_weights(torch.nn.ModuleDict({"mlp": torch.nn.Linear(8, 8)}))
     with pytest.raises(ValueError, match="cannot shard INT8 weights .* 'mlp.weight'"):
         wrap_model(model, DistEnv(parallel="fsdp2"))

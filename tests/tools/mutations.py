@@ -663,8 +663,9 @@ MORE4 = [
     ("gradproj/train/spec.py", 'if int8_weights(optimizer) and train["parallel"] == "fsdp2":',
      'if int8_weights(optimizer) and train["parallel"] == "ddp":'),
     ("gradproj/distributed/wrap.py", "        if quantized:  # FSDP2", "        if False:  # FSDP2"),
+    ("gradproj/train/spec_gradient.py", '\n                or table.get("int8") is True)', ")"),
 ]
 GUARDS[:0] = [(path, ["tests/distributed/test_distributed.py::test_fsdp2_refuses_int8_weights_in_the_spec_and_in_wrap_model"])
-              for path in ("gradproj/train/spec.py", "gradproj/distributed/wrap.py")]
+              for path in ("gradproj/train/spec.py", "gradproj/train/spec_gradient.py", "gradproj/distributed/wrap.py")]
 SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2,
         "more3": MORE3, "more4": MORE4}
