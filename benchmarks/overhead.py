@@ -20,6 +20,10 @@ so that a step costs its Python and dispatcher work, not its arithmetic:
 - **host µs/step**: the median over interleaved rounds (the order rotates every round) of
   the step's wall time, and "× AdamW" the median over rounds of the per-round ratio to
   `torch.optim.AdamW(foreach=True)` stepping the same list in the same round.
+- **faults/step**: the minor page faults (`getrusage`) of the timed steps, per step: a
+  count that does not depend on the load either. Every contender steps under gradproj's
+  malloc settings (`gradproj/optimizers/heap.py`, set before the first one is built);
+  `GRADPROJ_KEEP_FREED_MEMORY=0` runs them all under glibc's defaults instead.
 
 Steady: each optimizer takes WARMUP steps first (state allocation, the subspace refresh
 at step 0), and all its counted and timed steps come before its next refresh (T = 200);
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import time
 from collections import Counter
@@ -45,6 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradproj as gp
+from gradproj.optimizers.heap import keep_freed_memory
 
 RANK, GAP, SCALE, LR = 8, 200, 0.25, 1e-6
 WARMUP = 2   # step 0 allocates state and refreshes every basis; step 1 warms the caches
@@ -220,15 +226,18 @@ def bench_list(key: str, rounds: int, only: list[str] | None, peers: bool = True
         opts[name] = (opt, before)
         models[name] = model  # alive: Q-GaLore's INT8 weights hold their QuantLinear weakly
         rows[name] = {"optimizer": name, "ops_per_counted_step": [sum(c.values()) for c in counts],
-                      "top_ops": {str(f): n for f, n in counts[-1].most_common(12)}, "host_us_rounds": []}
+                      "top_ops": {str(f): n for f, n in counts[-1].most_common(12)}, "host_us_rounds": [],
+                      "faults": 0}
     names = list(opts)
     for r in range(rounds + 1):  # round 0 warms up outside the op counter, untimed
         for name in names[r % len(names):] + names[:r % len(names)]:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             opts[name][0].step()
             elapsed = time.perf_counter() - start
             if r:
                 rows[name]["host_us_rounds"].append(elapsed * 1e6)
+                rows[name]["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     base = rows[BASELINE]
     for name, row in rows.items():
         opt, before = opts[name]
@@ -238,6 +247,7 @@ def bench_list(key: str, rounds: int, only: list[str] | None, peers: bool = True
         row["ops"] = max(row["ops_per_counted_step"])
         row["ops_x_adamw"] = row["ops"] / base["ops"]
         row["host_us"] = statistics.median(row["host_us_rounds"])
+        row["faults_per_step"] = row.pop("faults") / rounds
         row["host_x_adamw"] = statistics.median(
             t / b for t, b in zip(row["host_us_rounds"], base["host_us_rounds"]))
         ops_target = target(name)
@@ -252,16 +262,16 @@ def yes_no(flag: bool | None) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| optimizer | ops/step | ops × AdamW | host µs/step | host × AdamW | meets ops / host target |",
-             "|---|---:|---:|---:|---:|:-:|"]
+    lines = ["| optimizer | ops/step | ops × AdamW | host µs/step | host × AdamW | faults/step "
+             "| meets ops / host target |", "|---|---:|---:|---:|---:|---:|:-:|"]
     for r in result["rows"]:
         steady = "" if len(set(r["ops_per_counted_step"])) == 1 else \
             f" (varies: {r['ops_per_counted_step']})"
         lines.append(f"| {r['optimizer']} | {r['ops']}{steady} | {r['ops_x_adamw']:.2f} | "
-                     f"{r['host_us']:.0f} | {r['host_x_adamw']:.2f} | "
+                     f"{r['host_us']:.0f} | {r['host_x_adamw']:.2f} | {r['faults_per_step']:.0f} | "
                      f"{yes_no(r['meets_ops_target'])} / {yes_no(r['meets_host_target'])} |")
     for name, why in result["skipped"].items():
-        lines.append(f"| {name} | skipped: {why[:120]} | | | | |")
+        lines.append(f"| {name} | skipped: {why[:120]} | | | | | |")
     return "\n".join(lines)
 
 
@@ -318,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     only = [o.strip() for o in args.only.split(",") if o.strip()] or None
-    print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {rounds} rounds")
+    heap = "gradproj's (heap.py)" if keep_freed_memory() else "the C library's own"
+    print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {rounds} rounds, "
+          f"malloc thresholds: {heap}")
     results = {}
     for key in keys:
         results[key] = bench_list(key, rounds, only, peers=not args.quick, layers=args.layers)
@@ -328,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "malloc_tuned": keep_freed_memory(),
                        "rounds": rounds, "rank": RANK, "update_gap": GAP, "lists": results},
                       f, indent=1)
 

@@ -39,6 +39,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 import gradproj as gp  # noqa: E402
+from gradproj.optimizers.heap import keep_freed_memory  # noqa: E402
 from gradproj.projectors.base import resolve_side  # noqa: E402
 from gradproj.train.model import build_model, model_config  # noqa: E402
 
@@ -286,8 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
     else:
+        # every contender under the malloc settings gradproj's first CPU step would make
+        heap = "gradproj's" if keep_freed_memory() else "the C library's own"
         print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{'process CPU' if cpu_clock else 'wall'} time")
+              f"{'process CPU' if cpu_clock else 'wall'} time, malloc thresholds: {heap}")
     rows = []
     for size in sizes:
         rows += bench_size(size, args.device, repeats, only, clock)

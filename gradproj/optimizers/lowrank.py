@@ -36,6 +36,7 @@ from ..seeds import param_seed
 from ..stacked_state import StackedState
 from .buckets import Bucket, partition, view_buckets
 from .curvature import update_curvature
+from .heap import keep_freed_memory
 from .options import GENERIC_DEFAULTS, normalize_group, validate_group
 from .refresh import refresh_subspace
 
@@ -146,6 +147,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def init_state(self, p: torch.Tensor, group: dict) -> dict:
         """Allocate p's state (moments, counters). Works on the meta device too."""
         rule, _, fmt, _ = self.plugins(group)
+        if p.device.type == "cpu":
+            keep_freed_memory()  # once a process: CPU steps stop re-faulting their temporaries
         state = self.state[p]
         state["step"] = 0
         state["seed"] = param_seed(group["seed"], self._param_seeds[p])

@@ -667,5 +667,21 @@ MORE4 = [
 ]
 GUARDS[:0] = [(path, ["tests/distributed/test_distributed.py::test_fsdp2_refuses_int8_weights_in_the_spec_and_in_wrap_model"])
               for path in ("gradproj/train/spec.py", "gradproj/train/spec_gradient.py", "gradproj/distributed/wrap.py")]
+MORE5 = [
+    # --- glibc's thresholds pinned for CPU steps (stop 26)
+    ("gradproj/optimizers/heap.py", "M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3",
+     "M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -2, -3"),
+    ("gradproj/optimizers/heap.py", "MMAP_THRESHOLD_BYTES = 32 * 2 ** 20", "MMAP_THRESHOLD_BYTES = 32 * 2 ** 10"),
+    ("gradproj/optimizers/heap.py", "            _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)\n"
+     "                            and ", "            _applied = bool("),
+    ("gradproj/optimizers/heap.py", "not any(k in os.environ for k in USER_SETTINGS)", "True"),
+    ("gradproj/optimizers/heap.py", 'not in ("0", "false", "no", "off")', 'not in ("0",)'),
+    ("gradproj/optimizers/heap.py", '    if _applied is None:\n', '    if True:\n'),
+    ("gradproj/optimizers/heap.py", 'platform.libc_ver()[0] != "glibc"', 'False'),
+    ("gradproj/optimizers/lowrank.py", '        if p.device.type == "cpu":\n            keep_freed_memory()',
+     '        if p.device.type == "meta":\n            keep_freed_memory()'),
+]
+GUARDS[:0] = [("gradproj/optimizers/heap.py", ["tests/core/test_heap.py"]),
+              ("gradproj/optimizers/lowrank.py", BUCKET_TESTS + ["tests/core/test_heap.py"])]
 SETS = {"": MUTATIONS, "extra": EXTRA, "new": NEW, "more": MORE, "more2": MORE2,
-        "more3": MORE3, "more4": MORE4}
+        "more3": MORE3, "more4": MORE4, "more5": MORE5}
