@@ -17,6 +17,7 @@ import gradproj as gp
 from gradproj.optimizers import heap, lowrank
 
 ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = ("GRADPROJ_KEEP_FREED_MEMORY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 class FakeLibc:
@@ -34,7 +35,7 @@ def fresh(monkeypatch):
     libc = FakeLibc()
     monkeypatch.setattr(heap, "_applied", None)
     monkeypatch.setattr(heap, "_libc", lambda: libc)
-    for key in ("GRADPROJ_KEEP_FREED_MEMORY", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    for key in SETTINGS:
         monkeypatch.delenv(key, raising=False)
     return libc
 
@@ -81,8 +82,7 @@ def test_the_optimizer_asks_for_cpu_parameters_only(monkeypatch):
 
 def faults_per_step(env_extra: dict, tmp_path: Path) -> float:
     out = tmp_path / f"overhead{len(env_extra)}.json"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GRADPROJ_KEEP_FREED_MEMORY")}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--only",
                     "fira", "--rounds", "10", "--json", str(out)], env={**env, **env_extra},
                    check=True, capture_output=True, timeout=120)
